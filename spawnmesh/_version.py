@@ -1,0 +1,3 @@
+"""The package version, single source for the wheel and `spawnmesh version`."""
+
+__version__ = "0.1.0"

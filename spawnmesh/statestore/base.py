@@ -1,0 +1,79 @@
+"""The ``StateStore`` protocol every statestore implements, and its record types.
+
+Safety of single activation rests here: every write names the revision it was based on, and a
+store applies it only if that revision is still the current one (checked in the same
+statement/transaction). A fenced-off write reports ``StaleActivation`` for that item only.
+Revisions start at 1 for the first write; ``0`` as a base means "no row may exist yet".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
+
+from spawnmesh.errors import StaleActivation
+
+ActorKey = tuple[str, str]
+"""(system, name): the key of one actor's state."""
+
+NO_TAGS: Mapping[str, str] = MappingProxyType({})
+"""Shared empty tags (an empty dict per actor would cost 64 bytes each)."""
+
+
+@dataclass(slots=True, frozen=True)
+class StoredState:
+    """One actor's persisted state as a store returns it (already decrypted)."""
+
+    key: ActorKey
+    revision: int
+    blob: bytes
+    state_type: str = ""
+    parent: str | None = None
+    tags: Mapping[str, str] = field(default_factory=lambda: NO_TAGS)
+    updated_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class StateWrite:
+    """A write of ``blob`` for ``key``, fenced on ``base_revision`` (0: the row must not exist)."""
+
+    key: ActorKey
+    base_revision: int
+    blob: bytes
+    state_type: str = ""
+    parent: str | None = None
+    tags: Mapping[str, str] = field(default_factory=lambda: NO_TAGS)
+    owner: str = ""
+    """Node id (and activation epoch) of the activation that wrote it, for operators."""
+
+
+WriteResult = int | StaleActivation
+"""Per item of a batch: the new revision, or the StaleActivation that fenced it off."""
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Async interface of a statestore. Implementations must pass the conformance suite
+    (:mod:`spawnmesh.testing.statestore`). Errors reaching the database raise
+    ``StatestoreUnavailable``; an undecryptable or undecodable row raises ``StateCorrupt``."""
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema. Called once before any other method."""
+
+    async def aclose(self) -> None:
+        """Release connections. No other method is called afterwards."""
+
+    async def load(self, key: ActorKey) -> StoredState | None:
+        """The current state of ``key``, or None if nothing was ever written (or deleted)."""
+
+    async def save_many(self, writes: list[StateWrite]) -> list[WriteResult]:
+        """Apply a batch of fenced writes, at most one per key, in one transaction where
+        the store supports it. Returns one result per write, in order."""
+
+    async def delete(self, key: ActorKey, base_revision: int | None = None) -> bool:
+        """Delete ``key``'s state (fenced on ``base_revision`` unless None). True if removed."""
+
+    async def healthy(self) -> bool:
+        """A cheap check that the store answers, for readiness."""

@@ -1,0 +1,71 @@
+"""In-memory statestore: the embedded store for tests, benchmarks and stateless deployments.
+
+Keeps exactly what a durable store keeps (revision, blob, type, parent, tags), so it passes the
+same conformance suite, fencing included. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from spawnmesh.errors import StaleActivation
+from spawnmesh.statestore.base import ActorKey, StateWrite, StoredState, WriteResult
+
+
+class MemoryStateStore:
+    """A dict of :class:`StoredState`, fenced like any store."""
+
+    def __init__(self) -> None:
+        self._rows: dict[ActorKey, StoredState] = {}
+        self.writes = 0
+        """Items written since start (for tests and benchmarks)."""
+        self.batches = 0
+
+    async def open(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def load(self, key: ActorKey) -> StoredState | None:
+        await trio.lowlevel.checkpoint()
+        return self._rows.get(key)
+
+    async def save_many(self, writes: list[StateWrite]) -> list[WriteResult]:
+        await trio.lowlevel.checkpoint()
+        rows = self._rows
+        out: list[WriteResult] = []
+        for w in writes:
+            cur = rows.get(w.key)
+            current_rev = cur.revision if cur is not None else 0
+            if current_rev != w.base_revision:
+                out.append(
+                    StaleActivation(
+                        f"{w.key[0]}/{w.key[1]}: write based on revision {w.base_revision}, "
+                        f"current is {current_rev}"
+                    )
+                )
+                continue
+            rev = current_rev + 1
+            rows[w.key] = StoredState(w.key, rev, w.blob, w.state_type, w.parent, w.tags)
+            out.append(rev)
+        self.writes += len(writes)
+        self.batches += 1
+        return out
+
+    async def delete(self, key: ActorKey, base_revision: int | None = None) -> bool:
+        await trio.lowlevel.checkpoint()
+        cur = self._rows.get(key)
+        if cur is None:
+            return False
+        if base_revision is not None and cur.revision != base_revision:
+            raise StaleActivation(
+                f"{key[0]}/{key[1]}: delete based on revision {base_revision}, "
+                f"current is {cur.revision}"
+            )
+        del self._rows[key]
+        return True
+
+    async def healthy(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        return True

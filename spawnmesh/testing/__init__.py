@@ -1,0 +1,1 @@
+"""Test kits shipped with spawnmesh: conformance suites any implementation can run."""

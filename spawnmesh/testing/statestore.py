@@ -1,0 +1,157 @@
+"""Conformance suite every :class:`~spawnmesh.statestore.base.StateStore` must pass.
+
+Use it from pytest by subclassing and providing an async ``store`` fixture that yields an
+opened, empty store::
+
+    class TestMyStore(StateStoreConformance):
+        @pytest.fixture
+        async def store(self):
+            s = MyStore(...); await s.open(); yield s; await s.aclose()
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from spawnmesh.errors import StaleActivation
+from spawnmesh.statestore.base import StateStore, StateWrite
+
+
+def _w(name: str, base: int, blob: bytes, **kw: object) -> StateWrite:
+    return StateWrite(("sys", name), base, blob, **kw)  # type: ignore[arg-type]
+
+
+class StateStoreConformance:
+    """Behaviour every statestore shares: round trips, fencing, batches, deletes, races."""
+
+    async def test_load_missing_is_none(self, store: StateStore) -> None:
+        assert await store.load(("sys", "nobody")) is None
+
+    async def test_first_write_and_round_trip(self, store: StateStore) -> None:
+        res = await store.save_many(
+            [_w("a", 0, b"\x00\x01state", state_type="demo.Counter", parent="tmpl",
+                tags={"zone": "eu"})]
+        )
+        assert res == [1]
+        got = await store.load(("sys", "a"))
+        assert got is not None
+        assert (got.key, got.revision, got.blob) == (("sys", "a"), 1, b"\x00\x01state")
+        assert got.state_type == "demo.Counter"
+        assert got.parent == "tmpl"
+        assert dict(got.tags) == {"zone": "eu"}
+
+    async def test_revisions_advance_by_one(self, store: StateStore) -> None:
+        rev = 0
+        for i in range(5):
+            (rev,) = await store.save_many([_w("b", rev, str(i).encode())])  # type: ignore[misc]
+        assert rev == 5
+        got = await store.load(("sys", "b"))
+        assert got is not None and got.revision == 5 and got.blob == b"4"
+
+    async def test_stale_write_is_fenced_and_changes_nothing(self, store: StateStore) -> None:
+        assert await store.save_many([_w("c", 0, b"one")]) == [1]
+        assert await store.save_many([_w("c", 1, b"two")]) == [2]
+        (res,) = await store.save_many([_w("c", 1, b"stale")])
+        assert isinstance(res, StaleActivation)
+        (res0,) = await store.save_many([_w("c", 0, b"new-row")])
+        assert isinstance(res0, StaleActivation)
+        got = await store.load(("sys", "c"))
+        assert got is not None and (got.revision, got.blob) == (2, b"two")
+
+    async def test_write_to_missing_row_with_nonzero_base_is_stale(
+        self, store: StateStore
+    ) -> None:
+        (res,) = await store.save_many([_w("ghost", 3, b"x")])
+        assert isinstance(res, StaleActivation)
+        assert await store.load(("sys", "ghost")) is None
+
+    async def test_batch_results_in_order(self, store: StateStore) -> None:
+        await store.save_many([_w("d1", 0, b"a"), _w("d2", 0, b"a")])
+        res = await store.save_many(
+            [_w("d1", 1, b"b"), _w("d2", 7, b"b"), _w("d3", 0, b"b")]
+        )
+        assert res[0] == 2 and isinstance(res[1], StaleActivation) and res[2] == 1
+        d2 = await store.load(("sys", "d2"))
+        assert d2 is not None and d2.blob == b"a"
+
+    async def test_two_activations_race_one_wins(self, store: StateStore) -> None:
+        await store.save_many([_w("race", 0, b"base")])
+        results: list[object] = []
+
+        async def writer(tag: bytes) -> None:
+            results.extend(await store.save_many([_w("race", 1, tag)]))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer, b"left")
+            n.start_soon(writer, b"right")
+        wins = [r for r in results if r == 2]
+        stale = [r for r in results if isinstance(r, StaleActivation)]
+        assert len(wins) == 1 and len(stale) == 1
+        got = await store.load(("sys", "race"))
+        assert got is not None and got.revision == 2 and got.blob in (b"left", b"right")
+
+    async def test_many_racers_never_lose_an_acknowledged_write(self, store: StateStore) -> None:
+        """Racing read-modify-write loops: every acknowledged increment is in the final row."""
+        await store.save_many([_w("ctr", 0, b"0")])
+        acked = 0
+
+        async def incrementer() -> None:
+            nonlocal acked
+            done = 0
+            while done < 10:
+                cur = await store.load(("sys", "ctr"))
+                assert cur is not None
+                (res,) = await store.save_many(
+                    [_w("ctr", cur.revision, str(int(cur.blob) + 1).encode())]
+                )
+                if isinstance(res, int):
+                    done += 1
+                    acked += 1
+
+        async with trio.open_nursery() as n:
+            for _ in range(4):
+                n.start_soon(incrementer)
+        got = await store.load(("sys", "ctr"))
+        assert got is not None and int(got.blob) == acked == 40
+
+    async def test_delete(self, store: StateStore) -> None:
+        assert await store.delete(("sys", "none")) is False
+        await store.save_many([_w("e", 0, b"x")])
+        try:
+            await store.delete(("sys", "e"), base_revision=9)
+        except StaleActivation:
+            pass
+        else:
+            raise AssertionError("fenced delete of a newer row must raise StaleActivation")
+        assert await store.load(("sys", "e")) is not None
+        assert await store.delete(("sys", "e"), base_revision=1) is True
+        assert await store.load(("sys", "e")) is None
+        assert await store.save_many([_w("e", 0, b"again")]) == [1]
+
+    async def test_binary_and_large_blobs(self, store: StateStore) -> None:
+        blobs = [b"", bytes(range(256)), os.urandom(1 << 20)]
+        for i, blob in enumerate(blobs):
+            assert await store.save_many([_w(f"bin{i}", 0, blob)]) == [1]
+        for i, blob in enumerate(blobs):
+            got = await store.load(("sys", f"bin{i}"))
+            assert got is not None and got.blob == blob
+
+    async def test_unicode_names_and_systems_are_distinct(self, store: StateStore) -> None:
+        await store.save_many(
+            [StateWrite(("sys", "ü-名前"), 0, b"1"), StateWrite(("other", "ü-名前"), 0, b"2")]
+        )
+        a = await store.load(("sys", "ü-名前"))
+        b = await store.load(("other", "ü-名前"))
+        assert a is not None and b is not None and (a.blob, b.blob) == (b"1", b"2")
+
+    async def test_large_batch(self, store: StateStore) -> None:
+        writes = [_w(f"k{i}", 0, os.urandom(200)) for i in range(2500)]
+        res = await store.save_many(writes)
+        assert res == [1] * 2500
+        got = await store.load(("sys", "k2499"))
+        assert got is not None and got.blob == writes[-1].blob
+
+    async def test_healthy(self, store: StateStore) -> None:
+        assert await store.healthy() is True
