@@ -1,0 +1,769 @@
+"""SQL statestore (SQLite, PostgreSQL, MySQL/MariaDB): fenced, encrypted at rest, with history.
+
+SQLAlchemy Core on the *sync* engine (its asyncio extension does not run under trio): every
+database call runs in a worker thread via ``trio.to_thread.run_sync`` with a capacity limiter the
+size of the connection pool, so threads never wait on the pool.
+
+A batch (``save_many``) is one transaction: it reads the current revisions of its keys (locking
+them on Postgres/MySQL; SQLite's ``BEGIN IMMEDIATE`` serializes writers), then applies every
+non-stale write with one ``executemany`` per statement kind. Each UPDATE is fenced in the statement
+itself (``WHERE revision = :base``); inserts (base 0) rely on the primary key. If anything differs
+from the read (a racing insert, an unexpected row count) the batch falls back to per-item
+statements under savepoints, so a stale item never fails the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import trio
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, Engine, Row
+
+from spawnmesh.errors import InvalidArgument, StaleActivation, StateCorrupt, StatestoreUnavailable
+from spawnmesh.statestore import schema
+from spawnmesh.statestore.base import NO_TAGS, ActorKey, StateWrite, StoredState, WriteResult
+from spawnmesh.statestore.crypto import PLAIN_KEY_ID, Keyring, state_aad
+
+log = logging.getLogger("spawnmesh.statestore")
+
+T = TypeVar("T")
+
+_state = schema.state
+_hist = schema.history
+_CHUNK = 500
+"""Keys per ``IN (...)`` lookup (well under every dialect's bound-parameter limit)."""
+_ATTEMPTS = 4
+"""Tries of one transaction that hit a deadlock / serialization failure / busy database."""
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch (for created/updated columns)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ActorInfo:
+    """Metadata of one stored actor (no decryption needed), for operators and listings."""
+
+    key: ActorKey
+    revision: int
+    state_type: str
+    parent: str | None
+    owner: str
+    key_id: str
+    created_ms: int
+    updated_ms: int
+
+
+class _Retry(Exception):
+    """Internal: the fast path saw something unexpected; redo the batch item by item."""
+
+
+def _stale(key: ActorKey, base: int, current: int, what: str = "write") -> StaleActivation:
+    return StaleActivation(
+        f"{key[0]}/{key[1]}: {what} based on revision {base}, current is {current}"
+    )
+
+
+def _transient(err: exc.DBAPIError) -> bool:
+    """Deadlock, serialization failure, lock timeout or busy SQLite: worth retrying the txn."""
+    orig = err.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in ("40001", "40P01", "55P03"):
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in (1205, 1213):
+        return True
+    return "database is locked" in str(orig)
+
+
+def _describe(err: BaseException) -> str:
+    orig = getattr(err, "orig", None) or err
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    if len(text) > 240:
+        text = text[:240] + "..."
+    return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
+
+
+_UPDATE_KEYS = ("data", "key_id", "state_type", "parent", "tags", "owner", "updated_ms")
+
+
+def _upd(p: dict[str, Any]) -> dict[str, Any]:
+    """UPDATE parameters from row parameters (only the SET and WHERE binds: extra keys named
+    like columns would be added to the SET clause)."""
+    out = {k: p[k] for k in _UPDATE_KEYS}
+    out["k_system"] = p["system"]
+    out["k_name"] = p["name"]
+    out["k_base"] = p["k_base"]
+    return out
+
+
+def _tags_json(tags: Mapping[str, str]) -> str | None:
+    if not tags:
+        return None
+    return json.dumps(dict(tags), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class SqlStateStore:
+    """The durable :class:`~spawnmesh.statestore.base.StateStore` on SQLAlchemy Core.
+
+    ``keyring`` None stores plaintext (key id ``plain``) and needs ``allow_plaintext``; with a
+    keyring, ``allow_plaintext`` also lets it read plain rows (and ``rotate_keys`` seal them).
+    History keeps the last ``history_keep`` revisions and/or those younger than
+    ``history_max_age_s`` per actor (both 0: no history).
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        keyring: Keyring | None,
+        allow_plaintext: bool = False,
+        pool_size: int = 8,
+        node_id: str = "",
+        history_keep: int = 0,
+        history_max_age_s: float = 0.0,
+        connect_timeout_s: float = 5.0,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        if keyring is None and not allow_plaintext:
+            raise ValueError("SqlStateStore without a keyring needs allow_plaintext=True")
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self._url = sa.make_url(url) if isinstance(url, str) else url
+        self._keyring = keyring
+        self._allow_plain = allow_plaintext
+        self._pool_size = pool_size
+        self._node_id = node_id
+        self._history_keep = max(0, history_keep)
+        self._history_age_ms = max(0, int(history_max_age_s * 1000))
+        self._history = self._history_keep > 0 or self._history_age_ms > 0
+        self._connect_timeout_s = connect_timeout_s
+        self._clock = clock
+        self._limiter = trio.CapacityLimiter(pool_size)
+        self._engine: Engine | None = None
+        self._stmts: dict[str, Any] = {}
+        self._rng = random.Random()
+        self.where = self._url.render_as_string(hide_password=True)
+        """The database URL without its password (for messages and logs)."""
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite``, ``postgresql``, ``mysql`` or ``mariadb``."""
+        return self._url.get_backend_name()
+
+    def _make_engine(self) -> Engine:
+        backend = self._url.get_backend_name()
+        kw: dict[str, Any] = {
+            "pool_size": self._pool_size,
+            "max_overflow": 0,
+            "pool_pre_ping": True,
+            "pool_timeout": 30,
+            "pool_recycle": 1800,
+        }
+        connect_args: dict[str, Any] = {}
+        timeout = max(1, int(self._connect_timeout_s))
+        if backend == "sqlite":
+            db = self._url.database or ""
+            if not db or db == ":memory:" or db.startswith("file::memory:"):
+                raise InvalidArgument("an in-memory SQLite statestore is not durable; use memory://")
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            connect_args.update(check_same_thread=False, timeout=timeout)
+            kw["poolclass"] = sa.pool.QueuePool
+        elif backend == "postgresql":
+            connect_args.update(connect_timeout=timeout)
+        elif backend in ("mysql", "mariadb"):
+            connect_args.update(connect_timeout=timeout, read_timeout=60, write_timeout=60)
+            kw["isolation_level"] = "READ COMMITTED"
+        engine = sa.create_engine(self._url, connect_args=connect_args, **kw)
+        if backend == "sqlite":
+            busy_ms = timeout * 1000
+
+            @event.listens_for(engine, "connect")
+            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (savepoints work)
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _on_begin(conn: Connection) -> None:
+                ro = conn.get_execution_options().get("spawnmesh_readonly", False)
+                conn.exec_driver_sql("BEGIN" if ro else "BEGIN IMMEDIATE")
+
+        return engine
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (after ``open()``)."""
+        if self._engine is None:
+            raise StatestoreUnavailable("statestore is not open")
+        return self._engine
+
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except exc.SQLAlchemyError as err:
+            raise StatestoreUnavailable(
+                f"statestore {self.where} failed: {_describe(err)}"
+            ) from err
+        except (OSError, TimeoutError) as err:
+            raise StatestoreUnavailable(
+                f"statestore {self.where} failed: {_describe(err)}"
+            ) from err
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(self._guard, fn, *args, limiter=self._limiter)
+
+    def _transaction(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one write transaction, retrying deadlocks and busy databases."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except exc.DBAPIError as err:
+                if attempt + 1 < _ATTEMPTS and not err.connection_invalidated and _transient(err):
+                    time.sleep(0.005 * (2**attempt) * (1 + self._rng.random()))
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.connect() as conn:
+            conn.execution_options(spawnmesh_readonly=True)
+            return fn(conn)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Create the engine, check the connection and apply pending schema migrations."""
+        if self._engine is None:
+            self._engine = self._make_engine()
+        try:
+            before, after = await self._run(self._migrate_sync)
+        except RuntimeError as err:
+            raise StatestoreUnavailable(f"statestore {self.where}: {err}") from None
+        if before != after:
+            log.info("statestore %s: schema migrated from version %d to %d",
+                     self.where, before, after)
+        if self._keyring is None:
+            log.warning("statestore %s: state is stored UNENCRYPTED (allow_plaintext)", self.where)
+
+    def _migrate_sync(self) -> tuple[int, int]:
+        # Not through _transaction: MySQL DDL commits implicitly; migrate() is idempotent.
+        with self.engine.begin() as conn:
+            return schema.migrate(conn, self._clock())
+
+    async def aclose(self) -> None:
+        """Dispose of the connection pool."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await trio.to_thread.run_sync(engine.dispose, limiter=self._limiter)
+
+    async def healthy(self, timeout_s: float = 5.0) -> bool:
+        """True if the database answers ``SELECT 1`` within ``timeout_s``; never raises."""
+        if self._engine is None:
+            return False
+        with trio.move_on_after(timeout_s):
+            try:
+                return await trio.to_thread.run_sync(
+                    self._guard, self._ping_sync, abandon_on_cancel=True
+                )
+            except Exception:
+                return False
+        return False
+
+    def _ping_sync(self) -> bool:
+        with self.engine.connect() as conn:
+            conn.execution_options(spawnmesh_readonly=True)
+            conn.execute(sa.text("SELECT 1"))
+        return True
+
+    # ------------------------------------------------------------------ sealing
+
+    def _seal(self, key: ActorKey, revision: int, blob: bytes) -> tuple[str, bytes]:
+        if self._keyring is None:
+            return PLAIN_KEY_ID, blob
+        sealed = self._keyring.seal(blob, state_aad(key[0], key[1], revision))
+        return sealed.key_id, sealed.data
+
+    def _unseal(self, key: ActorKey, revision: int, key_id: str, data: bytes) -> bytes:
+        try:
+            if key_id == PLAIN_KEY_ID:
+                if not self._allow_plain:
+                    raise StateCorrupt("row is stored unencrypted but this store requires a key")
+                return bytes(data)
+            if self._keyring is None:
+                raise StateCorrupt(f"row is sealed under key id {key_id!r} but no key is set")
+            return self._keyring.open(key_id, bytes(data), state_aad(key[0], key[1], revision))
+        except StateCorrupt as err:
+            raise StateCorrupt(f"{key[0]}/{key[1]} revision {revision}: {err}") from None
+
+    def _to_stored(self, row: Row[Any]) -> StoredState:
+        key = (row.system, row.name)
+        blob = self._unseal(key, row.revision, row.key_id, row.data)
+        tags: Mapping[str, str] = NO_TAGS
+        if row.tags:
+            try:
+                parsed = json.loads(row.tags)
+            except ValueError:
+                raise StateCorrupt(f"{key[0]}/{key[1]}: tags are not valid JSON") from None
+            if not isinstance(parsed, dict):
+                raise StateCorrupt(f"{key[0]}/{key[1]}: tags are not a JSON object")
+            tags = {str(k): str(v) for k, v in parsed.items()}
+        updated = getattr(row, "updated_ms", None)
+        if updated is None:
+            updated = row.created_ms
+        return StoredState(
+            key, int(row.revision), blob, row.state_type or "", row.parent, tags, int(updated)
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    @staticmethod
+    def _check_key(key: ActorKey) -> None:
+        system, name = key
+        if not system or not name:
+            raise InvalidArgument(f"actor key {key!r}: system and name must not be empty")
+        if len(system.encode()) > schema.MAX_SYSTEM_BYTES:
+            raise InvalidArgument(
+                f"actor system {system[:40]!r}...: longer than {schema.MAX_SYSTEM_BYTES} "
+                "UTF-8 bytes"
+            )
+        if len(name.encode()) > schema.MAX_NAME_BYTES:
+            raise InvalidArgument(
+                f"actor name {system}/{name[:40]!r}...: longer than {schema.MAX_NAME_BYTES} "
+                "UTF-8 bytes"
+            )
+
+    def _check_write(self, w: StateWrite) -> None:
+        self._check_key(w.key)
+        if w.base_revision < 0:
+            raise InvalidArgument(f"{w.key[0]}/{w.key[1]}: negative base revision")
+        if w.parent is not None and len(w.parent.encode()) > schema.MAX_NAME_BYTES:
+            raise InvalidArgument(f"{w.key[0]}/{w.key[1]}: parent name too long")
+        if len(w.state_type) > schema.MAX_STATE_TYPE:
+            raise InvalidArgument(
+                f"{w.key[0]}/{w.key[1]}: state type longer than {schema.MAX_STATE_TYPE}"
+            )
+        if len(w.owner or self._node_id) > schema.MAX_OWNER:
+            raise InvalidArgument(f"{w.key[0]}/{w.key[1]}: owner longer than {schema.MAX_OWNER}")
+
+    # ------------------------------------------------------------------ statements
+
+    def _stmt(self, name: str) -> Any:
+        st = self._stmts.get(name)
+        if st is not None:
+            return st
+        b = sa.bindparam
+        if name == "update":
+            st = (
+                _state.update()
+                .where(
+                    _state.c.system == b("k_system"),
+                    _state.c.name == b("k_name"),
+                    _state.c.revision == b("k_base"),
+                )
+                .values(
+                    revision=_state.c.revision + 1,
+                    data=b("data"),
+                    key_id=b("key_id"),
+                    state_type=b("state_type"),
+                    parent=b("parent"),
+                    tags=b("tags"),
+                    owner=b("owner"),
+                    updated_ms=b("updated_ms"),
+                )
+            )
+        elif name == "insert":
+            st = _state.insert()
+        elif name == "hist_insert":
+            st = _hist.insert()
+        elif name == "hist_prune":
+            st = _hist.delete().where(
+                _hist.c.system == b("k_system"),
+                _hist.c.name == b("k_name"),
+                _hist.c.revision < b("k_rev"),
+                sa.or_(_hist.c.revision <= b("k_cut"), _hist.c.created_ms < b("k_min_ms")),
+            )
+        else:
+            raise KeyError(name)
+        self._stmts[name] = st
+        return st
+
+    def _current(
+        self, conn: Connection, keys: Sequence[ActorKey], lock: bool
+    ) -> dict[ActorKey, int]:
+        """Current revisions of ``keys`` (absent keys are missing), locking rows if ``lock``."""
+        out: dict[ActorKey, int] = {}
+        ordered = sorted(set(keys))
+        for i in range(0, len(ordered), _CHUNK):
+            chunk = ordered[i : i + _CHUNK]
+            by_system: dict[str, list[str]] = {}
+            for s, n in chunk:
+                by_system.setdefault(s, []).append(n)
+            conds = [
+                sa.and_(_state.c.system == s, _state.c.name.in_(names))
+                for s, names in by_system.items()
+            ]
+            q = (
+                sa.select(_state.c.system, _state.c.name, _state.c.revision)
+                .where(sa.or_(*conds))
+                .order_by(_state.c.system, _state.c.name)
+            )
+            if lock:
+                q = q.with_for_update()
+            for s, n, r in conn.execute(q):
+                out[(s, n)] = int(r)
+        return out
+
+    # ------------------------------------------------------------------ protocol
+
+    async def load(self, key: ActorKey) -> StoredState | None:
+        """The current state of ``key`` (decrypted), or None."""
+        self._check_key(key)
+        row = await self._run(self._read, lambda conn: self._load_row(conn, key))
+        return None if row is None else self._to_stored(row)
+
+    def _load_row(self, conn: Connection, key: ActorKey) -> Row[Any] | None:
+        q = sa.select(_state).where(_state.c.system == key[0], _state.c.name == key[1])
+        return conn.execute(q).first()
+
+    async def load_many(
+        self, keys: Sequence[ActorKey]
+    ) -> dict[ActorKey, StoredState | StateCorrupt]:
+        """Current states of ``keys`` that exist; an undecryptable one maps to its StateCorrupt."""
+        for k in keys:
+            self._check_key(k)
+        rows = await self._run(self._read, lambda conn: self._load_rows(conn, keys))
+        out: dict[ActorKey, StoredState | StateCorrupt] = {}
+        for row in rows:
+            try:
+                out[(row.system, row.name)] = self._to_stored(row)
+            except StateCorrupt as err:
+                out[(row.system, row.name)] = err
+        return out
+
+    def _load_rows(self, conn: Connection, keys: Sequence[ActorKey]) -> list[Row[Any]]:
+        rows: list[Row[Any]] = []
+        ordered = sorted(set(keys))
+        for i in range(0, len(ordered), _CHUNK):
+            by_system: dict[str, list[str]] = {}
+            for s, n in ordered[i : i + _CHUNK]:
+                by_system.setdefault(s, []).append(n)
+            q = sa.select(_state).where(
+                sa.or_(*(sa.and_(_state.c.system == s, _state.c.name.in_(ns))
+                         for s, ns in by_system.items()))
+            )
+            rows.extend(conn.execute(q))
+        return rows
+
+    async def save_many(self, writes: list[StateWrite]) -> list[WriteResult]:
+        """Apply fenced writes in one transaction; per item the new revision or StaleActivation."""
+        if not writes:
+            await trio.lowlevel.checkpoint()
+            return []
+        seen: set[ActorKey] = set()
+        for w in writes:
+            self._check_write(w)
+            if w.key in seen:
+                raise InvalidArgument(f"{w.key[0]}/{w.key[1]}: more than one write in a batch")
+            seen.add(w.key)
+        return await self._run(self._save_sync, writes)
+
+    def _row_params(self, w: StateWrite, now: int) -> dict[str, Any]:
+        """Insert parameters of ``w`` (sealed for revision base + 1), plus the fence ``k_base``."""
+        rev = w.base_revision + 1
+        key_id, data = self._seal(w.key, rev, w.blob)
+        return {
+            "system": w.key[0],
+            "name": w.key[1],
+            "revision": rev,
+            "k_base": w.base_revision,
+            "data": data,
+            "key_id": key_id,
+            "state_type": w.state_type,
+            "parent": w.parent,
+            "tags": _tags_json(w.tags),
+            "owner": w.owner or self._node_id,
+            "created_ms": now,
+            "updated_ms": now,
+        }
+
+    def _save_sync(self, writes: list[StateWrite]) -> list[WriteResult]:
+        now = self._clock()
+        params = [self._row_params(w, now) for w in writes]
+        try:
+            return self._transaction(lambda conn: self._save_txn(conn, writes, params, now, True))
+        except _Retry:
+            return self._transaction(lambda conn: self._save_txn(conn, writes, params, now, False))
+
+    def _save_txn(
+        self,
+        conn: Connection,
+        writes: list[StateWrite],
+        params: list[dict[str, Any]],
+        now: int,
+        fast: bool,
+    ) -> list[WriteResult]:
+        current = self._current(conn, [w.key for w in writes], lock=True)
+        results: list[WriteResult] = [0] * len(writes)
+        updates: list[int] = []
+        inserts: list[int] = []
+        for i, w in enumerate(writes):
+            cur = current.get(w.key, 0)
+            if cur != w.base_revision:
+                results[i] = _stale(w.key, w.base_revision, cur)
+            elif cur == 0:
+                inserts.append(i)
+            else:
+                updates.append(i)
+        # Sorted by key: every transaction touches rows in the same order (no lock cycles).
+        updates.sort(key=lambda i: writes[i].key)
+        inserts.sort(key=lambda i: writes[i].key)
+        done: list[int] = []
+        if updates:
+            if fast:
+                res = conn.execute(self._stmt("update"), [_upd(params[i]) for i in updates])
+                if res.rowcount != len(updates):
+                    raise _Retry
+                done.extend(updates)
+            else:
+                for i in updates:
+                    if conn.execute(self._stmt("update"), _upd(params[i])).rowcount == 1:
+                        done.append(i)
+                    else:
+                        now_rev = self._current(conn, [writes[i].key], lock=False).get(
+                            writes[i].key, 0
+                        )
+                        results[i] = _stale(writes[i].key, writes[i].base_revision, now_rev)
+        if inserts:
+            if fast:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(self._stmt("insert"), [params[i] for i in inserts])
+                except exc.IntegrityError:
+                    raise _Retry from None
+                done.extend(inserts)
+            else:
+                for i in inserts:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(self._stmt("insert"), params[i])
+                        done.append(i)
+                    except exc.IntegrityError:
+                        results[i] = StaleActivation(
+                            f"{writes[i].key[0]}/{writes[i].key[1]}: write based on revision 0 "
+                            "(new actor), but another activation created it first"
+                        )
+        for i in done:
+            results[i] = params[i]["revision"]
+        if self._history and done:
+            self._write_history(conn, [params[i] for i in sorted(done)], now)
+        return results
+
+    def _write_history(self, conn: Connection, rows: list[dict[str, Any]], now: int) -> None:
+        conn.execute(
+            self._stmt("hist_insert"),
+            [
+                {
+                    "system": p["system"], "name": p["name"], "revision": p["revision"],
+                    "parent": p["parent"], "state_type": p["state_type"], "data": p["data"],
+                    "key_id": p["key_id"], "tags": p["tags"], "owner": p["owner"],
+                    "created_ms": now,
+                }
+                for p in rows
+            ],
+        )
+        keep = self._history_keep
+        min_ms = now - self._history_age_ms if self._history_age_ms else -1
+        prune = []
+        for p in rows:
+            cut = p["revision"] - keep if keep else 0
+            if cut >= 1 or min_ms >= 0:
+                prune.append({"k_system": p["system"], "k_name": p["name"],
+                              "k_rev": p["revision"], "k_cut": cut, "k_min_ms": min_ms})
+        if prune:
+            conn.execute(self._stmt("hist_prune"), prune)
+
+    async def delete(self, key: ActorKey, base_revision: int | None = None) -> bool:
+        """Delete ``key``'s state and history (fenced on ``base_revision`` unless None)."""
+        self._check_key(key)
+        return await self._run(self._transaction, lambda conn: self._delete_txn(conn, key,
+                                                                                base_revision))
+
+    def _delete_txn(self, conn: Connection, key: ActorKey, base: int | None) -> bool:
+        cur = self._current(conn, [key], lock=True).get(key)
+        if cur is None:
+            return False
+        if base is not None and cur != base:
+            raise _stale(key, base, cur, "delete")
+        where = [_state.c.system == key[0], _state.c.name == key[1]]
+        if base is not None:
+            where.append(_state.c.revision == base)
+        removed = conn.execute(_state.delete().where(*where)).rowcount
+        conn.execute(_hist.delete().where(_hist.c.system == key[0], _hist.c.name == key[1]))
+        return bool(removed)
+
+    # ------------------------------------------------------------------ extras
+
+    async def history(self, key: ActorKey) -> list[StoredState]:
+        """Kept past revisions of ``key`` (including the current one), oldest first."""
+        self._check_key(key)
+
+        def q(conn: Connection) -> list[Row[Any]]:
+            return list(conn.execute(
+                sa.select(_hist)
+                .where(_hist.c.system == key[0], _hist.c.name == key[1])
+                .order_by(_hist.c.revision)
+            ))
+
+        return [self._to_stored(r) for r in await self._run(self._read, q)]
+
+    async def restore(self, key: ActorKey, revision: int) -> int:
+        """Point-in-time restore: write ``revision``'s state from history as a new revision.
+
+        Returns the new revision; an activation still holding the old one is fenced off.
+        """
+        self._check_key(key)
+        return await self._run(self._transaction, lambda conn: self._restore_txn(conn, key,
+                                                                                 revision))
+
+    def _restore_txn(self, conn: Connection, key: ActorKey, revision: int) -> int:
+        cur = self._current(conn, [key], lock=True).get(key)
+        if cur is None:
+            raise InvalidArgument(f"{key[0]}/{key[1]}: no current state to restore onto")
+        old = conn.execute(
+            sa.select(_hist).where(
+                _hist.c.system == key[0], _hist.c.name == key[1], _hist.c.revision == revision
+            )
+        ).first()
+        if old is None:
+            raise InvalidArgument(f"{key[0]}/{key[1]}: revision {revision} is not in history")
+        st = self._to_stored(old)
+        w = StateWrite(key, cur, st.blob, st.state_type, st.parent, st.tags, old.owner)
+        now = self._clock()
+        p = self._row_params(w, now)
+        if conn.execute(self._stmt("update"), _upd(p)).rowcount != 1:
+            raise _stale(key, cur, -1, "restore")
+        if self._history:
+            self._write_history(conn, [p], now)
+        return int(p["revision"])
+
+    async def list_actors(
+        self, system: str | None = None, limit: int = 1000, after: ActorKey | None = None
+    ) -> list[ActorInfo]:
+        """Stored actors in key order (metadata only), ``limit`` at a time after ``after``."""
+
+        def q(conn: Connection) -> list[ActorInfo]:
+            cols = [c for c in _state.c if c.name != "data"]
+            stmt = sa.select(*cols).order_by(_state.c.system, _state.c.name).limit(limit)
+            if system is not None:
+                stmt = stmt.where(_state.c.system == system)
+            if after is not None:
+                stmt = stmt.where(
+                    sa.or_(
+                        _state.c.system > after[0],
+                        sa.and_(_state.c.system == after[0], _state.c.name > after[1]),
+                    )
+                )
+            return [
+                ActorInfo((r.system, r.name), int(r.revision), r.state_type or "", r.parent,
+                          r.owner or "", r.key_id, int(r.created_ms), int(r.updated_ms))
+                for r in conn.execute(stmt)
+            ]
+
+        return await self._run(self._read, q)
+
+    async def rotate_keys(self, batch: int = 200) -> int:
+        """Re-seal every row (state and history) not under the newest key; returns rows re-sealed.
+
+        Rows that cannot be opened are logged and left as they are.
+        """
+        if self._keyring is None:
+            raise InvalidArgument("rotate_keys needs a keyring (this store is unencrypted)")
+        total = 0
+        for table in (_state, _hist):
+            after: tuple[Any, ...] | None = None
+            while True:
+                n, after = await self._run(self._rotate_batch, table, after, batch)
+                total += n
+                if after is None:
+                    break
+                await trio.lowlevel.checkpoint()
+        return total
+
+    def _rotate_batch(
+        self, table: sa.Table, after: tuple[Any, ...] | None, batch: int
+    ) -> tuple[int, tuple[Any, ...] | None]:
+        assert self._keyring is not None
+        newest = self._keyring.newest_id
+        pk = [table.c.system, table.c.name, table.c.revision]
+        is_hist = table is _hist
+        order = pk if is_hist else pk[:2]
+
+        def txn(conn: Connection) -> tuple[int, tuple[Any, ...] | None]:
+            stmt = (
+                sa.select(table.c.system, table.c.name, table.c.revision, table.c.key_id,
+                          table.c.data)
+                .where(table.c.key_id != newest)
+                .order_by(*order)
+                .limit(batch)
+            )
+            if after is not None:
+                stmt = stmt.where(_after(order, after))
+            if not is_hist:
+                stmt = stmt.with_for_update()
+            rows = list(conn.execute(stmt))
+            if not rows:
+                return 0, None
+            updates = []
+            for r in rows:
+                key = (r.system, r.name)
+                try:
+                    blob = self._unseal(key, r.revision, r.key_id, r.data)
+                except StateCorrupt as err:
+                    log.warning("rotate_keys: skipping %s: %s", "/".join(key), err)
+                    continue
+                key_id, data = self._seal(key, r.revision, blob)
+                updates.append({"k_system": r.system, "k_name": r.name, "k_rev": r.revision,
+                                "k_old": r.key_id, "data": data, "key_id": key_id})
+            if updates:
+                stmt_u = (
+                    table.update()
+                    .where(table.c.system == sa.bindparam("k_system"),
+                           table.c.name == sa.bindparam("k_name"),
+                           table.c.revision == sa.bindparam("k_rev"),
+                           table.c.key_id == sa.bindparam("k_old"))
+                    .values(data=sa.bindparam("data"), key_id=sa.bindparam("key_id"))
+                )
+                conn.execute(stmt_u, updates)
+            last = rows[-1]
+            cursor = tuple(getattr(last, c.name) for c in order)
+            return len(updates), (cursor if len(rows) == batch else None)
+
+        return self._transaction(txn)
+
+
+def _after(cols: Sequence[sa.Column[Any]], values: Iterable[Any]) -> sa.ColumnElement[bool]:
+    """Keyset condition ``(cols) > (values)`` spelled out (portable across dialects)."""
+    vals = list(values)
+    terms = []
+    for i in range(len(cols)):
+        eqs = [cols[j] == vals[j] for j in range(i)]
+        terms.append(sa.and_(*eqs, cols[i] > vals[i]))
+    return sa.or_(*terms)
+
