@@ -1,0 +1,297 @@
+"""The ``spawnmesh`` command line: a thin layer that parses into NodeConfig and calls the library.
+
+It is a click group so later commands (members, join, leave, state, ...) are added with
+``@main.command()``. Errors are printed as one line ``spawnmesh: ...`` on stderr; configuration
+errors exit 2, failed invocations exit 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from spawnmesh._version import __version__
+from spawnmesh.config import NodeConfig, load_config, redacted, render_docs_markdown, to_toml
+from spawnmesh.errors import ConfigError
+
+__all__ = ["DEFAULT_NODE_URL", "main"]
+
+DEFAULT_NODE_URL = "http://127.0.0.1:9090"
+"""Where ``invoke`` finds a node when neither ``--node`` nor ``SPAWNMESH_NODE`` is given."""
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print one ``spawnmesh: ...`` line on stderr and exit with ``code``."""
+    click.echo(f"spawnmesh: {message}", err=True)
+    sys.exit(code)
+
+
+def _config_error(err: ConfigError) -> NoReturn:
+    _fail(f"error: {err}", EXIT_USAGE)
+
+
+def _parse_assignments(items: tuple[str, ...], option: str) -> list[tuple[str, str]]:
+    """Split ``key=value`` items (from a repeatable option); a missing ``=`` is a usage error."""
+    out: list[tuple[str, str]] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"error: {option} expects key=value, got {item!r}", EXIT_USAGE)
+        out.append((key.strip(), value))
+    return out
+
+
+def _build_config(
+    config_file: str | None,
+    sets: tuple[str, ...],
+    flags: Mapping[str, tuple[str, object]],
+) -> NodeConfig:
+    """Load the config with ``--set`` items, then explicit flags (which win), as overrides."""
+    overrides: dict[str, object] = {}
+    origins: dict[str, str] = {}
+    for key, value in _parse_assignments(sets, "--set"):
+        overrides[key] = value
+        origins[key] = f"--set {key}"
+    for setting_name, (flag, flag_value) in flags.items():
+        if flag_value is not None:
+            overrides[setting_name] = flag_value
+            origins[setting_name] = flag
+    try:
+        return load_config(overrides=overrides, file=config_file, override_origins=origins)
+    except ConfigError as err:
+        _config_error(err)
+
+
+def _config_options(func: _F) -> _F:
+    """The options every command that builds a NodeConfig shares: ``--config`` and ``--set``."""
+    func = click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help="Set any setting (repeatable); see `spawnmesh config docs`.",
+    )(func)
+    func = click.option(
+        "--config",
+        "config_file",
+        metavar="FILE",
+        default=None,
+        help="TOML config file (default: $SPAWNMESH_CONFIG).",
+    )(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__, "--version", prog_name="spawnmesh", message="%(prog)s %(version)s"
+)
+def main() -> None:
+    """spawnmesh: an actor mesh of virtual actors, one process per machine."""
+
+
+@main.command(short_help="Run a node.")
+@click.option("--app", metavar="MODULE:ATTR", help="The ActorSystem(s) to host.")
+@_config_options
+@click.option("--name", metavar="NAME", help="Node id (default: <hostname>-<ops port>).")
+@click.option("--ops-host", metavar="HOST", help="Address of the ops HTTP server.")
+@click.option("--ops-port", metavar="N", help="Port of the ops HTTP server (0 = any free port).")
+@click.option("--statestore", metavar="URL", help="Statestore SQLAlchemy URL or memory://.")
+@click.option("--log-format", metavar="human|json", help="Log line format.")
+@click.option("--log-level", metavar="LEVEL", help="debug, info, warning or error.")
+def run(
+    app: str | None,
+    config_file: str | None,
+    sets: tuple[str, ...],
+    name: str | None,
+    ops_host: str | None,
+    ops_port: str | None,
+    statestore: str | None,
+    log_format: str | None,
+    log_level: str | None,
+) -> None:
+    """Run a node until SIGINT/SIGTERM (flags > SPAWNMESH_* env > config file > defaults)."""
+    config = _build_config(
+        config_file,
+        sets,
+        {
+            "app": ("--app", app),
+            "name": ("--name", name),
+            "ops.host": ("--ops-host", ops_host),
+            "ops.port": ("--ops-port", ops_port),
+            "statestore.url": ("--statestore", statestore),
+            "log.format": ("--log-format", log_format),
+            "log.level": ("--log-level", log_level),
+        },
+    )
+    from spawnmesh.logs import setup_logging
+
+    setup_logging(config.log.format, config.log.level)
+    # Lazy: the node pulls in the whole runtime, and the CLI must import without it.
+    run_node: Callable[[NodeConfig], int] = importlib.import_module("spawnmesh.node").run_node
+
+    sys.exit(run_node(config))
+
+
+# --------------------------------------------------------------------------------------------
+# invoke
+
+
+def _invoke_url(node: str, system: str, actor: str, action: str) -> str:
+    parts = [urllib.parse.quote(p, safe="") for p in (system, actor, action)]
+    return f"{node}/v1/systems/{parts[0]}/actors/{parts[1]}/actions/{parts[2]}"
+
+
+def _error_line(status: int, body: bytes) -> str:
+    """The one-line message for a non-200 reply: ``<code>: <message>`` if the body says so."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        error = parsed["error"]
+        return f"{error.get('code', 'internal')}: {error.get('message', '')}"
+    text = body.decode("utf-8", "replace").strip().splitlines()
+    return f"http_{status}: {text[0][:200] if text else 'no error details in the reply'}"
+
+
+@main.command(short_help="Invoke an action on an actor of a running node.")
+@click.argument("system")
+@click.argument("actor")
+@click.argument("action")
+@click.option("--data", metavar="JSON", help="Payload as JSON (default: null).")
+@click.option("--metadata", multiple=True, metavar="K=V", help="Metadata entry (repeatable).")
+@click.option("--timeout-ms", type=click.IntRange(min=1), help="Reply deadline in ms.")
+@click.option("--async", "is_async", is_flag=True, help="Fire and forget: do not wait for a reply.")
+@click.option("--delay-ms", type=click.IntRange(min=0), help="Deliver after this many ms.")
+@click.option("--parent", metavar="TEMPLATE", help="Spawn the actor from this template if new.")
+@click.option(
+    "--node",
+    metavar="URL",
+    envvar="SPAWNMESH_NODE",
+    default=DEFAULT_NODE_URL,
+    show_default=True,
+    help="Ops URL of a running node (env SPAWNMESH_NODE).",
+)
+def invoke(
+    system: str,
+    actor: str,
+    action: str,
+    data: str | None,
+    metadata: tuple[str, ...],
+    timeout_ms: int | None,
+    is_async: bool,
+    delay_ms: int | None,
+    parent: str | None,
+    node: str,
+) -> None:
+    """Invoke ACTION on ACTOR of SYSTEM through a running node's ops HTTP API; print the value."""
+    payload: object = None
+    if data is not None:
+        try:
+            payload = json.loads(data)
+        except ValueError as exc:
+            _fail(f"error: --data is not valid JSON: {exc}", EXIT_USAGE)
+    node = node.rstrip("/")
+    if urllib.parse.urlsplit(node).scheme not in ("http", "https"):
+        _fail(f"error: --node must be an http:// or https:// URL, got {node!r}", EXIT_USAGE)
+    body = {
+        "payload": payload,
+        "metadata": dict(_parse_assignments(metadata, "--metadata")),
+        "timeout_ms": timeout_ms,
+        "async": is_async,
+        "delay_ms": delay_ms,
+        "parent": parent,
+    }
+    url = _invoke_url(node, system, actor, action)
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
+    # The node enforces the deadline; the socket timeout only guards against a hung node.
+    http_timeout_s = (timeout_ms if timeout_ms is not None else 3_600_000) / 1000 + 10
+    try:
+        with urllib.request.urlopen(request, timeout=http_timeout_s) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ConnectionRefusedError):
+            _fail(f"cannot connect to {node}: connection refused (is a node running there?)")
+        if isinstance(reason, TimeoutError):
+            _fail(f"timeout: no reply from {node} within {http_timeout_s:g} s")
+        _fail(f"cannot reach {node}: {reason}")
+    except TimeoutError:
+        _fail(f"timeout: no reply from {node} within {http_timeout_s:g} s")
+    except (ConnectionError, OSError) as exc:
+        _fail(f"cannot talk to {node}: {exc}")
+    if status != 200:
+        _fail(_error_line(status, raw))
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        _fail(f"internal: {url} answered 200 with a body that is not JSON")
+    if not isinstance(reply, dict) or "value" not in reply:
+        _fail(f"internal: {url} answered 200 without a 'value'")
+    if sys.stdout.isatty():
+        click.echo(json.dumps(reply["value"], indent=2, ensure_ascii=False))
+    else:
+        click.echo(json.dumps(reply["value"], separators=(",", ":"), ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------------------------
+# version, config
+
+
+@main.command(short_help="Print versions.")
+def version() -> None:
+    """Print the spawnmesh, Python and trio versions."""
+    import trio
+
+    click.echo(f"spawnmesh {__version__}")
+    click.echo(f"python {platform.python_version()} ({platform.python_implementation()})")
+    click.echo(f"trio {trio.__version__}")
+
+
+@main.group()
+def config() -> None:
+    """Inspect the configuration."""
+
+
+@config.command("show", short_help="Print the effective configuration.")
+@_config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
+def config_show(config_file: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Print the effective configuration (flags > env > file > defaults), secrets as ***."""
+    cfg = _build_config(config_file, sets, {})
+    view = redacted(cfg)
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+    else:
+        click.echo(to_toml(view), nl=False)
+
+
+@config.command("docs", short_help="Print the settings reference (markdown).")
+def config_docs() -> None:
+    """Print the markdown reference of every setting (the source of docs/configuration.md)."""
+    click.echo(render_docs_markdown(), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m spawnmesh.cli`
+    main(prog_name="spawnmesh")

@@ -1,0 +1,778 @@
+"""Node configuration: command-line flags > ``SPAWNMESH_*`` environment > TOML file > defaults.
+
+Each section is a frozen dataclass whose fields carry their documentation and limits in
+``dataclasses.field(metadata=...)``; :class:`NodeConfig` composes the sections. The loader,
+the validation, the docs (``docs/configuration.md``) and ``spawnmesh config show`` are all
+derived from those dataclasses, so adding a section is adding a dataclass field to
+:class:`NodeConfig` and nothing else.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import dataclasses
+import functools
+import inspect
+import itertools
+import logging
+import os
+import textwrap
+import tomllib
+import typing
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from spawnmesh.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "RESERVED_ENV",
+    "ActorsConfig",
+    "LogConfig",
+    "NodeConfig",
+    "OpsConfig",
+    "SettingDoc",
+    "StatestoreConfig",
+    "load_config",
+    "redacted",
+    "render_docs_markdown",
+    "setting",
+    "settings",
+    "to_toml",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "SPAWNMESH_"
+"""Every setting's environment variable starts with this prefix."""
+
+RESERVED_ENV: frozenset[str] = frozenset({"SPAWNMESH_CONFIG", "SPAWNMESH_NODE"})
+"""``SPAWNMESH_*`` variables that are not settings but are known (no warning is logged)."""
+
+_T = TypeVar("_T")
+
+# Checks beyond type/range/choices: return an error text, or None when the value is fine.
+Check = Callable[[Any], str | None]
+
+
+def setting(
+    default: _T,
+    help: str,
+    *,
+    min: int | float | None = None,
+    max: int | float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    env_aliases: tuple[str, ...] = (),
+    unit: str = "",
+    check: Check | None = None,
+    redact: Callable[[Any], Any] | None = None,
+) -> _T:
+    """Declare one setting: a dataclass field whose metadata documents and bounds it.
+
+    ``unit`` is "ms", "bytes", ... (a field with a unit must end in ``_<unit>``); ``check`` is
+    an extra validator returning an error text or None; ``redact`` masks the sensitive part of
+    a value that is not wholly secret (e.g. a password in a URL). Secret and redacted fields
+    are left out of ``repr`` so a logged config cannot leak them.
+    """
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "choices": choices,
+        "secret": secret,
+        "env_aliases": tuple(env_aliases),
+        "unit": unit,
+        "check": check,
+        "redact": redact,
+    }
+    out: _T = field(default=default, metadata=meta, repr=not secret and redact is None)
+    return out
+
+
+def _check_key(value: Any) -> str | None:
+    if value == "":
+        return None
+    try:
+        raw = base64.b64decode(str(value), validate=True)
+    except (binascii.Error, ValueError):
+        return "must be base64 of 32 bytes (e.g. `openssl rand -base64 32`); this is not base64"
+    if len(raw) != 32:
+        return f"must be base64 of 32 bytes; this decodes to {len(raw)} bytes"
+    return None
+
+
+def _redact_url(value: Any) -> Any:
+    """Mask the password of a URL like ``postgresql://user:pw@host/db``."""
+    parts = urllib.parse.urlsplit(str(value))
+    if parts.password is None:
+        return value
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _check_nonempty(value: Any) -> str | None:
+    return "must not be empty" if value == "" else None
+
+
+def _check_app(value: Any) -> str | None:
+    if value == "":
+        return None
+    module, sep, attr = str(value).partition(":")
+    if not sep or not module or not attr:
+        return "must look like 'package.module:attribute'"
+    return None
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    """The operations HTTP endpoint: health, metrics, and the API the CLI talks to."""
+
+    host: str = setting(
+        "127.0.0.1",
+        "Address the ops HTTP server binds to. Loopback by default because the ops API can "
+        "invoke actors; use 0.0.0.0 in a container behind a network policy.",
+        check=_check_nonempty,
+    )
+    port: int = setting(
+        9090,
+        "TCP port of the ops HTTP server; 0 picks a free port (handy for tests). 9090 is a "
+        "conventional metrics/ops port.",
+        min=0,
+        max=65535,
+    )
+
+
+@dataclass(frozen=True)
+class ActorsConfig:
+    """Actor runtime limits and timings: deadlines, queue bounds, passivation, persistence."""
+
+    default_timeout_ms: int = setting(
+        30_000,
+        "Request/reply deadline in milliseconds when the caller gives none. 30 s is long "
+        "enough for slow handlers yet bounds a stuck call.",
+        min=1,
+        max=3_600_000,
+        unit="ms",
+    )
+    max_queue_per_actor: int = setting(
+        1_024,
+        "Invocations (count) that may wait for one actor before new ones fail with "
+        "Overloaded. Bounded so a hot actor pushes back instead of eating memory.",
+        min=1,
+        max=1_000_000,
+    )
+    max_queued_per_node: int = setting(
+        100_000,
+        "Invocations (count) that may wait on the whole node before new ones fail with "
+        "Overloaded; caps memory across all actors.",
+        min=1,
+        max=100_000_000,
+    )
+    deactivate_after_ms: int = setting(
+        60_000,
+        "Idle time in milliseconds before an actor is passivated (state flushed, memory "
+        "freed). A definition may override it. One minute keeps hot actors warm.",
+        min=1,
+        max=604_800_000,
+        unit="ms",
+    )
+    sweep_interval_ms: int = setting(
+        1_000,
+        "How often, in milliseconds, idle actors are looked for. Passivation may lag by up "
+        "to this much; 1 s is cheap and precise enough.",
+        min=10,
+        max=600_000,
+        unit="ms",
+    )
+    write_behind_ms: int = setting(
+        1_000,
+        "Default write-behind snapshot interval in milliseconds: dirty state is written at "
+        "most this long after it changed, batching writes of busy actors.",
+        min=1,
+        max=3_600_000,
+        unit="ms",
+    )
+    write_batch_max: int = setting(
+        1_000,
+        "Most state writes (count) per statestore transaction; keeps transactions short.",
+        min=1,
+        max=100_000,
+    )
+    shutdown_grace_ms: int = setting(
+        10_000,
+        "Time in milliseconds allowed on SIGTERM to finish turns in flight and flush state. "
+        "10 s fits inside Kubernetes' default 30 s termination grace period.",
+        min=0,
+        max=3_600_000,
+        unit="ms",
+    )
+
+
+@dataclass(frozen=True)
+class StatestoreConfig:
+    """Where actor state is persisted, and how it is encrypted at rest."""
+
+    url: str = setting(
+        "sqlite:///.spawnmesh/state.db",
+        "SQLAlchemy URL of the statestore (sqlite, postgresql+psycopg, mysql+pymysql), or "
+        "memory:// for a non-persistent store. Embedded SQLite needs no server. A password "
+        "in the URL is shown as ***.",
+        check=_check_nonempty,
+        redact=_redact_url,
+    )
+    key: str = setting(
+        "",
+        "Encryption key for state at rest: base64 of 32 bytes (AES-256). Secret: never "
+        "printed. Empty means take keys from key_file.",
+        secret=True,
+        env_aliases=("SPAWN_STATESTORE_KEY",),
+        check=_check_key,
+    )
+    key_file: str = setting(
+        "",
+        "Path to a file holding encryption keys (so the key need not be in the "
+        "environment). Empty means none.",
+    )
+    allow_plaintext: bool = setting(
+        False,
+        "Development opt-out: store state unencrypted when no key is configured. Off by "
+        "default so production never stores plaintext by accident; logged loudly when on.",
+    )
+    pool_size: int = setting(
+        8,
+        "Database connections (count) in the statestore pool; 8 covers write-behind "
+        "batches plus activation reads without exhausting the database.",
+        min=1,
+        max=1_024,
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging output of the node."""
+
+    format: str = setting(
+        "human",
+        "Log line format: human (readable lines) for terminals, json (one object per line) "
+        "for log collectors.",
+        choices=("human", "json"),
+    )
+    level: str = setting(
+        "info",
+        "Least severe level that is logged. info shows lifecycle events without per-call noise.",
+        choices=("debug", "info", "warning", "error"),
+    )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The whole configuration of one node: top-level settings and one field per section."""
+
+    name: str = setting(
+        "",
+        "Node id, unique in the cluster. Empty means `<hostname>-<ops port>`, decided at "
+        "start-up, which is unique per machine and port.",
+    )
+    app: str = setting(
+        "",
+        "'module:attribute' of the user's ActorSystem (or a list of them) to host. Empty "
+        "means the built-in examples, so a bare node is useful out of the box.",
+        check=_check_app,
+    )
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    statestore: StatestoreConfig = field(default_factory=StatestoreConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Introspection: the tree of sections and settings, derived from the dataclasses.
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as documented: dotted name, env vars, type, default, help and limits."""
+
+    name: str
+    env: tuple[str, ...]
+    type: str
+    default: object
+    help: str
+    min: int | float | None = None
+    max: int | float | None = None
+    choices: tuple[str, ...] | None = None
+    secret: bool = False
+    unit: str = ""
+
+    def allowed(self) -> str:
+        """What values are allowed, in words (used in error messages and docs)."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.type in ("int", "float"):
+            noun = "an integer" if self.type == "int" else "a number"
+            if self.min is not None and self.max is not None:
+                return f"{noun} in {self.min}..{self.max}"
+            if self.min is not None:
+                return f"{noun} >= {self.min}"
+            if self.max is not None:
+                return f"{noun} <= {self.max}"
+            return noun
+        if self.type == "bool":
+            return "a boolean (true/false, 1/0, yes/no, on/off)"
+        if self.type == "list[str]":
+            return "a list of strings (comma-separated in the environment)"
+        return "a string"
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    path: tuple[str, ...]
+    typ: Any
+    f: dataclasses.Field[Any]
+    doc: SettingDoc
+
+
+@functools.cache
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after a field) as a fallback help text.
+
+    This lets a section written without ``setting(...)`` (e.g. a plain tunables dataclass)
+    be added to NodeConfig and still be documented.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    out: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ClassDef) or node.name != cls.__name__:
+            continue
+        for a, b in itertools.pairwise(node.body):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
+                out[a.target.id] = " ".join(b.value.value.split())
+        break
+    return out
+
+
+def _unit_of(name: str, meta: Mapping[str, Any]) -> str:
+    if meta.get("unit"):
+        return str(meta["unit"])
+    for unit in ("ms", "bytes"):
+        if name.endswith("_" + unit):
+            return unit
+    return ""
+
+
+def _section_doc(cls: type) -> str:
+    return " ".join((cls.__doc__ or "").split())
+
+
+def _type_name(typ: Any) -> str:
+    if typ is bool:
+        return "bool"
+    if typ is int:
+        return "int"
+    if typ is float:
+        return "float"
+    if typ is str:
+        return "str"
+    if typing.get_origin(typ) is tuple and typing.get_args(typ) in ((str, ...),):
+        return "list[str]"
+    raise TypeError(f"unsupported setting type {typ!r}")
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"setting {f.name} has no default")
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(p.upper() for p in path)
+
+
+def _walk(
+    cls: type, prefix: tuple[str, ...] = ()
+) -> Iterator[_Leaf | tuple[tuple[str, ...], type]]:
+    """Yield sections (as (path, class)) and leaves of ``cls`` in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        path = (*prefix, f.name)
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):
+            yield (path, typ)
+            yield from _walk(typ, path)
+            continue
+        meta = f.metadata
+        help_text = str(meta.get("help", "")) or _attribute_docs(cls).get(f.name, "")
+        if not help_text:
+            raise TypeError(f"setting {'.'.join(path)} has no help text")
+        doc = SettingDoc(
+            name=".".join(path),
+            env=(_env_name(path), *meta.get("env_aliases", ())),
+            type=_type_name(typ),
+            default=_default_of(f),
+            help=help_text,
+            min=meta.get("min"),
+            max=meta.get("max"),
+            choices=meta.get("choices"),
+            secret=bool(meta.get("secret", False)),
+            unit=_unit_of(f.name, meta),
+        )
+        yield _Leaf(path, typ, f, doc)
+
+
+def _leaves(cls: type = NodeConfig) -> dict[str, _Leaf]:
+    return {x.doc.name: x for x in _walk(cls) if isinstance(x, _Leaf)}
+
+
+def _sections(cls: type = NodeConfig) -> dict[str, type]:
+    return {".".join(x[0]): x[1] for x in _walk(cls) if not isinstance(x, _Leaf)}
+
+
+def settings() -> list[SettingDoc]:
+    """Every setting of :class:`NodeConfig`, in declaration order (for docs, checks, tests)."""
+    return [leaf.doc for leaf in _leaves().values()]
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation of one value.
+
+_TRUE = frozenset({"true", "1", "yes", "on", "y", "t"})
+_FALSE = frozenset({"false", "0", "no", "off", "n", "f"})
+
+
+def _show(leaf: _Leaf, value: object) -> str:
+    return "'***'" if leaf.doc.secret else repr(value)
+
+
+def _convert(leaf: _Leaf, value: object, origin: str) -> Any:
+    """Turn a raw value (a string from env/CLI, or a TOML/Python value) into a checked value."""
+    doc = leaf.doc
+
+    def bad(what: str | None = None) -> ConfigError:
+        msg = what or f"must be {doc.allowed()}"
+        return ConfigError(doc.name, f"{msg}, got {_show(leaf, value)} (from {origin})")
+
+    out: Any
+    if doc.type == "bool":
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.strip().lower() in _TRUE:
+            out = True
+        elif isinstance(value, str) and value.strip().lower() in _FALSE:
+            out = False
+        else:
+            raise bad()
+    elif doc.type in ("int", "float"):
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):
+            text = value.strip().replace("_", "")
+            try:
+                out = int(text, 10) if doc.type == "int" else float(text)
+            except ValueError:
+                raise bad() from None
+        elif isinstance(value, int):
+            out = value if doc.type == "int" else float(value)
+        elif isinstance(value, float) and doc.type == "float":
+            out = value
+        else:
+            raise bad()
+        if (doc.min is not None and out < doc.min) or (doc.max is not None and out > doc.max):
+            raise bad()
+    elif doc.type == "list[str]":
+        if isinstance(value, str):
+            out = tuple(p.strip() for p in value.split(",") if p.strip())
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            out = tuple(value)
+        else:
+            raise bad()
+    else:  # str
+        if not isinstance(value, str):
+            raise bad()
+        out = value
+        if doc.choices:
+            lowered = {c.lower(): c for c in doc.choices}
+            if value.strip().lower() not in lowered:
+                raise bad()
+            out = lowered[value.strip().lower()]
+    check: Check | None = leaf.f.metadata.get("check")
+    if check is not None:
+        problem = check(out)
+        if problem is not None:
+            raise bad(problem)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _from_env(env: Mapping[str, str], leaves: Mapping[str, _Leaf]) -> dict[str, Any]:
+    known: set[str] = set(RESERVED_ENV)
+    out: dict[str, Any] = {}
+    for name, leaf in leaves.items():
+        known.update(leaf.doc.env)
+        for var in leaf.doc.env:  # the primary name first, then aliases
+            if var in env:
+                out[name] = _convert(leaf, env[var], var)
+                break
+    for var in sorted(env):
+        if var.startswith(ENV_PREFIX) and var not in known:
+            log.warning("ignoring unknown environment variable %s (not a spawnmesh setting)", var)
+    return out
+
+
+def _read_toml(path: str, suffix: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        msg = f"cannot read {path}: {exc.strerror}{suffix}"
+        raise ConfigError("config", msg) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}{suffix}") from None
+
+
+def _from_file(
+    path: str, how: str, leaves: Mapping[str, _Leaf], sections: Mapping[str, type]
+) -> dict[str, Any]:
+    data = _read_toml(path, how)
+    out: dict[str, Any] = {}
+    origin = f"file {path}"
+
+    def visit(table: Mapping[str, Any], prefix: str) -> None:
+        for key, value in table.items():
+            name = f"{prefix}{key}"
+            if name in sections:
+                if not isinstance(value, dict):
+                    raise ConfigError(
+                        name, f"must be a table [{name}], got {value!r} (from {origin})"
+                    )
+                visit(value, name + ".")
+            elif name in leaves:
+                out[name] = _convert(leaves[name], value, origin)
+            else:
+                hint = _known_hint(name, leaves, sections)
+                raise ConfigError(name, f"unknown setting (from {origin}); {hint}")
+
+    visit(data, "")
+    return out
+
+
+def _known_hint(name: str, leaves: Mapping[str, _Leaf], sections: Mapping[str, type]) -> str:
+    section = name.rpartition(".")[0]
+    here = [n for n in leaves if n.rpartition(".")[0] == section]
+    if section and here:
+        return "known here: " + ", ".join(here)
+    top = [n for n in leaves if "." not in n] + [f"[{n}]" for n in sections if "." not in n]
+    return "known: " + ", ".join(top)
+
+
+def _from_overrides(
+    overrides: Mapping[str, object],
+    leaves: Mapping[str, _Leaf],
+    sections: Mapping[str, type],
+    origins: Mapping[str, str],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in overrides.items():
+        origin = origins.get(name, "overrides")
+        if name not in leaves:
+            hint = _known_hint(name, leaves, sections)
+            raise ConfigError(name, f"unknown setting (from {origin}); {hint}")
+        out[name] = _convert(leaves[name], value, origin)
+    return out
+
+
+def _build(cls: type[_T], values: Mapping[str, Any], prefix: str = "") -> _T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f"{prefix}{f.name}"
+        typ = hints[f.name]
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, values, name + ".")
+        elif name in values:
+            kwargs[f.name] = values[name]
+    return cls(**kwargs)
+
+
+def load_config(
+    *,
+    overrides: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | os.PathLike[str] | None = None,
+    override_origins: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Build the effective :class:`NodeConfig`: overrides > environment > TOML file > defaults.
+
+    ``overrides`` maps dotted names to values (strings are parsed like environment values);
+    ``env`` defaults to ``os.environ``; ``file`` defaults to ``$SPAWNMESH_CONFIG`` when unset.
+    ``override_origins`` names where each override came from (e.g. ``--ops-port``) for errors.
+    Raises :class:`ConfigError` naming the setting, what is allowed and where the value came from.
+    """
+    return _load(NodeConfig, overrides, env, file, override_origins)
+
+
+def _load(
+    root: type[_T],
+    overrides: Mapping[str, object] | None,
+    env: Mapping[str, str] | None,
+    file: str | os.PathLike[str] | None,
+    override_origins: Mapping[str, str] | None,
+) -> _T:
+    """load_config for any root dataclass (tests use it to prove the loader is generic)."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    leaves = _leaves(root)
+    sections = _sections(root)
+    values: dict[str, Any] = {}
+    if file is not None:
+        path, how = os.fspath(file), ""
+    else:
+        path, how = environ.get("SPAWNMESH_CONFIG", ""), " (from SPAWNMESH_CONFIG)"
+    if path:
+        values.update(_from_file(path, how, leaves, sections))
+    values.update(_from_env(environ, leaves))
+    values.update(_from_overrides(overrides or {}, leaves, sections, override_origins or {}))
+    return _build(root, values)
+
+
+# --------------------------------------------------------------------------------------------
+# Output: redacted view and generated docs.
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def redacted(config: NodeConfig) -> dict[str, object]:
+    """The config as nested plain dicts for ``spawnmesh config show``; secrets become "***"."""
+    out: dict[str, object] = {}
+    for leaf in _leaves().values():
+        node: dict[str, object] = out
+        for part in leaf.path[:-1]:
+            child = node.setdefault(part, {})
+            assert isinstance(child, dict)
+            node = child
+        value: Any = config
+        for part in leaf.path:
+            value = getattr(value, part)
+        if leaf.doc.secret and value not in ("", None, ()):
+            value = "***"
+        elif leaf.f.metadata.get("redact") is not None:
+            value = leaf.f.metadata["redact"](value)
+        node[leaf.path[-1]] = _plain(value)
+    return out
+
+
+def _toml_value(value: object) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def to_toml(data: Mapping[str, object]) -> str:
+    """Render nested dicts (like :func:`redacted`'s) as TOML that :func:`load_config` reads."""
+    lines: list[str] = []
+
+    def emit(table: Mapping[str, object], prefix: str) -> None:
+        scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
+        tables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
+        if prefix and (scalars or not tables):
+            if lines:
+                lines.append("")
+            lines.append(f"[{prefix}]")
+        for k, v in scalars:
+            lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in tables:
+            assert isinstance(v, Mapping)
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(data, "")
+    return "\n".join(lines) + "\n"
+
+
+def _md_default(doc: SettingDoc) -> str:
+    if doc.default in ("", ()):
+        return "empty"
+    return f"`{_toml_value(_plain(doc.default))}`"
+
+
+def render_docs_markdown() -> str:
+    """The markdown of ``docs/configuration.md``, generated so the docs cannot drift from code."""
+    out: list[str] = [
+        "# Configuration",
+        "",
+        "<!-- Generated by `spawnmesh config docs` (spawnmesh.config.render_docs_markdown);",
+        "     do not edit by hand. tests/test_config.py fails when this file is stale. -->",
+        "",
+        "A node reads its settings from four layers; the first one that sets a value wins:",
+        "",
+        "1. command-line flags of `spawnmesh run` (`--ops-port 9091`, or any setting with",
+        "   `--set section.key=value`);",
+        "2. environment variables `SPAWNMESH_<SECTION>_<KEY>` (top-level settings:",
+        "   `SPAWNMESH_<KEY>`), plus the aliases listed below;",
+        "3. a TOML file given with `--config FILE` or `SPAWNMESH_CONFIG=FILE`;",
+        "4. the defaults documented here.",
+        "",
+        "Booleans accept true/false, 1/0, yes/no, on/off. Integers may use `_` separators.",
+        "Durations are in milliseconds and their names end in `_ms`. Unknown keys in the file",
+        "or on the command line are errors; unknown `SPAWNMESH_*` environment variables are",
+        "ignored with a warning. A bad value stops the node with one line naming the setting,",
+        "what is allowed and where the value came from. Secrets are never printed:",
+        "`spawnmesh config show` prints the effective configuration with secrets as `***`.",
+        "",
+        "Example `spawnmesh.toml`:",
+        "",
+        "```toml",
+        'name = "node-a"',
+        "",
+        "[ops]",
+        "port = 9091",
+        "",
+        "[actors]",
+        "default_timeout_ms = 5000",
+        "",
+        "[statestore]",
+        'url = "postgresql+psycopg://spawn:secret@db/spawn"',
+        "```",
+        "",
+    ]
+    sections = _sections()
+    current: str | None = None
+    for doc in settings():
+        section = doc.name.rpartition(".")[0]
+        if section != current:
+            current = section
+            title = f"`[{section}]`" if section else "Top level"
+            cls = sections[section] if section else NodeConfig
+            out += [f"## {title}", "", _section_doc(cls), ""]
+        out += [f"### `{doc.name}`", "", doc.help, ""]
+        out.append("- environment: " + ", ".join(f"`{e}`" for e in doc.env))
+        out.append(f"- allowed: {doc.allowed()}")
+        out.append(f"- default: {_md_default(doc)}")
+        if doc.secret:
+            out.append("- secret: yes (shown as `***`)")
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
