@@ -10,8 +10,6 @@ derived from those dataclasses, so adding a section is adding a dataclass field 
 from __future__ import annotations
 
 import ast
-import base64
-import binascii
 import dataclasses
 import functools
 import inspect
@@ -95,14 +93,15 @@ def setting(
 
 
 def _check_key(value: Any) -> str | None:
-    if value == "":
+    """Validate key(s) with the statestore's own parser, so both agree on the grammar."""
+    if str(value).strip() == "":
         return None
+    from spawnmesh.statestore.crypto import Keyring  # lazy: pulls in `cryptography`
+
     try:
-        raw = base64.b64decode(str(value), validate=True)
-    except (binascii.Error, ValueError):
-        return "must be base64 of 32 bytes (e.g. `openssl rand -base64 32`); this is not base64"
-    if len(raw) != 32:
-        return f"must be base64 of 32 bytes; this decodes to {len(raw)} bytes"
+        Keyring.parse(str(value))
+    except ConfigError as err:
+        return str(err).removeprefix(f"{err.setting}: ")
     return None
 
 
@@ -227,16 +226,19 @@ class StatestoreConfig:
     )
     key: str = setting(
         "",
-        "Encryption key for state at rest: base64 of 32 bytes (AES-256). Secret: never "
-        "printed. Empty means take keys from key_file.",
+        "Encryption key for state at rest: base64 of 32 random bytes (AES-256-GCM), e.g. "
+        "from `openssl rand -base64 32`. For rotation, several comma-separated keys, each "
+        "'id:base64' or bare base64; the last one encrypts. Secret: never printed. Empty "
+        "means use key_file (or, with allow_plaintext, no encryption).",
         secret=True,
         env_aliases=("SPAWN_STATESTORE_KEY",),
         check=_check_key,
     )
     key_file: str = setting(
         "",
-        "Path to a file holding encryption keys (so the key need not be in the "
-        "environment). Empty means none.",
+        "Path to a file of encryption keys, one 'id:base64key' a line, the last line "
+        "encrypts; keeps keys out of the environment and eases rotation. Set key or key_file, "
+        "not both. Empty means none.",
     )
     allow_plaintext: bool = setting(
         False,

@@ -160,10 +160,19 @@ def test_secrets_are_redacted_everywhere() -> None:
     assert isinstance(empty, dict) and empty["key"] == ""
 
 
+def test_key_grammar_matches_the_statestore() -> None:
+    # Rotation: several keys, each 'id:base64' or bare (standard or URL-safe alphabet).
+    urlsafe = base64.urlsafe_b64encode(bytes(range(200, 232))).decode()
+    keys = f"old:{KEY_A}, {urlsafe}"
+    assert load_config(env={"SPAWNMESH_STATESTORE_KEY": keys}).statestore.key == keys
+    err = error_of(env={"SPAWNMESH_STATESTORE_KEY": f"bad id!:{KEY_A}"})
+    assert err.setting == "statestore.key" and KEY_A not in str(err)
+
+
 def test_bad_secret_is_not_echoed_in_the_error() -> None:
     err = error_of(env={"SPAWNMESH_STATESTORE_KEY": "c2VjcmV0LXNob3J0"})
     assert err.setting == "statestore.key"
-    assert "c2VjcmV0LXNob3J0" not in str(err) and "32 bytes" in str(err)
+    assert "c2VjcmV0LXNob3J0" not in str(err) and "32 random bytes" in str(err)
     err = error_of(env={"SPAWN_STATESTORE_KEY": "not base64!"})
     assert "not base64!" not in str(err) and "SPAWN_STATESTORE_KEY" in str(err)
 

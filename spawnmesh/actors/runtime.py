@@ -1,0 +1,860 @@
+"""The actor runtime of one node: activation table, turns, invocations, workflows, lifecycle.
+
+Turns: each activation carries a baton (``busy``). An invocation that finds its actor idle
+takes the baton and runs the turn in the caller's own task (no task switch, no queue); one that
+finds it busy parks in the actor's FIFO queue and is handed the baton in arrival order.
+Fire-and-forget invocations queue the same way and run in a task of the runtime's nursery.
+Queues are bounded per actor and per node (``Overloaded`` when full).
+
+State: a turn's new state is encoded at the end of every successful turn; that blob is the
+committed state (what the writer persists, and what a failing turn is reset to).
+
+Deadlines: a handler that completes without suspending cannot be cancelled anyway, so the
+deadline's cancel scope (about 5 us) is entered only when the handler first suspends.
+``invoke`` is always a cancellation point and a schedule point at least every
+``SLICE_S`` seconds of continuous running (a full checkpoint costs about 3 us).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+import types
+from collections import deque
+from collections.abc import Coroutine, Generator, Iterable, Mapping
+from contextvars import ContextVar
+from typing import Any, NamedTuple
+
+import trio
+
+from spawnmesh.actors.activation import Activation
+from spawnmesh.actors.context import _UNSET, Broadcast, Context, Reply
+from spawnmesh.actors.definition import STATE_ACTIONS, ActorDef, Kind, WriteThrough
+from spawnmesh.actors.scheduler import Scheduler
+from spawnmesh.actors.writer import StateWriter
+from spawnmesh.clock import wall_ms
+from spawnmesh.errors import (
+    ActionNotFound,
+    ActorFailed,
+    ActorNotFound,
+    CallCycle,
+    DefinitionError,
+    InvalidArgument,
+    InvocationTimeout,
+    NodeShuttingDown,
+    Overloaded,
+    SpawnmeshError,
+    StaleActivation,
+    StatestoreUnavailable,
+)
+from spawnmesh.ids import ActorId, key_str
+from spawnmesh.ops.metrics import Metrics
+from spawnmesh.statestore.base import StateStore, StoredState
+
+log = logging.getLogger("spawnmesh.runtime")
+
+SLICE_S = 0.001
+"""Longest stretch a task may run invocations without yielding to the scheduler."""
+
+_NO_METADATA: Mapping[str, str] = types.MappingProxyType({})
+Key = tuple[str, str]
+
+
+class _Turn(NamedTuple):
+    """The turn running in the current task: used for the caller id and cycle detection."""
+
+    key: Key
+    actor_id: ActorId
+    chain: tuple[Key, ...]
+
+
+_CURRENT: ContextVar[_Turn | None] = ContextVar("spawnmesh_turn", default=None)
+
+
+class _Job:
+    """A queued fire-and-forget invocation."""
+
+    __slots__ = ("action", "caller", "metadata", "payload")
+
+    def __init__(
+        self, action: str, payload: Any, metadata: Mapping[str, str] | None, caller: ActorId | None
+    ) -> None:
+        self.action = action
+        self.payload = payload
+        self.metadata = metadata
+        self.caller = caller
+
+
+@types.coroutine
+def _drive(coro: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, Any, Any]:
+    """Continue a coroutine that already yielded ``trap`` to trio, under the caller's scopes."""
+    while True:
+        try:
+            sent = yield trap
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                trap = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                trap = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+class RuntimeSettings(NamedTuple):
+    """The runtime's knobs (from ``ActorsConfig``), in seconds where time."""
+
+    default_timeout_s: float = 30.0
+    max_queue_per_actor: int = 1024
+    max_queued_per_node: int = 100_000
+    deactivate_after_s: float = 60.0
+    sweep_interval_s: float = 1.0
+    write_behind_s: float = 1.0
+    write_batch_max: int = 1000
+
+
+class Runtime:
+    """Hosts the actors of one node (see the module docstring for the execution model)."""
+
+    def __init__(
+        self, store: StateStore, metrics: Metrics, settings: RuntimeSettings, node_id: str
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.metrics = metrics
+        self.settings = settings
+        self._defs: dict[Key, ActorDef] = {}
+        self._table: dict[Key, Activation] = {}
+        self._spawned: dict[Key, str] = {}
+        self._pools: dict[Key, list[Activation]] = {}
+        self._subscribers: dict[tuple[str, str], list[ActorDef]] = {}
+        self._instances: dict[Key, set[Key]] = {}
+        """Active instances of unnamed templates that subscribe to channels."""
+        self._queued = 0
+        self._busy = 0
+        self._epochs = 0
+        self._slice_start = 0.0
+        self._closing = False
+        self._jobs: trio.Nursery | None = None
+        self._timeout_s = settings.default_timeout_s
+        self._max_q = settings.max_queue_per_actor
+        self._max_node_q = settings.max_queued_per_node
+        self.writer = StateWriter(
+            store,
+            metrics,
+            node_id=node_id,
+            default_interval_ms=int(settings.write_behind_s * 1000),
+            batch_max=settings.write_batch_max,
+            on_stale=self._drop,
+        )
+        self.scheduler = Scheduler()
+        metrics.add_gauge_source(self._gauges)
+
+    # ------------------------------------------------------------------ definitions
+
+    def register(self, adef: ActorDef) -> None:
+        """Add an actor definition (validated); re-registering a name replaces it for new
+        activations."""
+        adef.validate()
+        self._defs[(adef.system, adef.name)] = adef
+        for topic in adef.channels:
+            subs = self._subscribers.setdefault((adef.system, topic), [])
+            subs[:] = [d for d in subs if d.name != adef.name] + [adef]
+        snap = adef.snapshot
+        if not isinstance(snap, WriteThrough):
+            self.writer.note_interval(snap.every_ms)
+
+    def definitions(self) -> list[ActorDef]:
+        """Every registered definition."""
+        return list(self._defs.values())
+
+    def definition(self, system: str, name: str) -> ActorDef | None:
+        """The definition registered under ``system/name``, if any."""
+        return self._defs.get((system, name))
+
+    # ------------------------------------------------------------------ services
+
+    def services(self) -> list[tuple[str, Any]]:
+        """(name, serve function) of the runtime's background services, for the supervisor."""
+        return [
+            ("state-writer", self.writer.run),
+            ("scheduler", self.scheduler.run),
+            ("passivation", self._sweep_loop),
+            ("async-turns", self._serve_jobs),
+        ]
+
+    async def _serve_jobs(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._jobs = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def activate_eager(self) -> None:
+        """Activate named actors that have timers or channel subscriptions, so their timers
+        run and they receive broadcasts from the start (as Spawn does at registration)."""
+        for adef in list(self._defs.values()):
+            if adef.kind is Kind.NAMED and (adef.timers or adef.channels):
+                try:
+                    await self.ensure_active(ActorId(adef.system, adef.name))
+                except SpawnmeshError as exc:
+                    log.warning("could not activate %s/%s: %s", adef.system, adef.name, exc)
+
+    async def ensure_active(self, target: ActorId) -> None:
+        """Activate ``target`` (loading its state) without running a turn."""
+        act = await self._resolve(target)
+        if act.loaded:
+            return
+        await self._acquire(act, trio.current_time() + self._timeout_s)
+        try:
+            if not act.loaded:
+                await self._load(act)
+        finally:
+            self._release(act)
+
+    # ------------------------------------------------------------------ invoking
+
+    async def invoke(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Any:
+        """Request/reply: run ``action`` on ``target`` and return the reply value."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        cur = _CURRENT.get()
+        if cur is None:
+            caller = None
+            chain: tuple[Key, ...] = ()
+        else:
+            caller = cur.actor_id
+            chain = (*cur.chain, cur.key)
+        t0 = trio.current_time()
+        timeout = self._timeout_s if timeout_ms is None else timeout_ms / 1000
+        if self._closing and cur is None:
+            self.metrics.observe_invocation(NodeShuttingDown.code, 0.0)
+            raise NodeShuttingDown(f"node {self.node_id} is shutting down")
+        try:
+            value = await self._invoke(target, action, payload, metadata, caller, chain, t0 + timeout)
+        except SpawnmeshError as exc:
+            self.metrics.observe_invocation(exc.code, trio.current_time() - t0)
+            raise
+        now = trio.current_time()
+        self.metrics.observe_invocation("ok", now - t0)
+        if now - self._slice_start > SLICE_S:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._slice_start = trio.current_time()
+        return value
+
+    async def _invoke(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+        chain: tuple[Key, ...],
+        deadline: float,
+        retried: bool = False,
+    ) -> Any:
+        key = (target.system, target.name)
+        if chain and key in chain:
+            names = [key_str(k) for k in (*chain, key)]
+            raise CallCycle(f"call cycle: {' -> '.join(names)}", names)
+        act = self._table.get(key)
+        if act is None:
+            act = await self._resolve(target)
+        if act.busy:
+            await self._wait_turn(act, deadline)
+        else:
+            act.busy = True
+            self._busy += 1
+        try:
+            if not act.loaded:
+                await self._load(act)
+            result = await self._turn(act, action, payload, metadata, caller, chain, deadline)
+        except StaleActivation:
+            if retried or trio.current_time() >= deadline:
+                raise
+            retry = True
+        else:
+            retry = False
+        finally:
+            self._release(act)
+        if retry:  # the stale activation was dropped; a fresh one loads the current state
+            return await self._invoke(
+                target, action, payload, metadata, caller, chain, deadline, retried=True
+            )
+        if result.__class__ is not Reply:
+            return result
+        nxt = result.next
+        if nxt is None:
+            return result.value
+        nxt_payload = result.value if nxt.pipe else payload
+        return await self._invoke(nxt.target, nxt.action, nxt_payload, metadata, caller, chain,
+                                  deadline)
+
+    def cast_nowait(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        delay_ms: int | None = None,
+        at_epoch_ms: int | None = None,
+        caller: ActorId | None = None,
+    ) -> None:
+        """Fire-and-forget: queue ``action`` on ``target`` now, after ``delay_ms``, or at
+        ``at_epoch_ms`` (Unix epoch ms). Raises Overloaded if the actor's queue is full."""
+        if self._closing and _CURRENT.get() is None:
+            raise NodeShuttingDown(f"node {self.node_id} is shutting down")
+        if caller is None:
+            cur = _CURRENT.get()
+            caller = cur.actor_id if cur is not None else None
+        if at_epoch_ms is not None:
+            delay_ms = max(0, at_epoch_ms - wall_ms())
+        if delay_ms:
+            meta = dict(metadata or {})
+            self.scheduler.call_at(
+                trio.current_time() + delay_ms / 1000,
+                lambda: self._cast_logged(target, action, payload, meta, caller),
+            )
+            return
+        self._cast(target, action, payload, metadata, caller)
+
+    def _cast(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+    ) -> None:
+        key = (target.system, target.name)
+        act = self._table.get(key)
+        if act is None:
+            act = self._resolve_now(target)
+            if act is None:  # needs a statestore lookup: resolve in a task
+                self._spawn_job(self._cast_slow, target, action, payload, metadata, caller)
+                return
+        self._enqueue(act, _Job(action, payload, metadata, caller))
+
+    def _enqueue(self, act: Activation, job: _Job) -> None:
+        if act.busy:
+            self._check_room(act)
+            if act.waiters is None:
+                act.waiters = deque()
+            act.waiters.append(job)
+            self._queued += 1
+        else:
+            act.busy = True
+            self._busy += 1
+            self._spawn_job(self._run_job, act, job)
+
+    async def _cast_slow(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+    ) -> None:
+        try:
+            act = await self._resolve(target)
+            self._enqueue(act, _Job(action, payload, metadata, caller))
+        except SpawnmeshError as exc:
+            log.warning("async invocation %s.%s dropped: %s", target, action, exc)
+
+    def _cast_logged(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+    ) -> None:
+        """A cast whose failure has nobody to report to (timers, schedules, side effects)."""
+        try:
+            self._cast(target, action, payload, metadata, caller)
+        except SpawnmeshError as exc:
+            log.warning("async invocation %s.%s dropped: %s", target, action, exc)
+
+    def _spawn_job(self, fn: Any, *args: Any) -> None:
+        if self._jobs is None:
+            raise NodeShuttingDown("the runtime's services are not running")
+        self._jobs.start_soon(fn, *args)
+
+    async def _run_job(self, act: Activation, job: _Job) -> None:
+        """Run one queued async turn; the baton is already held for it."""
+        result: Any = None
+        try:
+            if not act.loaded:
+                await self._load(act)
+            result = await self._turn(
+                act, job.action, job.payload, job.metadata, job.caller, (),
+                trio.current_time() + self._timeout_s,
+            )
+        except SpawnmeshError as exc:
+            log.info("async invocation %s.%s failed: %s", act.id, job.action, exc)
+        finally:
+            self._release(act)
+        if result.__class__ is Reply and result.next is not None:
+            nxt = result.next
+            self._cast_logged(
+                nxt.target, nxt.action, result.value if nxt.pipe else job.payload,
+                job.metadata, job.caller,
+            )
+
+    # ------------------------------------------------------------------ the baton
+
+    def _check_room(self, act: Activation) -> None:
+        if (act.waiters is not None and len(act.waiters) >= self._max_q) or (
+            self._queued >= self._max_node_q
+        ):
+            self.metrics.overloaded_total += 1
+            raise Overloaded(
+                f"{act.id}: {act.queued()} invocations queued for this actor, "
+                f"{self._queued} on this node; retry later"
+            )
+
+    async def _acquire(self, act: Activation, deadline: float) -> None:
+        if act.busy:
+            await self._wait_turn(act, deadline)
+        else:
+            act.busy = True
+            self._busy += 1
+
+    async def _wait_turn(self, act: Activation, deadline: float) -> None:
+        """Park in ``act``'s queue until the baton is handed over (FIFO)."""
+        self._check_room(act)
+        task = trio.lowlevel.current_task()
+        if act.waiters is None:
+            act.waiters = deque()
+        waiters = act.waiters
+        waiters.append(task)
+        self._queued += 1
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            waiters.remove(task)
+            self._queued -= 1
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.CancelScope(deadline=deadline):
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            if trio.current_time() < deadline:
+                return
+            self._release(act)  # handed the baton too late: pass it on
+        raise InvocationTimeout(f"{act.id}: deadline passed while queued")
+
+    def _release(self, act: Activation) -> None:
+        """Hand the baton to the next in line, or put it down."""
+        waiters = act.waiters
+        if waiters:
+            nxt = waiters.popleft()
+            self._queued -= 1
+            if nxt.__class__ is _Job:
+                self._spawn_job(self._run_job, act, nxt)
+            else:
+                trio.lowlevel.reschedule(nxt)
+        else:
+            act.busy = False
+            self._busy -= 1
+
+    # ------------------------------------------------------------------ activation
+
+    def _new_activation(self, adef: ActorDef, actor_id: ActorId) -> Activation:
+        self._epochs += 1
+        act = Activation(adef, actor_id, self._epochs)
+        if not adef.stateful:
+            act.loaded = True
+            self._on_loaded(act)
+        self._table[act.key] = act
+        return act
+
+    def _resolve_now(self, target: ActorId) -> Activation | None:
+        """Find or create the activation for ``target`` without I/O; None if the statestore
+        must be asked which template an unknown name belongs to."""
+        key = (target.system, target.name)
+        act = self._table.get(key)
+        if act is not None:
+            return act
+        adef = self._defs.get(key)
+        if adef is not None:
+            if adef.kind is Kind.NAMED:
+                return self._new_activation(adef, ActorId(target.system, target.name))
+            if adef.kind is Kind.POOLED:
+                return self._pool_member(adef)
+            raise InvalidArgument(
+                f"{target.system}/{target.name} is a template of unnamed actors: spawn an "
+                "instance and invoke it by its own name"
+            )
+        template = target.parent or self._spawned.get(key)
+        if template is None:
+            return None
+        return self._new_activation(self._template(target.system, template, target),
+                                    ActorId(target.system, target.name, template))
+
+    async def _resolve(self, target: ActorId) -> Activation:
+        act = self._resolve_now(target)
+        if act is not None:
+            return act
+        key = (target.system, target.name)
+        stored = await self.store.load(key)
+        act = self._table.get(key)  # somebody else may have activated it meanwhile
+        if act is not None:
+            return act
+        if stored is None or not stored.parent:
+            raise ActorNotFound(
+                f"no actor {target.system}/{target.name}: not a registered actor, not a "
+                "spawned instance, and no stored state names its template"
+            )
+        self._spawned[key] = stored.parent
+        act = self._new_activation(self._template(target.system, stored.parent, target),
+                                   ActorId(target.system, target.name, stored.parent))
+        self._apply_loaded(act, stored)
+        return act
+
+    def _template(self, system: str, template: str, target: ActorId) -> ActorDef:
+        tdef = self._defs.get((system, template))
+        if tdef is None or tdef.kind is not Kind.UNNAMED:
+            raise ActorNotFound(
+                f"no actor {target.system}/{target.name}: {template!r} is not an unnamed "
+                "actor template of this system"
+            )
+        return tdef
+
+    def _pool_member(self, adef: ActorDef) -> Activation:
+        """Pick an idle pool instance, grow the pool up to its size, else the shortest queue."""
+        key = (adef.system, adef.name)
+        members = self._pools.setdefault(key, [])
+        for act in members:
+            if not act.busy:
+                return act
+        if len(members) < adef.pool_size:
+            act = self._new_activation(
+                adef, ActorId(adef.system, f"{adef.name}#{len(members)}", adef.name)
+            )
+            members.append(act)
+            return act
+        return min(members, key=Activation.queued)
+
+    async def spawn(self, system: str, name: str, template: str) -> ActorId:
+        """Register an unnamed instance ``name`` of ``template`` (idempotent)."""
+        aid = ActorId(system, name, template)
+        self._template(system, template, aid)
+        if (system, name) in self._defs:
+            raise InvalidArgument(f"{system}/{name} is the name of a registered actor")
+        self._spawned[(system, name)] = template
+        await trio.lowlevel.checkpoint()
+        return aid
+
+    async def _load(self, act: Activation) -> None:
+        stored = await self.store.load(act.key)
+        if not act.loaded:
+            self._apply_loaded(act, stored)
+
+    def _apply_loaded(self, act: Activation, stored: StoredState | None) -> None:
+        adef = act.adef
+        if stored is None:
+            act.state = adef.new_state()
+            act.blob = adef.codec.encode(act.state)
+            act.revision = 0
+        else:
+            act.state = adef.codec.decode(stored.blob)
+            act.blob = stored.blob
+            act.revision = stored.revision
+        act.loaded = True
+        self._on_loaded(act)
+
+    def _on_loaded(self, act: Activation) -> None:
+        self.metrics.activations_total += 1
+        act.last_used = trio.current_time()
+        adef = act.adef
+        for timer in adef.timers:
+            self._schedule_timer(act, act.epoch, timer.action, timer.every_ms / 1000)
+        if adef.channels and adef.kind is Kind.UNNAMED:
+            self._instances.setdefault((adef.system, adef.name), set()).add(act.key)
+
+    def _schedule_timer(self, act: Activation, epoch: int, action: str, every_s: float) -> None:
+        def fire() -> None:
+            if self._table.get(act.key) is not act or act.epoch != epoch or self._closing:
+                return  # passivated or replaced: the timer dies with its activation
+            self.metrics.timers_fired_total += 1
+            try:
+                self._enqueue(act, _Job(action, None, None, act.id))
+            except SpawnmeshError as exc:
+                log.warning("timer %s.%s skipped: %s", act.id, action, exc)
+            self._schedule_timer(act, epoch, action, every_s)
+
+        self.scheduler.call_at(trio.current_time() + every_s, fire)
+
+    def _drop(self, act: Activation) -> None:
+        """Forget an activation (passivated or fenced off as stale)."""
+        if self._table.get(act.key) is act:
+            del self._table[act.key]
+        adef = act.adef
+        if adef.kind is Kind.POOLED:
+            members = self._pools.get((adef.system, adef.name))
+            if members and act in members:
+                members.remove(act)
+        inst = self._instances.get((adef.system, adef.name))
+        if inst is not None:
+            inst.discard(act.key)
+
+    # ------------------------------------------------------------------ the turn
+
+    async def _turn(
+        self,
+        act: Activation,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+        chain: tuple[Key, ...],
+        deadline: float,
+    ) -> Any:
+        """Run one turn with the baton held: handler, commit, workflow side effects."""
+        adef = act.adef
+        ad = adef.actions.get(action)
+        now = trio.current_time()
+        act.last_used = now
+        if ad is None:
+            if action in STATE_ACTIONS and adef.stateful:
+                return adef.codec.decode(act.blob)
+            raise ActionNotFound(
+                f"{act.id} has no action {action!r} (it has: {', '.join(sorted(adef.actions))})"
+            )
+        if now >= deadline:
+            raise InvocationTimeout(f"{act.id}.{action}: deadline passed before the turn")
+        ctx: Context[Any] = Context(self, act.id, act.state, metadata or _NO_METADATA, caller)
+        token = _CURRENT.set(_Turn(act.key, act.id, chain))
+        try:
+            coro = ad.fn(ctx, payload)
+            try:
+                trap = coro.send(None)
+            except StopIteration as stop:
+                result = stop.value
+            else:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    result = await _drive(coro, trap)
+                if scope.cancelled_caught:
+                    raise InvocationTimeout(f"{act.id}.{action}: deadline passed during the turn")
+        except BaseException as exc:
+            self.metrics.turn_failures_total += 1
+            self._reset(act)
+            if isinstance(exc, SpawnmeshError) or not isinstance(exc, Exception):
+                raise
+            raise ActorFailed(
+                str(act.id), type(exc).__qualname__, str(exc),
+                "".join(traceback.format_exception(exc)), self.node_id,
+            ) from exc
+        finally:
+            _CURRENT.reset(token)
+        if result.__class__ is Reply:
+            new_state = ctx.state if result.state is _UNSET else result.state
+        else:
+            new_state = ctx.state
+        if adef.stateful:
+            await self._commit(act, new_state, deadline)
+        if result.__class__ is Reply:
+            if result.effects:
+                for eff in result.effects:
+                    self.cast_nowait_logged(eff.target, eff.action, eff.payload,
+                                            eff.metadata, eff.delay_ms, act.id)
+            if result.broadcasts:
+                for b in result.broadcasts:
+                    self.broadcast(act.id.system, b, caller=act.id)
+        return result
+
+    async def _commit(self, act: Activation, new_state: Any, deadline: float) -> None:
+        codec = act.adef.codec
+        try:
+            blob = codec.encode(new_state)
+        except Exception as exc:
+            self._reset(act)
+            raise ActorFailed(str(act.id), "StateEncodeError", str(exc), "", self.node_id) from exc
+        if blob == act.blob:
+            act.state = new_state
+            return
+        prev_blob = act.blob
+        act.state = new_state
+        act.blob = blob
+        if not isinstance(act.adef.snapshot, WriteThrough):
+            self.writer.mark_dirty(act, trio.current_time())
+            return
+        with trio.move_on_at(deadline) as scope:
+            try:
+                await self.writer.write(act)
+            except StatestoreUnavailable:
+                act.blob = prev_blob
+                self.writer.forget(act)
+                self._reset(act)
+                raise
+        if scope.cancelled_caught:  # outcome unknown; the writer keeps retrying the state
+            raise InvocationTimeout(f"{act.id}: deadline passed while persisting state")
+
+    def _reset(self, act: Activation) -> None:
+        """Back to the last committed state after a failed turn (in-place edits included)."""
+        if act.adef.stateful and act.loaded:
+            act.state = act.adef.codec.decode(act.blob)
+
+    def cast_nowait_logged(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        delay_ms: int | None,
+        caller: ActorId,
+    ) -> None:
+        """A side effect: cast, and log instead of raising if it cannot be queued."""
+        try:
+            self.cast_nowait(target, action, payload, metadata=metadata, delay_ms=delay_ms,
+                             caller=caller)
+        except SpawnmeshError as exc:
+            log.warning("side effect %s.%s dropped: %s", target, action, exc)
+
+    def broadcast(self, system: str, b: Broadcast, *, caller: ActorId | None = None) -> int:
+        """Deliver a broadcast to every subscriber of its channel; returns deliveries queued.
+        Named subscribers always receive (activated if needed); unnamed instances receive
+        while active; a pool receives once."""
+        self.metrics.broadcasts_total += 1
+        delivered = 0
+        for adef in self._subscribers.get((system, b.channel), ()):
+            action = b.action or adef.channels[b.channel]
+            if adef.kind is Kind.UNNAMED:
+                keys = list(self._instances.get((adef.system, adef.name), ()))
+                targets: Iterable[ActorId] = [self._table[k].id for k in keys if k in self._table]
+            else:
+                targets = [ActorId(system, adef.name)]
+            for target in targets:
+                try:
+                    self._cast(target, action, b.payload, None, caller)
+                    delivered += 1
+                except SpawnmeshError as exc:
+                    log.warning("broadcast on %s to %s dropped: %s", b.channel, target, exc)
+        return delivered
+
+    # ------------------------------------------------------------------ passivation
+
+    async def _sweep_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.settings.sweep_interval_s)
+            await self.passivate_idle()
+
+    def _idle_after_s(self, adef: ActorDef) -> float:
+        ms = adef.deactivate_after_ms
+        if ms is None:
+            return self.settings.deactivate_after_s
+        return math.inf if ms == 0 else ms / 1000
+
+    async def passivate_idle(self, *, everything: bool = False) -> int:
+        """Passivate actors idle longer than their deactivation timeout (all idle actors if
+        ``everything``): flush their state, then forget them. Returns how many."""
+        now = trio.current_time()
+        candidates: list[Activation] = []
+        for i, act in enumerate(list(self._table.values())):
+            if i % 5000 == 4999:
+                await trio.lowlevel.checkpoint()  # keep latency low while scanning
+            if act.busy:
+                continue
+            if everything or now - act.last_used >= self._idle_after_s(act.adef):
+                candidates.append(act)
+        done = 0
+        step = self.settings.write_batch_max
+        for i in range(0, len(candidates), step):
+            done += await self._passivate(candidates[i : i + step])
+        return done
+
+    async def _passivate(self, acts: list[Activation]) -> int:
+        taken = [a for a in acts if not a.busy and self._table.get(a.key) is a]
+        for a in taken:
+            a.busy = True
+            self._busy += 1
+        dirty = [a for a in taken if a.dirty_since != 0.0]
+        errors = await self.writer.write_many(dirty) if dirty else {}
+        n = 0
+        for a in taken:
+            if a.key not in errors and not a.waiters:
+                self._drop(a)
+                self.metrics.passivations_total += 1
+                n += 1
+            self._release(a)
+        return n
+
+    # ------------------------------------------------------------------ shutdown
+
+    def stop_accepting(self) -> None:
+        """Refuse new invocations from outside; turns in flight and queued ones go on."""
+        self._closing = True
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop accepting, let turns in flight and queued finish (within ``grace_s``), then
+        flush every committed state. True if nothing was left unfinished or unflushed."""
+        self.stop_accepting()
+        deadline = trio.current_time() + grace_s
+        with trio.move_on_at(deadline):
+            while self._busy > 0:
+                await trio.sleep(0.005)
+        finished = self._busy == 0
+        if not finished:
+            log.warning("%d actors still busy after the shutdown grace period", self._busy)
+        with trio.move_on_at(deadline + grace_s) as scope:
+            flushed = await self.writer.flush_all()
+        if scope.cancelled_caught or not flushed:
+            log.error("%d actor states could not be flushed: %s", self.writer.pending(),
+                      self.writer.last_error)
+            return False
+        return finished
+
+    # ------------------------------------------------------------------ introspection
+
+    def active_count(self) -> int:
+        """Activated actors on this node."""
+        return len(self._table)
+
+    def queued_count(self) -> int:
+        """Invocations waiting for their turn on this node."""
+        return self._queued
+
+    def activations(self) -> Iterable[Activation]:
+        """The activation records (read-only use)."""
+        return self._table.values()
+
+    def _gauges(self) -> Iterable[tuple[str, str, dict[str, str], float]]:
+        by_type: dict[Key, int] = {}
+        for act in self._table.values():
+            k = (act.adef.system, act.adef.name)
+            by_type[k] = by_type.get(k, 0) + 1
+        for (system, name), n in sorted(by_type.items()):
+            yield ("spawnmesh_active_actors", "Activated actors by actor type",
+                   {"system": system, "actor": name}, float(n))
+        yield ("spawnmesh_queued_invocations", "Invocations waiting for their turn", {},
+               float(self._queued))
+        deepest = max((a.queued() for a in self._table.values() if a.waiters), default=0)
+        yield ("spawnmesh_max_actor_queue_depth", "Deepest single-actor queue", {},
+               float(deepest))
+        yield ("spawnmesh_state_pending_writes", "Committed states not yet durable", {},
+               float(self.writer.pending()))
+        yield ("spawnmesh_scheduled_entries", "Timers and scheduled invocations pending", {},
+               float(len(self.scheduler)))
+
+
+def check_definition_names(defs: Iterable[ActorDef]) -> None:
+    """Reject two definitions with one name in one system."""
+    seen: set[Key] = set()
+    for d in defs:
+        k = (d.system, d.name)
+        if k in seen:
+            raise DefinitionError(f"actor {key_str(k)} is defined twice")
+        seen.add(k)

@@ -1,0 +1,349 @@
+"""The composition root: one node = statestore + actor runtime + ops endpoints, supervised.
+
+``open_node`` embeds a node in a trio program; ``serve`` runs one from a plain program;
+``run_node`` is what ``spawnmesh run`` calls (signals, logging, exit code).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from spawnmesh._version import __version__
+from spawnmesh.actors.definition import ActorDef
+from spawnmesh.actors.runtime import Runtime, RuntimeSettings
+from spawnmesh.codec import convert, to_builtins
+from spawnmesh.config import NodeConfig, load_config
+from spawnmesh.errors import ActionNotFound, ConfigError, SpawnmeshError
+from spawnmesh.ids import ActorId
+from spawnmesh.ops.http import serve_ops
+from spawnmesh.ops.metrics import Metrics
+from spawnmesh.refs import ActorRef
+from spawnmesh.statestore.base import StateStore
+from spawnmesh.statestore.memory import MemoryStateStore
+from spawnmesh.supervisor import ChildSpec, Supervisor
+from spawnmesh.system import ActorSystem
+
+log = logging.getLogger("spawnmesh.node")
+
+
+def runtime_settings(config: NodeConfig) -> RuntimeSettings:
+    """The runtime's knobs from the node configuration."""
+    a = config.actors
+    return RuntimeSettings(
+        default_timeout_s=a.default_timeout_ms / 1000,
+        max_queue_per_actor=a.max_queue_per_actor,
+        max_queued_per_node=a.max_queued_per_node,
+        deactivate_after_s=a.deactivate_after_ms / 1000,
+        sweep_interval_s=a.sweep_interval_ms / 1000,
+        write_behind_s=a.write_behind_ms / 1000,
+        write_batch_max=a.write_batch_max,
+    )
+
+
+def open_store(config: NodeConfig, node_id: str) -> StateStore:
+    """The statestore the configuration names (``memory://`` needs no extra module)."""
+    s = config.statestore
+    if s.url.startswith("memory:"):
+        return MemoryStateStore()
+    from spawnmesh.statestore.factory import open_statestore
+
+    return open_statestore(
+        s.url, key=s.key, key_file=s.key_file, allow_plaintext=s.allow_plaintext,
+        pool_size=s.pool_size, node_id=node_id,
+    )
+
+
+class Node:
+    """One spawnmesh node. Create it with :func:`open_node`; it implements the ops backend."""
+
+    def __init__(
+        self, config: NodeConfig, systems: Iterable[ActorSystem | ActorDef], store: StateStore
+    ) -> None:
+        self.config = config
+        self.name = config.name or f"{socket.gethostname()}-{config.ops.port}"
+        self.store = store
+        self.metrics = Metrics(self.name)
+        self.runtime = Runtime(store, self.metrics, runtime_settings(config), self.name)
+        self.ops_port = 0
+        self._ready = False
+        self._store_ok = True
+        self.supervisor: Supervisor | None = None
+        for item in systems:
+            self.register(item)
+
+    @property
+    def node_name(self) -> str:
+        """The node id (ops backend protocol)."""
+        return self.name
+
+    # ---------------------------------------------------------------- SDK surface
+
+    def register(self, system: ActorSystem | ActorDef) -> None:
+        """Add an actor system's definitions (or one definition) to this node."""
+        defs = system.definitions() if isinstance(system, ActorSystem) else [system]
+        for adef in defs:
+            self.runtime.register(adef)
+
+    def ref(self, system: str, name: str, *, parent: str | None = None) -> ActorRef:
+        """A reference to actor ``system/name`` (``parent``: the template of an unnamed one)."""
+        return ActorRef(self.runtime, ActorId(system, name, parent))
+
+    async def spawn(self, system: str, name: str, template: str) -> ActorRef:
+        """Spawn unnamed instance ``name`` of ``template`` and return its reference."""
+        return ActorRef(self.runtime, await self.runtime.spawn(system, name, template))
+
+    async def broadcast(self, system: str, channel: str, payload: Any = None) -> int:
+        """Publish ``payload`` to channel group ``channel``; returns deliveries queued."""
+        from spawnmesh.actors.context import Broadcast
+
+        n = self.runtime.broadcast(system, Broadcast(channel, payload))
+        await trio.lowlevel.checkpoint()
+        return n
+
+    # ---------------------------------------------------------------- ops backend
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready when started, not draining, and the statestore answers."""
+        reasons = []
+        if not self._ready:
+            reasons.append("node is starting or shutting down")
+        if not self._store_ok:
+            reasons.append("statestore unavailable")
+        if not self.runtime.writer.healthy:
+            reasons.append(f"state writes failing: {self.runtime.writer.last_error}")
+        return (not reasons, reasons)
+
+    def liveness(self) -> tuple[bool, list[str]]:
+        """Alive while the process serves (the supervisor restarts what fails)."""
+        return (True, [])
+
+    def metrics_text(self) -> bytes:
+        """Prometheus text of this node's metrics."""
+        return self.metrics.render()
+
+    def node_info(self) -> dict[str, object]:
+        """Identity and a summary, for ``GET /v1/node``."""
+        return {
+            "name": self.name,
+            "version": __version__,
+            "ops_port": self.ops_port,
+            "ready": self.readiness()[0],
+            "active_actors": self.runtime.active_count(),
+            "actors": sorted(f"{d.system}/{d.name}" for d in self.runtime.definitions()),
+        }
+
+    async def admin_invoke(
+        self,
+        system: str,
+        actor: str,
+        action: str,
+        payload: object,
+        *,
+        metadata: dict[str, str],
+        timeout_ms: int | None,
+        is_async: bool,
+        delay_ms: int | None,
+        parent: str | None,
+    ) -> object:
+        """Invoke with a JSON payload (CLI, HTTP): convert it to the action's payload type and
+        the reply to JSON-able builtins."""
+        target = ActorId(system, actor, parent)
+        payload = convert(payload, self._payload_type(target, action))
+        if is_async or delay_ms:
+            self.runtime.cast_nowait(target, action, payload, metadata=metadata,
+                                     delay_ms=delay_ms)
+            return None
+        value = await self.runtime.invoke(
+            target, action, payload, metadata=metadata, timeout_ms=timeout_ms
+        )
+        return to_builtins(value)
+
+    def _payload_type(self, target: ActorId, action: str) -> Any:
+        adef = self.runtime.definition(target.system, target.name)
+        if adef is None and target.parent:
+            adef = self.runtime.definition(target.system, target.parent)
+        if adef is None:
+            return None
+        ad = adef.actions.get(action)
+        if ad is None:
+            if adef.actions and action not in ("get_state", "getState", "get"):
+                raise ActionNotFound(f"{target} has no action {action!r}")
+            return None
+        return ad.payload_type
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def _start(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Open the store, start every service under the supervisor, activate eager actors."""
+        try:
+            await self.store.open()
+        except SpawnmeshError as exc:
+            self._store_ok = False
+            log.error("statestore unavailable at start: %s", exc)
+        children = [ChildSpec(name, fn) for name, fn in self.runtime.services()]
+        children.append(ChildSpec("ops-http", self._serve_ops))
+        children.append(ChildSpec("store-health", self._watch_store))
+        self.supervisor = Supervisor("node", children)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.supervisor.run)
+            await self.runtime.activate_eager()
+            self._ready = True
+            task_status.started()
+
+    async def _serve_ops(self, *, task_status: trio.TaskStatus[None]) -> None:
+        port = self.ops_port or self.config.ops.port
+        status = _PortStatus(task_status, self)
+        await serve_ops(self, self.config.ops.host, port, task_status=status)
+
+    async def _watch_store(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(2.0)
+            with trio.move_on_after(5.0):
+                self._store_ok = False
+                self._store_ok = await self.store.healthy()
+
+    async def shutdown(self, grace_s: float | None = None) -> bool:
+        """Drain: refuse new invocations, finish turns, flush state. True if clean."""
+        self._ready = False
+        grace = self.config.actors.shutdown_grace_ms / 1000 if grace_s is None else grace_s
+        clean = await self.runtime.drain(grace)
+        log.info("node %s drained (%s)", self.name, "clean" if clean else "with losses")
+        return clean
+
+
+class _PortStatus:
+    """Records the bound ops port before passing ``started`` on."""
+
+    def __init__(self, inner: trio.TaskStatus[None], node: Node) -> None:
+        self._inner = inner
+        self._node = node
+
+    def started(self, value: int | None = None) -> None:
+        if value is not None:
+            self._node.ops_port = value
+        self._inner.started()
+
+
+@asynccontextmanager
+async def open_node(
+    config: NodeConfig | None = None,
+    *systems: ActorSystem | ActorDef,
+    store: StateStore | None = None,
+) -> AsyncIterator[Node]:
+    """Run a node inside the current trio program for the duration of the block.
+
+    ``config`` defaults to the layered configuration (environment, file, defaults) with an
+    in-memory store and an ephemeral ops port; leaving the block drains and flushes."""
+    if config is None:
+        config = load_config(overrides={"statestore.url": "memory://", "ops.port": 0})
+    node = Node(config, systems, store or open_store(config, config.name or "embedded"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node._start)
+        try:
+            yield node
+        finally:
+            with trio.CancelScope(shield=True):
+                await node.shutdown()
+                nursery.cancel_scope.cancel()
+                await node.store.aclose()
+
+
+def serve(*systems: ActorSystem, config: NodeConfig | None = None) -> int:
+    """Run a node from a plain (non-trio) program until SIGINT/SIGTERM; returns the exit code."""
+    cfg = config or load_config()
+    return trio.run(_serve_until_signal, cfg, list(systems))
+
+
+async def _serve_until_signal(config: NodeConfig, systems: Sequence[ActorSystem]) -> int:
+    import signal
+
+    node_id = config.name or None
+    store = open_store(config, node_id or "node")
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config, *systems, store=store) as node:
+            _announce(node, systems)
+            async for signum in signals:
+                log.info("received %s: draining", signal.Signals(signum).name)
+                break
+            clean = await node.shutdown()
+    return 0 if clean else 1
+
+
+def _announce(node: Node, systems: Sequence[ActorSystem]) -> None:
+    host = node.config.ops.host
+    url = f"http://{host}:{node.ops_port}"
+    lines = [
+        f"spawnmesh {__version__} node {node.name} ready",
+        f"  ops/admin   {url}  (/healthz /readyz /metrics)",
+        f"  statestore  {_safe_url(node.config.statestore.url)}",
+    ]
+    for adef in node.runtime.definitions():
+        actions = ", ".join(sorted(adef.actions))
+        lines.append(f"  actor       {adef.system}/{adef.name} [{adef.kind.value}]: {actions}")
+    example = _example_command(node, url)
+    if example:
+        lines.append(f"  try:        {example}")
+    print("\n".join(lines), flush=True)
+
+
+def _example_command(node: Node, url: str) -> str:
+    for adef in node.runtime.definitions():
+        if adef.name == "counter" and "add" in adef.actions:
+            return (f"spawnmesh invoke --node {url} {adef.system} counter add --data 1")
+    return ""
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def load_app(spec: str) -> list[ActorSystem]:
+    """Import ``module:attr`` naming an ActorSystem, a list of them, or a function returning
+    either; empty: the built-in examples."""
+    if not spec:
+        spec = "spawnmesh.examples:systems"
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError("app", f"cannot import {mod_name!r}: {exc}") from exc
+    try:
+        obj: Any = getattr(mod, attr or "system")
+    except AttributeError as exc:
+        raise ConfigError("app", f"{mod_name!r} has no attribute {attr!r}") from exc
+    if callable(obj) and not isinstance(obj, ActorSystem):
+        obj = obj()
+    if isinstance(obj, ActorSystem):
+        return [obj]
+    if isinstance(obj, list | tuple) and all(isinstance(s, ActorSystem) for s in obj):
+        return list(obj)
+    raise ConfigError("app", f"{spec!r} is not an ActorSystem or a list of them")
+
+
+def run_node(config: NodeConfig) -> int:
+    """``spawnmesh run``: load the app, run until SIGINT/SIGTERM, drain; the exit code."""
+    try:
+        systems = load_app(config.app)
+        for s in systems:
+            s.definitions()
+    except SpawnmeshError as exc:
+        print(f"spawnmesh: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return serve(*systems, config=config)
+    except ConfigError as exc:
+        print(f"spawnmesh: error: {exc}", file=sys.stderr)
+        return 2
+
