@@ -26,7 +26,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	bash scripts/test-dbs.sh $(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/invoke_local.py

@@ -153,6 +153,12 @@ class SqlStateStore:
         self._engine: Engine | None = None
         self._stmts: dict[str, Any] = {}
         self._rng = random.Random()
+        self.batches = 0
+        """Batches committed (for metrics and tests)."""
+        self.fallbacks = 0
+        """Batches redone item by item after a racing insert or an unexpected row count."""
+        self.retries = 0
+        """Transactions retried after a deadlock, serialization failure or busy database."""
         self.where = self._url.render_as_string(hide_password=True)
         """The database URL without its password (for messages and logs)."""
 
@@ -236,6 +242,7 @@ class SqlStateStore:
                     return fn(conn)
             except exc.DBAPIError as err:
                 if attempt + 1 < _ATTEMPTS and not err.connection_invalidated and _transient(err):
+                    self.retries += 1
                     time.sleep(0.005 * (2**attempt) * (1 + self._rng.random()))
                     continue
                 raise
@@ -507,9 +514,12 @@ class SqlStateStore:
         now = self._clock()
         params = [self._row_params(w, now) for w in writes]
         try:
-            return self._transaction(lambda conn: self._save_txn(conn, writes, params, now, True))
+            out = self._transaction(lambda conn: self._save_txn(conn, writes, params, now, True))
         except _Retry:
-            return self._transaction(lambda conn: self._save_txn(conn, writes, params, now, False))
+            self.fallbacks += 1
+            out = self._transaction(lambda conn: self._save_txn(conn, writes, params, now, False))
+        self.batches += 1
+        return out
 
     def _save_txn(
         self,
