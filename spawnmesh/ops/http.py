@@ -361,7 +361,7 @@ class _Connection:
             return False, True
 
         request, body = got
-        method = request.method.decode("ascii", "replace").upper()
+        method = request.method.decode("ascii", "replace")  # methods are case-sensitive
         response = await self.router.handle(method, request.target, body)
         with trio.move_on_after(self.idle_timeout_s):
             await self._send(response, close=False, head=method == "HEAD")
@@ -464,9 +464,9 @@ class _Connection:
     async def _close(self, linger: bool) -> None:
         """Close the socket; after an error response, half-close and drain a little first."""
         stream = self.stream
-        if linger:
-            with trio.move_on_after(_LINGER_SECONDS):
-                try:
+        try:
+            if linger:
+                with trio.move_on_after(_LINGER_SECONDS):
                     await stream.send_eof()
                     drained = 0
                     while drained < _LINGER_BYTES:
@@ -474,9 +474,10 @@ class _Connection:
                         if not chunk:
                             break
                         drained += len(chunk)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-        await trio.aclose_forcefully(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:  # also when cancelled (server shutdown) mid-linger
+            await trio.aclose_forcefully(stream)
 
 
 async def serve_ops(
