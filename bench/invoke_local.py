@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -151,7 +150,8 @@ if __name__ == "__main__":
     if args.memory_part:
         trio.run(memory_part, args.memory_part)
         sys.exit(0)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}")
+    py = platform.python_version()
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {py}")
     results = trio.run(main, args.quick)
     n_mem = 50_000 if args.quick else 200_000
     out = subprocess.run([sys.executable, __file__, "--memory-part", str(n_mem)],

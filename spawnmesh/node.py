@@ -69,6 +69,8 @@ class Node:
     ) -> None:
         self.config = config
         self.name = config.name or f"{socket.gethostname()}-{config.ops.port}"
+        self.node_name = self.name
+        """The node id (ops backend protocol)."""
         self.store = store
         self.metrics = Metrics(self.name)
         self.runtime = Runtime(store, self.metrics, runtime_settings(config), self.name)
@@ -78,11 +80,6 @@ class Node:
         self.supervisor: Supervisor | None = None
         for item in systems:
             self.register(item)
-
-    @property
-    def node_name(self) -> str:
-        """The node id (ops backend protocol)."""
-        return self.name
 
     # ---------------------------------------------------------------- SDK surface
 
@@ -161,6 +158,8 @@ class Node:
             self.runtime.cast_nowait(target, action, payload, metadata=metadata,
                                      delay_ms=delay_ms)
             return None
+        if timeout_ms is None:  # an edge: the node's default deadline applies
+            timeout_ms = self.config.actors.default_timeout_ms
         value = await self.runtime.invoke(
             target, action, payload, metadata=metadata, timeout_ms=timeout_ms
         )

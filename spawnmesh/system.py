@@ -132,11 +132,6 @@ class ActorBuilder:
         if timer_ms is not None:
             adef.timers.append(TimerDef(name, timer_ms))
 
-    @overload
-    def action(self, fn: F, /) -> F: ...
-    @overload
-    def action(self, *, name: str | None = None) -> Callable[[F], F]: ...
-
     def action(self, fn: Any = None, /, *, name: str | None = None) -> Any:
         """Function style: register ``fn(ctx[, payload])`` as an action."""
 

@@ -9,10 +9,13 @@ Queues are bounded per actor and per node (``Overloaded`` when full).
 State: a turn's new state is encoded at the end of every successful turn; that blob is the
 committed state (what the writer persists, and what a failing turn is reset to).
 
-Deadlines: a handler that completes without suspending cannot be cancelled anyway, so the
-deadline's cancel scope (about 5 us) is entered only when the handler first suspends.
-``invoke`` is always a cancellation point and a schedule point at least every
-``SLICE_S`` seconds of continuous running (a full checkpoint costs about 3 us).
+Deadlines are trio cancel scopes. An in-process invocation runs the turn in the caller's own
+task, so the caller's scopes (``trio.fail_after``...) bound it, and nested invocations inherit
+them: the deadline travels with the call chain for free. ``timeout_ms`` adds a scope for that
+call only (a cancel scope costs about 5 us, half the budget of an invocation, so none is
+entered unless asked for); invocations from the edges (HTTP, peers, hosts) and async turns get
+``default_timeout_s``. ``invoke`` is always a cancellation point, and a schedule point at
+least every ``SLICE_S`` seconds of continuous running (a full checkpoint costs about 3 us).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 import traceback
 import types
 from collections import deque
-from collections.abc import Coroutine, Generator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
@@ -86,27 +89,6 @@ class _Job:
         self.caller = caller
 
 
-@types.coroutine
-def _drive(coro: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, Any, Any]:
-    """Continue a coroutine that already yielded ``trap`` to trio, under the caller's scopes."""
-    while True:
-        try:
-            sent = yield trap
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:
-            try:
-                trap = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                trap = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
-
-
 class RuntimeSettings(NamedTuple):
     """The runtime's knobs (from ``ActorsConfig``), in seconds where time."""
 
@@ -141,6 +123,8 @@ class Runtime:
         self._epochs = 0
         self._slice_start = 0.0
         self._closing = False
+        self._idle = trio.Event()
+        """Set when draining and no actor is busy."""
         self._jobs: trio.Nursery | None = None
         self._timeout_s = settings.default_timeout_s
         self._max_q = settings.max_queue_per_actor
@@ -210,7 +194,7 @@ class Runtime:
         act = await self._resolve(target)
         if act.loaded:
             return
-        await self._acquire(act, trio.current_time() + self._timeout_s)
+        await self._acquire(act)
         try:
             if not act.loaded:
                 await self._load(act)
@@ -228,24 +212,35 @@ class Runtime:
         metadata: Mapping[str, str] | None = None,
         timeout_ms: int | None = None,
     ) -> Any:
-        """Request/reply: run ``action`` on ``target`` and return the reply value."""
+        """Request/reply: run ``action`` on ``target`` and return the reply value. Bounded by
+        the caller's cancel scopes, and by ``timeout_ms`` when given (InvocationTimeout)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         cur = _CURRENT.get()
         if cur is None:
             caller = None
             chain: tuple[Key, ...] = ()
+            if self._closing:
+                self.metrics.observe_invocation(NodeShuttingDown.code, 0.0)
+                raise NodeShuttingDown(f"node {self.node_id} is shutting down")
         else:
             caller = cur.actor_id
             chain = (*cur.chain, cur.key)
         t0 = trio.current_time()
-        timeout = self._timeout_s if timeout_ms is None else timeout_ms / 1000
-        if self._closing and cur is None:
-            self.metrics.observe_invocation(NodeShuttingDown.code, 0.0)
-            raise NodeShuttingDown(f"node {self.node_id} is shutting down")
         try:
-            value = await self._invoke(target, action, payload, metadata, caller, chain, t0 + timeout)
+            if timeout_ms is None:
+                value = await self._invoke(target, action, payload, metadata, caller, chain)
+            else:
+                with trio.move_on_after(timeout_ms / 1000) as scope:
+                    value = await self._invoke(target, action, payload, metadata, caller, chain)
+                if scope.cancelled_caught:
+                    raise InvocationTimeout(
+                        f"{target}.{action}: no reply within {timeout_ms} ms"
+                    )
         except SpawnmeshError as exc:
             self.metrics.observe_invocation(exc.code, trio.current_time() - t0)
+            raise
+        except trio.Cancelled:
+            self.metrics.observe_invocation("cancelled", trio.current_time() - t0)
             raise
         now = trio.current_time()
         self.metrics.observe_invocation("ok", now - t0)
@@ -262,7 +257,6 @@ class Runtime:
         metadata: Mapping[str, str] | None,
         caller: ActorId | None,
         chain: tuple[Key, ...],
-        deadline: float,
         retried: bool = False,
     ) -> Any:
         key = (target.system, target.name)
@@ -273,16 +267,16 @@ class Runtime:
         if act is None:
             act = await self._resolve(target)
         if act.busy:
-            await self._wait_turn(act, deadline)
+            await self._wait_turn(act)
         else:
             act.busy = True
             self._busy += 1
         try:
             if not act.loaded:
                 await self._load(act)
-            result = await self._turn(act, action, payload, metadata, caller, chain, deadline)
+            result = await self._turn(act, action, payload, metadata, caller, chain)
         except StaleActivation:
-            if retried or trio.current_time() >= deadline:
+            if retried:
                 raise
             retry = True
         else:
@@ -291,7 +285,7 @@ class Runtime:
             self._release(act)
         if retry:  # the stale activation was dropped; a fresh one loads the current state
             return await self._invoke(
-                target, action, payload, metadata, caller, chain, deadline, retried=True
+                target, action, payload, metadata, caller, chain, retried=True
             )
         if result.__class__ is not Reply:
             return result
@@ -299,8 +293,7 @@ class Runtime:
         if nxt is None:
             return result.value
         nxt_payload = result.value if nxt.pipe else payload
-        return await self._invoke(nxt.target, nxt.action, nxt_payload, metadata, caller, chain,
-                                  deadline)
+        return await self._invoke(nxt.target, nxt.action, nxt_payload, metadata, caller, chain)
 
     def cast_nowait(
         self,
@@ -397,12 +390,15 @@ class Runtime:
         """Run one queued async turn; the baton is already held for it."""
         result: Any = None
         try:
-            if not act.loaded:
-                await self._load(act)
-            result = await self._turn(
-                act, job.action, job.payload, job.metadata, job.caller, (),
-                trio.current_time() + self._timeout_s,
-            )
+            with trio.move_on_after(self._timeout_s) as scope:
+                if not act.loaded:
+                    await self._load(act)
+                result = await self._turn(
+                    act, job.action, job.payload, job.metadata, job.caller, ()
+                )
+            if scope.cancelled_caught:
+                log.warning("async invocation %s.%s timed out after %.1f s", act.id,
+                            job.action, self._timeout_s)
         except SpawnmeshError as exc:
             log.info("async invocation %s.%s failed: %s", act.id, job.action, exc)
         finally:
@@ -426,15 +422,16 @@ class Runtime:
                 f"{self._queued} on this node; retry later"
             )
 
-    async def _acquire(self, act: Activation, deadline: float) -> None:
+    async def _acquire(self, act: Activation) -> None:
         if act.busy:
-            await self._wait_turn(act, deadline)
+            await self._wait_turn(act)
         else:
             act.busy = True
             self._busy += 1
 
-    async def _wait_turn(self, act: Activation, deadline: float) -> None:
-        """Park in ``act``'s queue until the baton is handed over (FIFO)."""
+    async def _wait_turn(self, act: Activation) -> None:
+        """Park in ``act``'s queue until the baton is handed over (FIFO). Cancellation (the
+        caller's deadline) takes the caller out of the queue."""
         self._check_room(act)
         task = trio.lowlevel.current_task()
         if act.waiters is None:
@@ -448,12 +445,7 @@ class Runtime:
             self._queued -= 1
             return trio.lowlevel.Abort.SUCCEEDED
 
-        with trio.CancelScope(deadline=deadline):
-            await trio.lowlevel.wait_task_rescheduled(abort)
-            if trio.current_time() < deadline:
-                return
-            self._release(act)  # handed the baton too late: pass it on
-        raise InvocationTimeout(f"{act.id}: deadline passed while queued")
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _release(self, act: Activation) -> None:
         """Hand the baton to the next in line, or put it down."""
@@ -468,6 +460,8 @@ class Runtime:
         else:
             act.busy = False
             self._busy -= 1
+            if self._closing and self._busy == 0:
+                self._idle.set()
 
     # ------------------------------------------------------------------ activation
 
@@ -620,7 +614,6 @@ class Runtime:
         metadata: Mapping[str, str] | None,
         caller: ActorId | None,
         chain: tuple[Key, ...],
-        deadline: float,
     ) -> Any:
         """Run one turn with the baton held: handler, commit, workflow side effects."""
         adef = act.adef
@@ -633,21 +626,10 @@ class Runtime:
             raise ActionNotFound(
                 f"{act.id} has no action {action!r} (it has: {', '.join(sorted(adef.actions))})"
             )
-        if now >= deadline:
-            raise InvocationTimeout(f"{act.id}.{action}: deadline passed before the turn")
         ctx: Context[Any] = Context(self, act.id, act.state, metadata or _NO_METADATA, caller)
         token = _CURRENT.set(_Turn(act.key, act.id, chain))
         try:
-            coro = ad.fn(ctx, payload)
-            try:
-                trap = coro.send(None)
-            except StopIteration as stop:
-                result = stop.value
-            else:
-                with trio.CancelScope(deadline=deadline) as scope:
-                    result = await _drive(coro, trap)
-                if scope.cancelled_caught:
-                    raise InvocationTimeout(f"{act.id}.{action}: deadline passed during the turn")
+            result = await ad.fn(ctx, payload)
         except BaseException as exc:
             self.metrics.turn_failures_total += 1
             self._reset(act)
@@ -664,7 +646,7 @@ class Runtime:
         else:
             new_state = ctx.state
         if adef.stateful:
-            await self._commit(act, new_state, deadline)
+            await self._commit(act, new_state)
         if result.__class__ is Reply:
             if result.effects:
                 for eff in result.effects:
@@ -675,7 +657,7 @@ class Runtime:
                     self.broadcast(act.id.system, b, caller=act.id)
         return result
 
-    async def _commit(self, act: Activation, new_state: Any, deadline: float) -> None:
+    async def _commit(self, act: Activation, new_state: Any) -> None:
         codec = act.adef.codec
         try:
             blob = codec.encode(new_state)
@@ -691,16 +673,13 @@ class Runtime:
         if not isinstance(act.adef.snapshot, WriteThrough):
             self.writer.mark_dirty(act, trio.current_time())
             return
-        with trio.move_on_at(deadline) as scope:
-            try:
-                await self.writer.write(act)
-            except StatestoreUnavailable:
-                act.blob = prev_blob
-                self.writer.forget(act)
-                self._reset(act)
-                raise
-        if scope.cancelled_caught:  # outcome unknown; the writer keeps retrying the state
-            raise InvocationTimeout(f"{act.id}: deadline passed while persisting state")
+        try:  # if the caller is cancelled meanwhile, the outcome is unknown to it; the
+            await self.writer.write(act)  # writer keeps the state and retries until durable
+        except StatestoreUnavailable:
+            act.blob = prev_blob
+            self.writer.forget(act)
+            self._reset(act)
+            raise
 
     def _reset(self, act: Activation) -> None:
         """Back to the last committed state after a failed turn (in-place edits included)."""
@@ -803,9 +782,10 @@ class Runtime:
         flush every committed state. True if nothing was left unfinished or unflushed."""
         self.stop_accepting()
         deadline = trio.current_time() + grace_s
+        if self._busy == 0:
+            self._idle.set()
         with trio.move_on_at(deadline):
-            while self._busy > 0:
-                await trio.sleep(0.005)
+            await self._idle.wait()
         finished = self._busy == 0
         if not finished:
             log.warning("%d actors still busy after the shutdown grace period", self._busy)

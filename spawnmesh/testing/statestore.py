@@ -45,7 +45,9 @@ class StateStoreConformance:
     async def test_revisions_advance_by_one(self, store: StateStore) -> None:
         rev = 0
         for i in range(5):
-            (rev,) = await store.save_many([_w("b", rev, str(i).encode())])  # type: ignore[misc]
+            (res,) = await store.save_many([_w("b", rev, str(i).encode())])
+            assert isinstance(res, int)
+            rev = res
         assert rev == 5
         got = await store.load(("sys", "b"))
         assert got is not None and got.revision == 5 and got.blob == b"4"
