@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 
 ## run: one node with the embedded SQLite store and the example actors
 run: $(STAMP)
-	$(BIN)/spawnmesh run
+	@mkdir -p .spawnmesh
+	@test -s .spawnmesh/statestore.key || $(BIN)/spawnmesh keygen --out .spawnmesh/statestore.key
+	SPAWNMESH_STATESTORE_KEY_FILE=.spawnmesh/statestore.key $(BIN)/spawnmesh run
 
 ## test: ruff, mypy and the whole pytest suite (installs what it needs)
 test: $(STAMP) lint typecheck unit

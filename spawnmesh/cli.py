@@ -295,3 +295,28 @@ def config_docs() -> None:
 
 if __name__ == "__main__":  # pragma: no cover - `python -m spawnmesh.cli`
     main(prog_name="spawnmesh")
+
+
+@main.command(short_help="Generate a statestore or cluster key.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Write the key to this file (mode 0600; refuses to overwrite).")
+def keygen(out: str | None) -> None:
+    """Print (or write) a new random 256-bit key as one ``id:base64key`` line, the format of
+    ``statestore.key_file`` (append it to rotate: the last line is the newest)."""
+    import base64
+    import os
+
+    from spawnmesh.statestore.crypto import derived_key_id
+
+    key = os.urandom(32)
+    line = f"{derived_key_id(key)}:{base64.b64encode(key).decode()}"
+    if out is None:
+        click.echo(line)
+        return
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _fail(f"{out} exists; not overwriting a key")
+    with os.fdopen(fd, "w") as f:
+        f.write(line + "\n")
+    click.echo(f"wrote a new key to {out}", err=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -77,6 +78,7 @@ class Node:
         self.ops_port = 0
         self._ready = False
         self._store_ok = True
+        self._drained: bool | None = None
         self.supervisor: Supervisor | None = None
         for item in systems:
             self.register(item)
@@ -211,10 +213,14 @@ class Node:
                 self._store_ok = await self.store.healthy()
 
     async def shutdown(self, grace_s: float | None = None) -> bool:
-        """Drain: refuse new invocations, finish turns, flush state. True if clean."""
+        """Drain: refuse new invocations, finish turns, flush state. True if clean.
+        Idempotent: a second call returns the first one's result."""
+        if self._drained is not None:
+            return self._drained
         self._ready = False
         grace = self.config.actors.shutdown_grace_ms / 1000 if grace_s is None else grace_s
         clean = await self.runtime.drain(grace)
+        self._drained = clean
         log.info("node %s drained (%s)", self.name, "clean" if clean else "with losses")
         return clean
 
@@ -295,9 +301,14 @@ def _announce(node: Node, systems: Sequence[ActorSystem]) -> None:
 
 
 def _example_command(node: Node, url: str) -> str:
+    exe = "spawnmesh"
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "spawnmesh":  # e.g. .venv/bin/spawnmesh, not on PATH
+        rel = os.path.relpath(argv0)
+        exe = rel if not rel.startswith("..") else argv0
     for adef in node.runtime.definitions():
         if adef.name == "counter" and "add" in adef.actions:
-            return (f"spawnmesh invoke --node {url} {adef.system} counter add --data 1")
+            return f"{exe} invoke --node {url} {adef.system} counter add --data 1"
     return ""
 
 
