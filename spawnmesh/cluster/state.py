@@ -24,35 +24,35 @@ class Status(enum.IntEnum):
     LEFT = 3
 
 
-class News(enum.Enum):
+class News(enum.IntEnum):
     """Kind of incoming membership news."""
 
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-    LEFT = "left"
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
 
 
-class Current(enum.Enum):
+class Current(enum.IntEnum):
     """What the receiving node currently holds about the subject of the news."""
 
-    UNKNOWN = "unknown"
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-    LEFT = "left"
-    SELF = "self"
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+    UNKNOWN = 4
+    SELF = 5
     """The news is about the receiving node itself (which is alive)."""
-    SELF_LEAVING = "self_leaving"
+    SELF_LEAVING = 6
     """The news is about the receiving node, which is leaving gracefully."""
 
 
-class Cmp(enum.Enum):
+class Cmp(enum.IntEnum):
     """Incoming incarnation compared with the current one (UNKNOWN rows use ``GT``)."""
 
-    LT = "<"
-    EQ = "="
-    GT = ">"
+    LT = 0
+    EQ = 1
+    GT = 2
 
 
 class Action(enum.Enum):
@@ -119,30 +119,22 @@ def _rows() -> dict[tuple[News, Current, Cmp], Action]:
 PRECEDENCE: Final[dict[tuple[News, Current, Cmp], Action]] = _rows()
 """The whole rule set: (news, current, incarnation comparison) -> action."""
 
-_STATUS_TO_CURRENT: Final = {
-    Status.ALIVE: Current.ALIVE,
-    Status.SUSPECT: Current.SUSPECT,
-    Status.DEAD: Current.DEAD,
-    Status.LEFT: Current.LEFT,
-}
+_GRID: Final[list[list[list[Action]]]] = [
+    [[PRECEDENCE[(news, cur, cmp)] for cmp in Cmp] for cur in Current] for news in News
+]
+"""``PRECEDENCE`` as nested lists indexed by the int values (no hashing on the hot path)."""
 
 
 def decide(news: News, current: Current, incoming: int, held: int) -> Action:
     """Look up the action for news at incarnation ``incoming`` vs ``held``."""
-    if current is Current.UNKNOWN:
-        cmp = Cmp.GT
-    elif incoming < held:
-        cmp = Cmp.LT
-    elif incoming == held:
-        cmp = Cmp.EQ
-    else:
-        cmp = Cmp.GT
-    return PRECEDENCE[(news, current, cmp)]
+    if current == Current.UNKNOWN or incoming > held:
+        return _GRID[news][current][2]
+    return _GRID[news][current][0 if incoming < held else 1]
 
 
 def current_of(status: Status) -> Current:
-    """Table column for a member record in ``status``."""
-    return _STATUS_TO_CURRENT[status]
+    """Table column for a member record in ``status`` (the int values coincide)."""
+    return Current(int(status))
 
 
 @dataclass(slots=True)

@@ -27,7 +27,6 @@ from spawnmesh.cluster.state import (
     MemberView,
     News,
     Status,
-    current_of,
     decide,
 )
 from spawnmesh.cluster.suspicion import Suspicion
@@ -160,7 +159,7 @@ class Swim:
         self._next_probe = now_ms + rng.randrange(cfg.probe_interval_ms)
         self._next_gossip = now_ms
         pp = cfg.push_pull_interval_ms
-        self._next_push_pull = now_ms + pp + rng.randrange(pp) if pp else _FOREVER
+        self._next_push_pull = now_ms + rng.randrange(pp) if pp else _FOREVER
         rc = cfg.reconnect_interval_ms
         self._next_reconnect = now_ms + rc + rng.randrange(rc) if rc else _FOREVER
         self._queue_alive_self()
@@ -262,19 +261,20 @@ class Swim:
 
     def next_deadline_ms(self) -> int:
         """When :meth:`tick` next has work (ms); the shell sleeps until then."""
-        t = min(self._next_push_pull, self._next_reconnect)
+        t = self._next_push_pull
+        if self._next_reconnect < t:
+            t = self._next_reconnect
         if not self.leaving:
             p = self._probe
-            if p is None:
-                t = min(t, self._next_probe)
-            else:
-                t = min(t, p.end_at if p.indirect_sent else p.timeout_at)
-        if len(self.queue) and self.config.gossip_interval_ms:
-            t = min(t, self._next_gossip)
-        if self._suspicion_heap:
-            t = min(t, self._suspicion_heap[0][0])
-        if self._relay_heap:
-            t = min(t, self._relay_heap[0][0])
+            d = self._next_probe if p is None else (p.end_at if p.indirect_sent else p.timeout_at)
+            if d < t:
+                t = d
+        if self._next_gossip < t and len(self.queue) and self.config.gossip_interval_ms:
+            t = self._next_gossip
+        if self._suspicion_heap and self._suspicion_heap[0][0] < t:
+            t = self._suspicion_heap[0][0]
+        if self._relay_heap and self._relay_heap[0][0] < t:
+            t = self._relay_heap[0][0]
         return t
 
     def tick(self, now_ms: int) -> Output:
@@ -290,7 +290,8 @@ class Swim:
                 self._gossip(now_ms, out)
             self._next_gossip = now_ms + gi
         if now_ms >= self._next_push_pull:
-            self._next_push_pull = now_ms + self.config.push_pull_scaled_ms(self.table.live_count)
+            interval = self.config.push_pull_scaled_ms(self.table.live_count)
+            self._next_push_pull = now_ms + interval // 2 + int(self.rng.random() * interval)
             if not self.leaving:
                 self._push_pull(now_ms, out, dead=False)
         if now_ms >= self._next_reconnect:
@@ -516,10 +517,10 @@ class Swim:
                 (Current.SELF_LEAVING if self.leaving else Current.SELF),
                 (self.incarnation),
             )
-        x = self.table.get(name)
+        x = self.table.by_name.get(name)
         if x is None:
             return None, Current.UNKNOWN, 0
-        return x, current_of(x.status), x.incarnation
+        return x, x.status, x.incarnation  # type: ignore[return-value]  # same int values
 
     def _on_alive(self, msg: m.Alive, now_ms: int, out: Output, raw: bytes | None) -> None:
         x, cur, held = self._current(msg.name)
@@ -634,7 +635,11 @@ class Swim:
         out.events.append(MemberEvent(kind, self._view(x)))
 
     def _merge(self, pp: m.PushPull, now_ms: int, out: Output) -> None:
+        table = self.table.by_name
         for row in pp.members:
+            x = table.get(row.name)
+            if x is not None and x.incarnation == row.incarnation and x.status == row.status:
+                continue  # nothing new (the common case of anti-entropy)
             try:
                 status = Status(row.status)
             except ValueError:
@@ -679,7 +684,7 @@ class Swim:
     def _insert_probe(self, name: str) -> None:
         order = self._probe_order
         lo = min(self._probe_pos, len(order))
-        order.insert(self.rng.randint(lo, len(order)), name)
+        order.insert(lo + int(self.rng.random() * (len(order) - lo + 1)), name)
 
     def _reap(self, now_ms: int) -> None:
         horizon = now_ms - self.config.dead_reap_ms

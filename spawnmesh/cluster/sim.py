@@ -1,0 +1,684 @@
+"""Deterministic discrete-event simulator for the SWIM core (no trio, no sockets, no clocks).
+
+Runs the real :class:`~spawnmesh.cluster.swim.Swim` with the real encoding over a simulated
+network (delay, loss, duplication, partitions, one-way cuts, clogging, CPU-starved nodes) and
+checks invariants. One seed reproduces a whole run::
+
+    python -m spawnmesh.cluster.sim --seed 1234 --scenario crash --nodes 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from spawnmesh.cluster.broadcasts import BroadcastQueue
+from spawnmesh.cluster.config import PRESETS, SwimConfig, lan
+from spawnmesh.cluster.messages import Addr, MemberState, PushPull, encode
+from spawnmesh.cluster.state import Status
+from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, StreamKind, Swim
+
+_DELIVER, _WAKE, _STREAM, _ACTION = 0, 1, 2, 3
+_NEVER = 1 << 62
+_LIVE_KINDS = frozenset({EventKind.JOIN, EventKind.ALIVE, EventKind.UPDATE, EventKind.SUSPECT})
+
+
+@dataclass(slots=True)
+class NetConfig:
+    """Network fault knobs (all mutable during a run through :class:`Sim` methods)."""
+
+    delay_min_ms: int = 1
+    """Fixed part of one-way latency (ms)."""
+    delay_jitter_ms: float = 2.0
+    """Mean of the exponential extra latency (ms)."""
+    loss: float = 0.0
+    """Probability a datagram is dropped (TCP exchanges are not lossy, only cut)."""
+    duplicate: float = 0.0
+    """Probability a datagram is delivered twice."""
+
+
+@dataclass(slots=True)
+class SimNode:
+    """One simulated process: its core, inbox and fault flags."""
+
+    idx: int
+    name: str
+    addr: Addr
+    swim: Swim
+    gen: int = 0
+    running: bool = True
+    leaving: bool = False
+    starve_every_ms: int = 0
+    inbox: list[tuple[int, int, Addr, bytes]] = field(default_factory=list)
+    wake_at: int = _NEVER
+
+
+@dataclass(slots=True)
+class SimReport:
+    """Outcome of one scenario run."""
+
+    scenario: str
+    seed: int
+    nodes: int
+    lifeguard: bool = True
+    sim_ms: int = 0
+    wall_s: float = 0.0
+    datagrams: int = 0
+    false_dead: int = 0
+    false_suspect: int = 0
+    detect_max_ms: int = -1
+    converged_ms: int = -1
+    violations: list[str] = field(default_factory=list)
+    notes: dict[str, float] = field(default_factory=dict)
+
+    def replay_command(self) -> str:
+        """The one-line command that replays this run."""
+        lg = "" if self.lifeguard else " --no-lifeguard"
+        return (
+            f"python -m spawnmesh.cluster.sim --seed {self.seed} --scenario {self.scenario}"
+            f" --nodes {self.nodes}{lg}"
+        )
+
+    def summary(self) -> str:
+        """Human-readable one-paragraph result."""
+        speed = self.nodes * self.sim_ms / 1000 / max(self.wall_s, 1e-9)
+        notes = " ".join(f"{k}={v:g}" for k, v in sorted(self.notes.items()))
+        return (
+            f"{self.scenario} n={self.nodes} seed={self.seed} lifeguard={self.lifeguard}"
+            f" sim={self.sim_ms / 1000:g}s wall={self.wall_s:.2f}s"
+            f" speed={speed:,.0f} node-s/s datagrams={self.datagrams}"
+            f" false_dead={self.false_dead} false_suspect={self.false_suspect}"
+            f" detect_max_ms={self.detect_max_ms} converged_ms={self.converged_ms}"
+            f" {notes} violations={len(self.violations)}"
+        )
+
+
+class Sim:
+    """A cluster of ``n`` Swim cores on one simulated network, driven by a priority queue."""
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        config: SwimConfig | None = None,
+        net: NetConfig | None = None,
+        prefill: bool = True,
+    ) -> None:
+        self.seed = seed
+        self.config = config or lan()
+        self.net = net or NetConfig()
+        self.now = 0
+        self.rng = random.Random(f"{seed}:net")
+        self._heap: list[tuple[int, int, int, int, Any]] = []
+        self._seq = 0
+        self.nodes: list[SimNode] = []
+        self.by_addr: dict[Addr, SimNode] = {}
+        self.by_name: dict[str, SimNode] = {}
+        self.group: list[int] = [0] * n
+        self.cut: set[tuple[int, int]] = set()
+        self.clog_out: list[int] = [0] * n
+        self.clog_in: list[int] = [0] * n
+        self.views: list[set[str]] = []
+        self.last_inc: dict[tuple[int, str], int] = {}
+        self.violations: list[str] = []
+        self.false_dead = 0
+        self.false_suspect = 0
+        self.false_dead_samples: list[str] = []
+        self.crashed_at: dict[str, int] = {}
+        self.detected: dict[tuple[str, int], int] = {}
+        self.datagrams = 0
+        for i in range(n):
+            name = f"n{i:04d}"
+            node = SimNode(i, name, (f"10.{i // 250}.{i % 250}.1", 7946), self._core(i, name, 0))
+            self.nodes.append(node)
+            self.by_addr[node.addr] = node
+            self.by_name[name] = node
+            self.views.append({name})
+        if prefill:
+            self._prefill()
+        else:
+            for node in self.nodes[1:]:
+                self.at(node.idx * 10, partial(self._join, node, [self.nodes[0].addr]))
+        for node in self.nodes:
+            self._reschedule(node, 0)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _core(self, i: int, name: str, gen: int) -> Swim:
+        rng = random.Random(f"{self.seed}:{i}:{gen}")
+        addr = (f"10.{i // 250}.{i % 250}.{1 + gen}", 7946)
+        return Swim(name, addr, b"", self.config, rng, self.now)
+
+    def _prefill(self) -> None:
+        """Start converged: every core learns every member by one merge, with empty queues."""
+        rows = [MemberState(x.name, 0, x.addr, b"", int(Status.ALIVE)) for x in self.nodes]
+        state = encode([PushPull(False, "sim", rows)])
+        for node in self.nodes:
+            out = node.swim.merge_push_pull(state, 0)
+            self._on_events(node, out.events)
+            node.swim.queue = BroadcastQueue()
+
+    def _join(self, node: SimNode, seeds: list[Addr]) -> None:
+        self._handle(node, node.swim.join(seeds, self.now))
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def _push(self, t: int, kind: int, idx: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, idx, payload))
+
+    def at(self, t_ms: int, action: Callable[[], None]) -> None:
+        """Run ``action`` at simulated time ``t_ms``."""
+        self._push(t_ms, _ACTION, -1, action)
+
+    def _reschedule(self, node: SimNode, now: int) -> None:
+        d = node.swim.next_deadline_ms()
+        if d <= now:
+            d = now + 1
+        every = node.starve_every_ms
+        if every:
+            d = -(-d // every) * every
+        if d < node.wake_at:
+            node.wake_at = d
+            self._push(d, _WAKE, node.idx, node.gen)
+
+    def run(self, until_ms: int) -> None:
+        """Process events up to simulated time ``until_ms``."""
+        heap = self._heap
+        nodes = self.nodes
+        pop = heapq.heappop
+        while heap and heap[0][0] <= until_ms:
+            t, _, kind, idx, payload = pop(heap)
+            self.now = t
+            if kind == _DELIVER:
+                node = nodes[idx]
+                gen, src_addr, data = payload
+                if not node.running or gen != node.gen:
+                    continue
+                if node.starve_every_ms:
+                    node.inbox.append((_DELIVER, -1, src_addr, data))
+                    self._reschedule(node, t)
+                    continue
+                self._handle(node, node.swim.receive(src_addr, data, t))
+            elif kind == _WAKE:
+                node = nodes[idx]
+                if payload != node.gen or not node.running or node.wake_at != t:
+                    continue
+                node.wake_at = _NEVER
+                out = node.swim.tick(t)
+                if node.inbox:
+                    self._handle(node, out, reschedule=False)
+                    inbox, node.inbox = node.inbox, []
+                    for item in inbox:
+                        self._process(node, item)
+                    self._reschedule(node, t)
+                else:
+                    self._handle(node, out)
+                if node.leaving and node.swim.leave_complete:
+                    node.running = False
+            elif kind == _STREAM:
+                node = nodes[idx]
+                gen, src_idx, src_addr, data = payload
+                if not node.running or gen != node.gen:
+                    continue
+                if node.starve_every_ms:
+                    node.inbox.append((_STREAM, src_idx, src_addr, data))
+                    self._reschedule(node, t)
+                    continue
+                self._process(node, (_STREAM, src_idx, src_addr, data))
+            else:
+                payload()
+        self.now = until_ms
+
+    def _process(self, node: SimNode, item: tuple[int, int, Addr, bytes]) -> None:
+        kind, src_idx, src_addr, data = item
+        t = self.now
+        if kind == _DELIVER:
+            self._handle(node, node.swim.receive(src_addr, data, t))
+            return
+        reply, out = node.swim.serve_stream(src_addr, data, t)
+        self._handle(node, out)
+        src = self.nodes[src_idx]
+        if reply is not None and self._open(node.idx, src_idx):
+            self._push(
+                t + self._delay(node.idx, src_idx), _DELIVER, src_idx, (src.gen, node.addr, reply)
+            )
+
+    # -- network ------------------------------------------------------------------------------
+
+    def _open(self, a: int, b: int) -> bool:
+        ga, gb = self.group[a], self.group[b]
+        return ga == gb or (ga, gb) not in self.cut
+
+    def _delay(self, a: int, b: int) -> int:
+        net = self.net
+        d = net.delay_min_ms + int(self.rng.expovariate(1.0 / net.delay_jitter_ms))
+        return d + self.clog_out[a] + self.clog_in[b]
+
+    def _handle(self, node: SimNode, out: Output, reschedule: bool = True) -> None:
+        if out.datagrams:
+            net = self.net
+            rng = self.rng
+            by_addr = self.by_addr
+            src = node.idx
+            for addr, data in out.datagrams:
+                self.datagrams += 1
+                dst = by_addr.get(addr)
+                if dst is None or not self._open(src, dst.idx):
+                    continue
+                if net.loss and rng.random() < net.loss:
+                    continue
+                payload = (dst.gen, node.addr, data)
+                self._push(self.now + self._delay(src, dst.idx), _DELIVER, dst.idx, payload)
+                if net.duplicate and rng.random() < net.duplicate:
+                    self._push(self.now + self._delay(src, dst.idx), _DELIVER, dst.idx, payload)
+        if out.events:
+            self._on_events(node, out.events)
+        for req in out.streams:
+            dst = self.by_addr.get(req.addr)
+            if dst is None or not self._open(node.idx, dst.idx):
+                continue
+            if req.kind is StreamKind.PING and not self.config.tcp_ping:
+                continue
+            d = self._delay(node.idx, dst.idx)
+            self._push(self.now + d, _STREAM, dst.idx, (dst.gen, node.idx, node.addr, req.data))
+        if reschedule:
+            self._reschedule(node, self.now)
+
+    # -- checkers -----------------------------------------------------------------------------
+
+    def _is_up(self, node: SimNode) -> bool:
+        return node.running and not node.leaving
+
+    def _on_events(self, node: SimNode, events: list[MemberEvent]) -> None:
+        view = self.views[node.idx]
+        obs = node.idx
+        for ev in events:
+            mv = ev.member
+            name = mv.name
+            key = (obs, name)
+            last = self.last_inc.get(key)
+            if last is not None and mv.incarnation < last:
+                self.violations.append(
+                    f"t={self.now} {node.name} saw {name} incarnation drop {last}->{mv.incarnation}"
+                )
+            self.last_inc[key] = mv.incarnation
+            kind = ev.kind
+            if kind in _LIVE_KINDS:
+                view.add(name)
+                if kind is EventKind.SUSPECT:
+                    subject = self.by_name.get(name)
+                    if subject is not None and self._is_up(subject):
+                        self.false_suspect += 1
+                continue
+            view.discard(name)
+            subject = self.by_name.get(name)
+            if subject is None:
+                continue
+            if kind is EventKind.DEAD:
+                if self._is_up(subject):
+                    self.false_dead += 1
+                    if len(self.false_dead_samples) < 5:
+                        self.false_dead_samples.append(f"t={self.now} {node.name} -> {name}")
+                elif subject.leaving:
+                    self.violations.append(f"t={self.now} {node.name} saw leaving {name} as dead")
+            crashed = self.crashed_at.get(name)
+            if crashed is not None and (name, obs) not in self.detected:
+                self.detected[(name, obs)] = self.now - crashed
+
+    def truth(self) -> set[str]:
+        """Names of nodes that are running and not leaving."""
+        return {x.name for x in self.nodes if self._is_up(x)}
+
+    def disagreements(self) -> list[str]:
+        """Live nodes whose view of the live set differs from the truth."""
+        truth = self.truth()
+        return [x.name for x in self.nodes if self._is_up(x) and self.views[x.idx] != truth]
+
+    def run_until_agreement(self, limit_ms: int, step_ms: int = 1000) -> int:
+        """Run until every live view equals the truth; return when (ms) or -1 past the limit."""
+        while self.now < limit_ms:
+            if not self.disagreements():
+                return self.now
+            self.run(min(limit_ms, self.now + step_ms))
+        return self.now if not self.disagreements() else -1
+
+    def detection_bound_ms(self) -> int:
+        """Crash detection bound: 5 probe periods + max suspicion + 10 s of dissemination."""
+        n = len(self.nodes)
+        return 5 * self.config.probe_interval_ms + self.config.suspicion_max_ms(n) + 10_000
+
+    def check_crash_detection(self, bound_ms: int) -> int:
+        """Record a violation for each live observer that missed a crash within the bound."""
+        worst = -1
+        for name, t0 in self.crashed_at.items():
+            if self.by_name[name].running:
+                continue
+            for obs in self.nodes:
+                if not self._is_up(obs) or obs.name == name:
+                    continue
+                dt = self.detected.get((name, obs.idx))
+                if dt is None:
+                    if self.now - t0 > bound_ms:
+                        self.violations.append(f"{obs.name} never saw crash of {name}")
+                    continue
+                worst = max(worst, dt)
+                if dt > bound_ms:
+                    self.violations.append(f"{obs.name} saw crash of {name} after {dt} ms")
+        return worst
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def crash(self, i: int) -> None:
+        """Stop node ``i`` abruptly (it answers nothing)."""
+        node = self.nodes[i]
+        node.running = False
+        node.inbox.clear()
+        self.crashed_at[node.name] = self.now
+
+    def restart(self, i: int, seeds: list[int]) -> None:
+        """Start node ``i`` again: same name, new address, incarnation 0; join via ``seeds``."""
+        node = self.nodes[i]
+        del self.by_addr[node.addr]
+        node.gen += 1
+        node.swim = self._core(i, node.name, node.gen)
+        node.addr = node.swim.addr
+        self.by_addr[node.addr] = node
+        node.running, node.leaving, node.wake_at = True, False, _NEVER
+        self.crashed_at.pop(node.name, None)
+        self.views[i] = {node.name}
+        for key in [k for k in self.last_inc if k[0] == i]:
+            del self.last_inc[key]
+        self._join(node, [self.nodes[s].addr for s in seeds])
+
+    def leave(self, i: int) -> None:
+        """Node ``i`` leaves gracefully (it stops once its leave news is spread)."""
+        node = self.nodes[i]
+        node.leaving = True
+        self._handle(node, node.swim.leave(self.now))
+
+    def partition(self, groups: list[list[int]]) -> None:
+        """Split into ``groups`` (nodes not listed stay in group 0); cut every cross pair."""
+        self.group = [0] * len(self.nodes)
+        for g, members in enumerate(groups, start=1):
+            for i in members:
+                self.group[i] = g
+        ids = set(self.group)
+        self.cut = {(a, b) for a in ids for b in ids if a != b}
+
+    def one_way(self, sources: list[int], targets: list[int]) -> None:
+        """Drop everything from ``sources`` to ``targets`` (the reverse direction still works)."""
+        self.group = [0] * len(self.nodes)
+        for i in sources:
+            self.group[i] = 1
+        for i in targets:
+            self.group[i] = 2
+        self.cut = {(1, 2)}
+
+    def heal(self) -> None:
+        """Remove every partition and one-way cut."""
+        self.group = [0] * len(self.nodes)
+        self.cut = set()
+
+    def clog(self, i: int, out_ms: int = 0, in_ms: int = 0) -> None:
+        """Add latency to node ``i``'s outbound and/or inbound traffic."""
+        self.clog_out[i] = out_ms
+        self.clog_in[i] = in_ms
+
+    def starve(self, i: int, every_ms: int) -> None:
+        """Node ``i`` runs only every ``every_ms`` (timers and inbox late); 0 restores it."""
+        node = self.nodes[i]
+        node.starve_every_ms = every_ms
+        node.wake_at = _NEVER
+        self._reschedule(node, self.now)
+
+    def report(self, scenario: str, wall_s: float) -> SimReport:
+        """Collect the counters into a report."""
+        return SimReport(
+            scenario=scenario,
+            seed=self.seed,
+            nodes=len(self.nodes),
+            lifeguard=self.config.lifeguard,
+            sim_ms=self.now,
+            wall_s=wall_s,
+            datagrams=self.datagrams,
+            false_dead=self.false_dead,
+            false_suspect=self.false_suspect,
+            violations=list(self.violations),
+        )
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+def _pick(sim: Sim, k: int) -> list[int]:
+    return sorted(random.Random(f"{sim.seed}:pick").sample(range(len(sim.nodes)), k))
+
+
+def _scenario_steady(sim: Sim, duration_ms: int) -> SimReport:
+    sim.run(duration_ms)
+    rep = sim.report("steady", 0)
+    if sim.disagreements():
+        rep.violations.append(f"no agreement: {sim.disagreements()[:5]}")
+    return rep
+
+
+def _scenario_crash(sim: Sim, duration_ms: int) -> SimReport:
+    n = len(sim.nodes)
+    victims = _pick(sim, max(1, n // 20))
+    for i in victims:
+        sim.at(5_000, partial(sim.crash, i))
+    bound = sim.detection_bound_ms()
+    sim.run(max(duration_ms, 5_000 + bound + 1_000))
+    worst = sim.check_crash_detection(bound)
+    rep = sim.report("crash", 0)
+    rep.detect_max_ms = worst
+    rep.notes["bound_ms"] = bound
+    rep.notes["crashed"] = len(victims)
+    if sim.false_dead:
+        rep.violations.append(f"{sim.false_dead} false deaths: {sim.false_dead_samples}")
+    return rep
+
+
+def _scenario_loss(sim: Sim, duration_ms: int) -> SimReport:
+    sim.net.loss = 0.05
+    sim.run(duration_ms)
+    rep = sim.report("loss", 0)
+    if sim.false_dead:
+        rep.violations.append(f"{sim.false_dead} false deaths: {sim.false_dead_samples}")
+    return rep
+
+
+def _scenario_partition(sim: Sim, duration_ms: int) -> SimReport:
+    n = len(sim.nodes)
+    half = _pick(sim, n // 2)
+    sim.at(5_000, lambda: sim.partition([half]))
+    sim.at(65_000, sim.heal)
+    sim.run(65_000)
+    limit = 65_000 + 3 * sim.config.reconnect_interval_ms + 30_000
+    t = sim.run_until_agreement(max(limit, duration_ms))
+    rep = sim.report("partition", 0)
+    rep.converged_ms = -1 if t < 0 else t - 65_000
+    if t < 0:
+        rep.violations.append(f"no agreement {limit - 65_000} ms after heal")
+    return rep
+
+
+def _scenario_isolate(sim: Sim, duration_ms: int) -> SimReport:
+    (lone,) = _pick(sim, 1)
+    sim.at(5_000, lambda: sim.partition([[lone]]))
+    sim.at(45_000, sim.heal)
+    sim.run(45_000)
+    limit = 45_000 + 3 * sim.config.reconnect_interval_ms + 30_000
+    t = sim.run_until_agreement(max(limit, duration_ms))
+    rep = sim.report("isolate", 0)
+    rep.converged_ms = -1 if t < 0 else t - 45_000
+    if t < 0:
+        rep.violations.append("no agreement after heal")
+    return rep
+
+
+def _scenario_oneway(sim: Sim, duration_ms: int) -> SimReport:
+    (lone,) = _pick(sim, 1)
+    others = [i for i in range(len(sim.nodes)) if i != lone]
+    sim.at(5_000, lambda: sim.one_way([lone], others))
+    sim.at(35_000, sim.heal)
+    sim.run(35_000)
+    t = sim.run_until_agreement(35_000 + 3 * sim.config.reconnect_interval_ms + 30_000)
+    rep = sim.report("oneway", 0)
+    rep.converged_ms = -1 if t < 0 else t - 35_000
+    if t < 0:
+        rep.violations.append("no agreement after heal")
+    return rep
+
+
+def _scenario_clog(sim: Sim, duration_ms: int) -> SimReport:
+    (slow,) = _pick(sim, 1)
+    sim.at(5_000, lambda: sim.clog(slow, out_ms=300, in_ms=300))
+    sim.run(duration_ms)
+    rep = sim.report("clog", 0)
+    rep.notes["false_dead"] = sim.false_dead
+    return rep
+
+
+def _scenario_starve(sim: Sim, duration_ms: int) -> SimReport:
+    (slow,) = _pick(sim, 1)
+    sim.at(5_000, lambda: sim.starve(slow, 2_000))
+    sim.run(duration_ms)
+    rep = sim.report("starve", 0)
+    rep.notes["starved_score"] = sim.nodes[slow].swim.awareness.score
+    rep.notes["starved_suspicions"] = sim.nodes[slow].swim.stats.suspicions_started
+    return rep
+
+
+def _scenario_leave(sim: Sim, duration_ms: int) -> SimReport:
+    n = len(sim.nodes)
+    leavers = _pick(sim, max(1, n // 10))
+    for i in leavers:
+        sim.at(5_000, partial(sim.leave, i))
+    sim.run(5_001)
+    t = sim.run_until_agreement(max(duration_ms, 60_000))
+    rep = sim.report("leave", 0)
+    rep.converged_ms = -1 if t < 0 else t - 5_000
+    if t < 0:
+        rep.violations.append("leavers not removed everywhere")
+    if sim.false_dead:
+        rep.violations.append(f"{sim.false_dead} false deaths: {sim.false_dead_samples}")
+    return rep
+
+
+def _scenario_restart(sim: Sim, duration_ms: int) -> SimReport:
+    n = len(sim.nodes)
+    victims = _pick(sim, max(1, n // 20))
+    seeds = [i for i in range(n) if i not in victims][:3]
+    for i in victims:
+        sim.at(5_000, partial(sim.crash, i))
+        sim.at(45_000, partial(sim.restart, i, seeds))
+    sim.run(45_000)
+    t = sim.run_until_agreement(max(duration_ms, 120_000))
+    rep = sim.report("restart", 0)
+    rep.converged_ms = -1 if t < 0 else t - 45_000
+    if t < 0:
+        rep.violations.append("restarted nodes not alive everywhere")
+    return rep
+
+
+def _scenario_join(sim: Sim, duration_ms: int) -> SimReport:
+    t = sim.run_until_agreement(max(duration_ms, 60_000))
+    rep = sim.report("join", 0)
+    rep.converged_ms = t
+    if t < 0:
+        rep.violations.append("cluster did not converge after joins")
+    return rep
+
+
+SCENARIOS: dict[str, Callable[[Sim, int], SimReport]] = {
+    "steady": _scenario_steady,
+    "crash": _scenario_crash,
+    "loss": _scenario_loss,
+    "partition": _scenario_partition,
+    "isolate": _scenario_isolate,
+    "oneway": _scenario_oneway,
+    "clog": _scenario_clog,
+    "starve": _scenario_starve,
+    "leave": _scenario_leave,
+    "restart": _scenario_restart,
+    "join": _scenario_join,
+}
+"""Scenario name -> function(sim, duration_ms) -> report."""
+
+
+def run_scenario(
+    scenario: str,
+    seed: int,
+    nodes: int,
+    duration_ms: int = 60_000,
+    lifeguard: bool = True,
+    preset: str = "lan",
+) -> SimReport:
+    """Build a cluster, run one named scenario and return its report (violations inside)."""
+    config = PRESETS[preset]().replace(lifeguard=lifeguard)
+    start = os.times()  # measures the simulator's own speed; protocol time is simulated
+    sim = Sim(nodes, seed, config, prefill=scenario != "join")
+    rep = SCENARIOS[scenario](sim, duration_ms)
+    rep.scenario = scenario
+    end = os.times()
+    rep.wall_s = end.elapsed - start.elapsed
+    rep.notes["cpu_s"] = round(end.user + end.system - start.user - start.system, 2)
+    rep.sim_ms = sim.now
+    rep.datagrams = sim.datagrams
+    rep.false_dead = sim.false_dead
+    rep.false_suspect = sim.false_suspect
+    rep.notes.setdefault("max_incarnation", max(x.swim.incarnation for x in sim.nodes))
+    rep.notes.setdefault("log10n", round(math.log10(nodes), 2))
+    return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run one scenario, print the report and the replay command."""
+    ap = argparse.ArgumentParser(prog="python -m spawnmesh.cluster.sim")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="crash")
+    ap.add_argument("--nodes", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=60.0, help="simulated seconds (minimum)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="lan")
+    ap.add_argument("--no-lifeguard", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="run under cProfile, print top 25")
+    args = ap.parse_args(argv)
+
+    def go() -> SimReport:
+        return run_scenario(
+            args.scenario,
+            args.seed,
+            args.nodes,
+            int(args.seconds * 1000),
+            lifeguard=not args.no_lifeguard,
+            preset=args.preset,
+        )
+
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        rep = prof.runcall(go)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    else:
+        rep = go()
+    print(rep.summary())
+    for v in rep.violations[:20]:
+        print("VIOLATION", v)
+    print("replay:", rep.replay_command())
+    return 1 if rep.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
