@@ -536,3 +536,18 @@ async def test_definition_errors() -> None:
 
     with pytest.raises(DefinitionError, match="name"):
         sys_.actor("bad name!")(type("X", (), {"a": action(lambda self, ctx: None)}))
+
+
+async def test_drain_gives_up_after_grace_period(
+    make_node, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A turn that outlives the grace period makes drain report an unclean stop, on time."""
+    async with make_node(counter_system()) as node:
+        c = node.ref("t", "counter")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.invoke, "sleep", 100.0)
+            await trio.sleep(0.001)
+            t0 = trio.current_time()
+            assert await node.shutdown(grace_s=5) is False
+            assert 5 <= trio.current_time() - t0 < 6
+            nursery.cancel_scope.cancel()
