@@ -65,9 +65,9 @@ def test_every_cell(news: News, cur: Current, cmp: Cmp) -> None:
 def test_unknown_column_ignores_incarnation() -> None:
     for news in News:
         for inc in (0, 1, 99):
-            assert decide(news, Current.UNKNOWN, inc, 0) is PRECEDENCE[
-                (news, Current.UNKNOWN, Cmp.GT)
-            ]
+            assert (
+                decide(news, Current.UNKNOWN, inc, 0) is PRECEDENCE[(news, Current.UNKNOWN, Cmp.GT)]
+            )
 
 
 def test_spec_table_mirrors_code() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
-import os
 import random
 import sys
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from spawnmesh import clock
 from spawnmesh.cluster.broadcasts import BroadcastQueue
 from spawnmesh.cluster.config import PRESETS, SwimConfig, lan
 from spawnmesh.cluster.messages import Addr, MemberState, PushPull, encode
@@ -69,6 +69,8 @@ class SimReport:
     seed: int
     nodes: int
     lifeguard: bool = True
+    tcp_ping: bool = True
+    preset: str = "lan"
     sim_ms: int = 0
     wall_s: float = 0.0
     datagrams: int = 0
@@ -81,10 +83,12 @@ class SimReport:
 
     def replay_command(self) -> str:
         """The one-line command that replays this run."""
-        lg = "" if self.lifeguard else " --no-lifeguard"
+        extra = "" if self.lifeguard else " --no-lifeguard"
+        extra += "" if self.tcp_ping else " --no-tcp-ping"
+        extra += "" if self.preset == "lan" else f" --preset {self.preset}"
         return (
             f"python -m spawnmesh.cluster.sim --seed {self.seed} --scenario {self.scenario}"
-            f" --nodes {self.nodes}{lg}"
+            f" --nodes {self.nodes} --seconds {self.sim_ms / 1000:g}{extra}"
         )
 
     def summary(self) -> str:
@@ -623,16 +627,17 @@ def run_scenario(
     duration_ms: int = 60_000,
     lifeguard: bool = True,
     preset: str = "lan",
+    tcp_ping: bool = True,
 ) -> SimReport:
     """Build a cluster, run one named scenario and return its report (violations inside)."""
-    config = PRESETS[preset]().replace(lifeguard=lifeguard)
-    start = os.times()  # measures the simulator's own speed; protocol time is simulated
+    config = PRESETS[preset]().replace(lifeguard=lifeguard, tcp_ping=tcp_ping)
+    start = clock.wall_ms()  # the simulator's own speed only; protocol time is simulated
     sim = Sim(nodes, seed, config, prefill=scenario != "join")
     rep = SCENARIOS[scenario](sim, duration_ms)
     rep.scenario = scenario
-    end = os.times()
-    rep.wall_s = end.elapsed - start.elapsed
-    rep.notes["cpu_s"] = round(end.user + end.system - start.user - start.system, 2)
+    rep.tcp_ping = tcp_ping
+    rep.preset = preset
+    rep.wall_s = (clock.wall_ms() - start) / 1000
     rep.sim_ms = sim.now
     rep.datagrams = sim.datagrams
     rep.false_dead = sim.false_dead
@@ -651,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="simulated seconds (minimum)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="lan")
     ap.add_argument("--no-lifeguard", action="store_true")
+    ap.add_argument("--no-tcp-ping", action="store_true", help="disable the TCP fallback probe")
     ap.add_argument("--profile", action="store_true", help="run under cProfile, print top 25")
     args = ap.parse_args(argv)
 
@@ -662,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             int(args.seconds * 1000),
             lifeguard=not args.no_lifeguard,
             preset=args.preset,
+            tcp_ping=not args.no_tcp_ping,
         )
 
     if args.profile:

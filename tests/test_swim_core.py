@@ -1,0 +1,288 @@
+"""Tier 2: a few Swim cores pumped by hand (zero-latency FIFO network, manual time)."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+
+from spawnmesh.cluster import messages as m
+from spawnmesh.cluster.config import SwimConfig, lan
+from spawnmesh.cluster.state import Status
+from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, StreamKind, Swim
+from spawnmesh.errors import ConfigError
+
+Addr = tuple[str, int]
+
+
+class Net:
+    """Hand-pumped network of cores: instant FIFO delivery, optional cuts and crashes."""
+
+    def __init__(self, names: list[str], config: SwimConfig | None = None, seed: int = 0) -> None:
+        self.config = config or lan().replace(push_pull_interval_ms=0, reconnect_interval_ms=0)
+        self.now = 0
+        self.seed = seed
+        self.cores: dict[Addr, Swim] = {}
+        self.by_name: dict[str, Swim] = {}
+        self.down: set[str] = set()
+        self.cut: set[tuple[str, str]] = set()
+        """Directed UDP cuts (sender, receiver)."""
+        self.tcp = True
+        self.fifo: deque[tuple[Addr, Addr, bytes]] = deque()
+        self.events: dict[str, list[MemberEvent]] = {}
+        self.sent: list[tuple[str, Addr, bytes]] = []
+        for i, name in enumerate(names):
+            self.add(name, ("10.0.0.1", 7000 + i))
+
+    def add(self, name: str, addr: Addr, incarnation: int = 0) -> Swim:
+        core = Swim(
+            name,
+            addr,
+            b"",
+            self.config,
+            random.Random(f"{self.seed}:{name}:{addr}"),
+            self.now,
+            incarnation,
+        )
+        self.cores[addr] = core
+        self.by_name[name] = core
+        self.events.setdefault(name, [])
+        self.down.discard(name)
+        return core
+
+    def join_all(self) -> None:
+        first = next(iter(self.by_name.values()))
+        for core in list(self.by_name.values())[1:]:
+            self.handle(core, core.join([first.addr], self.now))
+        self.pump()
+
+    def handle(self, core: Swim, out: Output) -> None:
+        self.events[core.name].extend(out.events)
+        for addr, data in out.datagrams:
+            assert len(data) <= self.config.udp_buffer_bytes
+            self.sent.append((core.name, addr, data))
+            self.fifo.append((core.addr, addr, data))
+        for req in out.streams:
+            dst = self.cores.get(req.addr)
+            if dst is None or dst.name in self.down or not self.tcp:
+                continue
+            reply, out2 = dst.serve_stream(core.addr, req.data, self.now)
+            self.handle(dst, out2)
+            if reply is not None:
+                self.handle(core, core.receive(dst.addr, reply, self.now))
+
+    def pump(self) -> None:
+        while self.fifo:
+            src, addr, data = self.fifo.popleft()
+            dst = self.cores.get(addr)
+            s = self.cores[src]
+            if dst is None or dst.name in self.down or s.name in self.down:
+                continue
+            if (s.name, dst.name) in self.cut:
+                continue
+            self.handle(dst, dst.receive(src, data, self.now))
+
+    def advance(self, ms: int, step: int = 10) -> None:
+        end = self.now + ms
+        while self.now < end:
+            self.now += step
+            for core in list(self.cores.values()):
+                if core.name in self.down or self.cores.get(core.addr) is not core:
+                    continue
+                if core.next_deadline_ms() <= self.now:
+                    self.handle(core, core.tick(self.now))
+            self.pump()
+
+    def status(self, observer: str, member: str) -> Status | None:
+        view = self.by_name[observer].member(member)
+        return None if view is None else view.status
+
+    def kinds(self, observer: str, member: str) -> list[EventKind]:
+        return [e.kind for e in self.events[observer] if e.member.name == member]
+
+
+def test_join_and_ping_ack() -> None:
+    net = Net(["a", "b"])
+    net.join_all()
+    assert net.status("a", "b") is Status.ALIVE and net.status("b", "a") is Status.ALIVE
+    assert net.kinds("a", "b") == [EventKind.JOIN]
+    net.advance(10_000)
+    a = net.by_name["a"]
+    assert a.stats.probes >= 9 and a.stats.probe_failures == 0
+    assert a.awareness.score == 0
+    assert net.kinds("a", "b") == [EventKind.JOIN]
+
+
+def test_indirect_probe_saves_target() -> None:
+    net = Net(["a", "b", "c"])
+    net.join_all()
+    net.advance(3_000)
+    net.tcp = False
+    net.cut |= {("a", "c"), ("c", "a")}
+    net.advance(10_000)
+    assert net.by_name["b"].stats.probes > 0
+    a = net.by_name["a"]
+    assert a.stats.indirect_probes >= 1
+    assert a.stats.probe_failures == 0
+    assert EventKind.SUSPECT not in net.kinds("a", "c")
+
+
+def test_tcp_fallback_probe() -> None:
+    net = Net(["a", "b"])
+    net.join_all()
+    net.cut |= {("a", "b")}  # UDP a -> b lost, TCP still works
+    streams: list[StreamKind] = []
+    real = net.handle
+
+    def spy(core: Swim, out: Output) -> None:
+        streams.extend(r.kind for r in out.streams)
+        real(core, out)
+
+    net.handle = spy  # type: ignore[method-assign]
+    net.advance(5_000)
+    assert StreamKind.PING in streams
+    assert net.by_name["a"].stats.probe_failures == 0
+
+
+def test_crash_suspect_then_dead_with_nacks() -> None:
+    net = Net(["a", "b", "c"])
+    net.join_all()
+    net.advance(2_000)
+    net.down.add("c")
+    net.advance(60_000)
+    for obs in ("a", "b"):
+        kinds = net.kinds(obs, "c")
+        assert EventKind.DEAD in kinds, kinds
+        assert net.status(obs, "c") is Status.DEAD
+    # relays answered with nacks, so the observers do not blame themselves much
+    assert net.by_name["a"].awareness.score <= 2
+
+
+def test_suspect_refute_bumps_incarnation_and_awareness() -> None:
+    net = Net(["a", "b", "c"])
+    net.join_all()
+    b = net.by_name["b"]
+    data = m.encode([m.Suspect("b", 0, "a")])
+    net.handle(b, b.receive(net.by_name["a"].addr, data, net.now))
+    assert b.incarnation == 1 and b.stats.refutes == 1 and b.awareness.score == 1
+    # a suspects b too; b's alive@1 then overrides it everywhere
+    a = net.by_name["a"]
+    net.handle(a, a.receive(b.addr, m.encode([m.Suspect("b", 0, "c")]), net.now))
+    assert net.status("a", "b") is Status.SUSPECT
+    net.advance(3_000)
+    assert net.status("a", "b") is Status.ALIVE
+    assert net.by_name["a"].member("b").incarnation == 1  # type: ignore[union-attr]
+    assert net.kinds("a", "b")[-2:] == [EventKind.SUSPECT, EventKind.ALIVE]
+
+
+def test_buddy_rule_piggybacks_suspicion_on_ping() -> None:
+    net = Net(["a", "b"], lan().replace(gossip_interval_ms=0, push_pull_interval_ms=0))
+    net.join_all()
+    a, b = net.by_name["a"], net.by_name["b"]
+    net.handle(a, a.receive(b.addr, m.encode([m.Suspect("b", 0, "x")]), net.now))
+    net.fifo.clear()
+    net.sent.clear()
+    net.advance(2_000)
+    pings = [m.decode(d) for src, _, d in net.sent if src == "a"]
+    first = next(msgs for msgs in pings if isinstance(msgs[0], m.Ping))
+    assert first[1] == m.Suspect("b", 0, "a")
+    assert b.incarnation >= 1  # refuted straight from the ping
+
+
+def test_graceful_leave_is_left_never_dead() -> None:
+    net = Net(["a", "b", "c"])
+    net.join_all()
+    net.advance(2_000)
+    c = net.by_name["c"]
+    net.handle(c, c.leave(net.now))
+    net.pump()
+    net.advance(5_000)
+    assert c.leave_complete
+    net.down.add("c")
+    net.advance(60_000)
+    for obs in ("a", "b"):
+        assert net.status(obs, "c") is Status.LEFT
+        assert EventKind.DEAD not in net.kinds(obs, "c")
+        assert EventKind.SUSPECT not in net.kinds(obs, "c")
+
+
+def test_restart_rejoins_with_higher_incarnation() -> None:
+    net = Net(["a", "b", "c"])
+    net.join_all()
+    net.advance(2_000)
+    net.down.add("c")
+    net.advance(60_000)
+    assert net.status("a", "c") is Status.DEAD
+    old = net.by_name["a"].member("c").incarnation  # type: ignore[union-attr]
+    c2 = net.add("c", ("10.0.0.2", 9999))  # same name, new address, incarnation 0
+    net.handle(c2, c2.join([net.by_name["a"].addr], net.now))
+    net.pump()
+    assert c2.incarnation == old + 1
+    net.advance(5_000)
+    for obs in ("a", "b"):
+        view = net.by_name[obs].member("c")
+        assert view is not None and view.status is Status.ALIVE
+        assert view.addr == ("10.0.0.2", 9999) and view.incarnation == old + 1
+        assert net.kinds(obs, "c")[-1] in (EventKind.JOIN, EventKind.UPDATE)
+
+
+def test_restart_before_detection_refutes_stale_alive() -> None:
+    net = Net(["a", "b"])
+    net.join_all()
+    a = net.by_name["a"]
+    net.handle(a, a.receive(("x", 1), m.encode([m.Alive("b", 7, ("10.0.0.1", 7001))]), 0))
+    b2 = net.add("b", ("10.0.0.3", 7001))
+    net.handle(b2, b2.join([a.addr], net.now))
+    net.pump()
+    assert b2.incarnation == 8
+
+
+def test_metadata_update_spreads() -> None:
+    net = Net(["a", "b"])
+    net.join_all()
+    b = net.by_name["b"]
+    meta = m.encode_meta(m.NodeMeta(("10.0.0.1", 9000), ["counter"], 1, 1, {"zone": "z"}))
+    net.handle(b, b.update_meta(meta, net.now))
+    net.advance(2_000)
+    view = net.by_name["a"].member("b")
+    assert view is not None and view.meta == meta and view.incarnation == 1
+    assert EventKind.UPDATE in net.kinds("a", "b")
+    with pytest.raises(ConfigError):
+        b.update_meta(b"x" * 10_000, net.now)
+
+
+def test_garbage_is_dropped_and_counted() -> None:
+    net = Net(["a"])
+    a = net.by_name["a"]
+    for junk in (b"", b"\xc1", b"\x92\x01\x91\x92\x03\xa1x", m.encode([m.Ack(1)])[:-1]):
+        out = a.receive(("x", 1), junk, 0)
+        assert out.datagrams == [] and out.events == []
+    assert a.stats.malformed == 4
+
+
+def test_datagrams_respect_budget_with_many_updates() -> None:
+    net = Net([f"n{i}" for i in range(40)])
+    net.join_all()  # join news for 39 members floods the queues
+    net.advance(3_000)
+    assert net.sent and max(len(d) for _, _, d in net.sent) <= 1400
+
+
+def test_same_seed_same_bytes() -> None:
+    def run() -> list[tuple[str, tuple[str, int], bytes]]:
+        net = Net(["a", "b", "c", "d"], seed=42)
+        net.join_all()
+        net.down.add("d")
+        net.advance(20_000)
+        return net.sent
+
+    assert run() == run()
+
+
+def test_next_deadline_is_never_in_the_past_after_tick() -> None:
+    net = Net(["a", "b", "c"])
+    net.join_all()
+    for _ in range(200):
+        net.advance(37)
+        for core in net.cores.values():
+            assert core.next_deadline_ms() > net.now - 1 or len(core.queue) > 0
