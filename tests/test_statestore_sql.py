@@ -602,3 +602,21 @@ async def test_factory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None
         assert (await st.list_actors())[0].key_id == "new"
     finally:
         await st.aclose()
+
+
+async def test_clean_batches_stay_on_the_fast_path(db_url: sa.URL) -> None:
+    """Batches without stale items are applied by the optimistic statements alone (a broken fast
+    path would otherwise hide behind the correct, slower per-item path)."""
+    async with sql_store(db_url, history_keep=2) as s:
+        keys = [("s", f"f{i}") for i in range(1200)]
+        for base in range(3):
+            res = await s.save_many(
+                [StateWrite(k, base, os.urandom(50), parent="p", tags={"a": "b"}) for k in keys]
+            )
+            assert res == [base + 1] * len(keys)
+        assert (s.rechecks, s.fallbacks, s.batches) == (0, 0, 3)
+        got = await s.load(keys[-1])
+        assert got is not None and got.parent == "p" and dict(got.tags) == {"a": "b"}
+        res = await s.save_many([StateWrite(keys[0], 3, b"ok"), StateWrite(keys[1], 1, b"stale")])
+        assert res[0] == 4 and isinstance(res[1], StaleActivation)
+        assert (s.rechecks, s.fallbacks) == (1, 0)

@@ -156,6 +156,8 @@ class SqlStateStore:
         self._raw: _RawSql | None = None
         self.batches = 0
         """Batches committed (for metrics and tests)."""
+        self.rechecks = 0
+        """Batches whose optimistic attempt found a stale item and were redone after a read."""
         self.fallbacks = 0
         """Batches redone item by item after a racing insert or an unexpected row count."""
         self.retries = 0
@@ -522,6 +524,7 @@ class SqlStateStore:
                 lambda conn: self._save_txn(conn, writes, params, order, now, "optimistic")
             )
         except _Retry:
+            self.rechecks += 1
             try:
                 out = self._transaction(
                     lambda conn: self._save_txn(conn, writes, params, order, now, "checked")
@@ -806,6 +809,9 @@ def _chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     size = 0
     for p in rows:
+        if chunk and p["key_id"] != chunk[0]["key_id"]:
+            yield chunk
+            chunk, size = [], 0
         chunk.append(p)
         size += len(p["data"])
         if len(chunk) >= _RAW_CHUNK_ROWS or size >= _RAW_CHUNK_BYTES:
@@ -846,6 +852,14 @@ class _RawSql:
         self.table = t
         self._many: dict[int, str] = {}
         self._pg_unnest: str | None = None
+        self.tvc_row: str | None = None
+        """Row prefix of a table value constructor ("" on MariaDB >= 10.3, "ROW" on MySQL >=
+        8.0.19), None where there is none."""
+        version = tuple(getattr(dialect, "server_version_info", None) or ())
+        if getattr(dialect, "is_mariadb", False):
+            self.tvc_row = "" if version >= (10, 3, 3) else None
+        elif self.binary_idents and version >= (8, 0, 19):
+            self.tvc_row = "ROW"
 
     def _ident(self, v: str | None) -> Any:
         return v.encode() if self.binary_idents and v is not None else v
@@ -873,11 +887,12 @@ class _RawSql:
             return self._update_rows_pg(conn, rows)
         total = 0
         for chunk in _chunks(rows):
+            # key_id and updated_ms are the same for a whole chunk: bound once, not per row
             flat: list[Any] = []
             for p in chunk:
-                flat += (idn(p["system"]), idn(p["name"]), p["k_base"], p["data"], p["key_id"],
-                         p["state_type"], idn(p["parent"]), p["tags"], p["owner"],
-                         p["updated_ms"])
+                flat += (idn(p["system"]), idn(p["name"]), p["k_base"], p["data"],
+                         p["state_type"], idn(p["parent"]), p["tags"], p["owner"])
+            flat += (chunk[0]["key_id"], chunk[0]["updated_ms"])
             res = conn.exec_driver_sql(self._update_many_sql(len(chunk)), tuple(flat))
             total += int(res.rowcount)
         return total
@@ -913,29 +928,25 @@ class _RawSql:
         if sql is not None:
             return sql
         q, ph, t = self.q, self.ph, self.table
-        vcols = ("system", "name", "base", *_UPDATE_KEYS)
-        sets = ", ".join(f"{q(c)} = v.{q(c)}" for c in _UPDATE_KEYS)
-        if self.kind == "postgresql":
-            casts = ("varchar", "varchar", "bigint", "bytea", "varchar", "varchar", "varchar",
-                     "text", "varchar", "bigint")
-            row = "(" + ", ".join(f"{ph}::{c}" for c in casts) + ")"
-            sql = (
-                f"UPDATE {t} AS t SET {q('revision')} = t.{q('revision')} + 1, {sets} "
-                f"FROM (VALUES {', '.join([row] * n)}) AS v({', '.join(q(c) for c in vcols)}) "
-                f"WHERE t.{q('system')} = v.{q('system')} AND t.{q('name')} = v.{q('name')} "
-                f"AND t.{q('revision')} = v.{q('base')}"
-            )
+        # MySQL / MariaDB (Postgres uses unnest, SQLite executemany)
+        vcols = ("system", "name", "base", "data", "state_type", "parent", "tags", "owner")
+        first = "SELECT " + ", ".join(f"{ph} AS {q(c)}" for c in vcols)
+        if n == 1:
+            union = first
+        elif self.tvc_row is not None:  # table value constructor: much cheaper to parse
+            row = f"{self.tvc_row}(" + ", ".join([ph] * len(vcols)) + ")"
+            union = f"{first} UNION ALL VALUES " + ", ".join([row] * (n - 1))
         else:
-            first = "SELECT " + ", ".join(f"{ph} AS {q(c)}" for c in vcols)
             other = "SELECT " + ", ".join([ph] * len(vcols))
             union = " UNION ALL ".join([first] + [other] * (n - 1))
-            sets = ", ".join(f"t.{q(c)} = v.{q(c)}" for c in _UPDATE_KEYS)
-            sql = (
-                f"UPDATE {t} AS t JOIN ({union}) AS v "
-                f"ON t.{q('system')} = v.{q('system')} AND t.{q('name')} = v.{q('name')} "
-                f"SET t.{q('revision')} = t.{q('revision')} + 1, {sets} "
-                f"WHERE t.{q('revision')} = v.{q('base')}"
-            )
+        sets = ", ".join(f"t.{q(c)} = v.{q(c)}" for c in vcols[3:])
+        sets += f", t.{q('key_id')} = {ph}, t.{q('updated_ms')} = {ph}"
+        sql = (
+            f"UPDATE {t} AS t JOIN ({union}) AS v "
+            f"ON t.{q('system')} = v.{q('system')} AND t.{q('name')} = v.{q('name')} "
+            f"SET t.{q('revision')} = t.{q('revision')} + 1, {sets} "
+            f"WHERE t.{q('revision')} = v.{q('base')}"
+        )
         if len(self._many) < 64:
             self._many[n] = sql
         return sql
