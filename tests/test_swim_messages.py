@@ -74,7 +74,7 @@ def test_structured_garbage_only_raises_protocol_error(version: int, body: list[
         out = m.decode(data)
     except ProtocolError:
         return
-    assert all(isinstance(x, m.Message) for x in out)  # type: ignore[arg-type,misc]
+    assert all(isinstance(x, m.Message) for x in out)
 
 
 def test_unknown_newer_type_is_skipped() -> None:

@@ -569,11 +569,18 @@ def _scenario_leave(sim: Sim, duration_ms: int) -> SimReport:
     for i in leavers:
         sim.at(5_000, partial(sim.leave, i))
     sim.run(5_001)
-    t = sim.run_until_agreement(max(duration_ms, 60_000))
+    t = sim.run_until_agreement(60_000)
+    sim.run(max(duration_ms, 120_000))
     rep = sim.report("leave", 0)
     rep.converged_ms = -1 if t < 0 else t - 5_000
-    if t < 0:
+    if t < 0 or sim.disagreements():
         rep.violations.append("leavers not removed everywhere")
+    for obs in sim.nodes:
+        for i in leavers:
+            if sim._is_up(obs) and obs.swim.member(sim.nodes[i].name) is not None:
+                status = obs.swim.member(sim.nodes[i].name).status  # type: ignore[union-attr]
+                if status is not Status.LEFT:
+                    rep.violations.append(f"{obs.name} holds leaver {i} as {status.name}")
     if sim.false_dead:
         rep.violations.append(f"{sim.false_dead} false deaths: {sim.false_dead_samples}")
     return rep

@@ -1,0 +1,148 @@
+"""Tier 3: the deterministic simulator at 20-50 nodes with fixed seeds.
+
+Every assertion message carries the one-line command that replays the run.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from spawnmesh.cluster import sim as simmod
+from spawnmesh.cluster.config import lan
+from spawnmesh.cluster.sim import NetConfig, Sim, SimReport, run_scenario
+from spawnmesh.cluster.state import MemberView, Status
+from spawnmesh.cluster.swim import EventKind, MemberEvent
+
+
+def ok(rep: SimReport) -> str:
+    return f"{rep.summary()}\nviolations: {rep.violations[:5]}\nreplay: {rep.replay_command()}"
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_crash_detected_by_all_within_bound(seed: int) -> None:
+    rep = run_scenario("crash", seed, 50)
+    assert not rep.violations, ok(rep)
+    assert 0 < rep.detect_max_ms <= rep.notes["bound_ms"], ok(rep)
+    assert rep.false_dead == 0, ok(rep)
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_five_percent_loss_no_false_deaths(seed: int) -> None:
+    # TCP fallback off so that only UDP ping / ping-req / refutation keep members alive.
+    rep = run_scenario("loss", seed, 50, duration_ms=10 * 60_000, tcp_ping=False)
+    assert not rep.violations, ok(rep)
+    assert rep.false_dead == 0, ok(rep)
+    assert rep.false_suspect > 0, ok(rep)  # loss did cause suspicions, all refuted
+
+
+def test_loss_with_tcp_fallback_has_no_suspicions() -> None:
+    rep = run_scenario("loss", 23, 30, duration_ms=5 * 60_000)
+    assert rep.false_dead == 0 and rep.false_suspect == 0, ok(rep)
+
+
+@pytest.mark.parametrize("scenario", ["partition", "isolate", "oneway"])
+def test_partition_heals_to_agreement(scenario: str) -> None:
+    rep = run_scenario(scenario, 31, 40)
+    assert not rep.violations, ok(rep)
+    assert 0 <= rep.converged_ms <= 2 * lan().reconnect_interval_ms, ok(rep)
+
+
+def test_starved_node_lifeguard_reduces_false_positives() -> None:
+    on = [run_scenario("starve", s, 30) for s in (41, 42, 43)]
+    off = [run_scenario("starve", s, 30, lifeguard=False) for s in (41, 42, 43)]
+    detail = "\n".join(ok(r) for r in on + off)
+    assert sum(r.false_suspect for r in on) < sum(r.false_suspect for r in off), detail
+    assert sum(r.false_dead for r in on) <= sum(r.false_dead for r in off), detail
+    on_own = sum(r.notes["starved_suspicions"] for r in on)
+    off_own = sum(r.notes["starved_suspicions"] for r in off)
+    assert on_own * 5 < off_own, detail  # the slow node mostly stops accusing others
+    assert all(r.notes["starved_score"] > 0 for r in on), detail
+
+
+def test_graceful_leave_is_left_everywhere_never_dead() -> None:
+    rep = run_scenario("leave", 51, 50)
+    assert not rep.violations, ok(rep)
+    assert rep.false_dead == 0 and rep.converged_ms >= 0, ok(rep)
+
+
+def test_restart_rejoins_everywhere() -> None:
+    rep = run_scenario("restart", 61, 40)
+    assert not rep.violations, ok(rep)
+    assert rep.converged_ms >= 0 and rep.notes["max_incarnation"] >= 1, ok(rep)
+
+
+def test_real_joins_converge() -> None:
+    rep = run_scenario("join", 71, 50)
+    assert not rep.violations and rep.converged_ms >= 0, ok(rep)
+
+
+def test_clogged_node_causes_no_deaths() -> None:
+    rep = run_scenario("clog", 81, 30)
+    assert rep.false_dead == 0 and not rep.violations, ok(rep)
+
+
+def test_delay_and_duplication_are_harmless() -> None:
+    net = NetConfig(delay_min_ms=5, delay_jitter_ms=20.0, duplicate=0.2, loss=0.01)
+    sim = Sim(30, 91, lan(), net)
+    sim.at(10_000, lambda: sim.crash(3))
+    sim.run(90_000)
+    assert sim.check_crash_detection(sim.detection_bound_ms()) > 0
+    assert not sim.violations and sim.false_dead == 0
+    assert sim.disagreements() == []
+
+
+def test_same_seed_same_run() -> None:
+    a = run_scenario("crash", 5, 30)
+    b = run_scenario("crash", 5, 30)
+    assert (a.datagrams, a.detect_max_ms, a.false_suspect) == (
+        b.datagrams,
+        b.detect_max_ms,
+        b.false_suspect,
+    )
+    c = run_scenario("crash", 6, 30)
+    assert (a.datagrams, a.detect_max_ms) != (c.datagrams, c.detect_max_ms)
+
+
+def test_incarnation_checker_catches_a_decrease() -> None:
+    sim = Sim(3, 1)
+    obs = sim.nodes[0]
+    view = MemberView("n0001", sim.nodes[1].addr, b"", 5, Status.ALIVE)
+    sim._on_events(obs, [MemberEvent(EventKind.UPDATE, view)])
+    older = MemberView("n0001", sim.nodes[1].addr, b"", 4, Status.ALIVE)
+    sim._on_events(obs, [MemberEvent(EventKind.UPDATE, older)])
+    assert any("incarnation drop 5->4" in v for v in sim.violations)
+
+
+def test_main_prints_replay_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code = simmod.main(["--seed", "7", "--scenario", "steady", "--nodes", "10", "--seconds", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("replay: "))
+    assert line == (
+        "replay: python -m spawnmesh.cluster.sim --seed 7 --scenario steady --nodes 10 --seconds 5"
+    )
+    # the printed command replays the same run
+    args = line.split("sim ", 1)[1].split()
+    assert simmod.main(args) == 0
+
+    def strip(text: str) -> str:  # wall time and speed differ between runs; nothing else may
+        return re.sub(r"(wall|speed)=\S+", "", text)
+
+    assert strip(capsys.readouterr().out) == strip(out)
+
+
+def test_failing_run_exits_nonzero(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(sim: Sim, duration_ms: int) -> SimReport:
+        sim.run(1_000)
+        rep = sim.report("steady", 0)
+        rep.violations.append("synthetic")
+        return rep
+
+    monkeypatch.setitem(simmod.SCENARIOS, "steady", broken)
+    assert simmod.main(["--seed", "3", "--scenario", "steady", "--nodes", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "VIOLATION synthetic" in out and "--seed 3 --scenario steady --nodes 5" in out
