@@ -286,3 +286,17 @@ def test_next_deadline_is_never_in_the_past_after_tick() -> None:
         net.advance(37)
         for core in net.cores.values():
             assert core.next_deadline_ms() > net.now - 1 or len(core.queue) > 0
+
+
+def test_quick_restart_same_incarnation_new_address_refutes_at_once() -> None:
+    net = Net(["a", "b"])
+    net.join_all()
+    a = net.by_name["a"]
+    b2 = net.add("b", ("10.0.0.9", 7001))  # a still holds b alive@0 at the old address
+    net.handle(b2, b2.join([a.addr], net.now))
+    net.pump()
+    assert b2.incarnation == 1
+    net.advance(1_000)
+    view = a.member("b")
+    assert view is not None and view.addr == ("10.0.0.9", 7001) and view.incarnation == 1
+    assert EventKind.SUSPECT not in net.kinds("a", "b")

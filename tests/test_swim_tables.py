@@ -30,7 +30,7 @@ def oracle(news: News, cur: Current, cmp: Cmp) -> Action:
         return Action.IGNORE
     if cur is Current.SELF:
         if news is News.ALIVE:
-            return Action.REFUTE if cmp is Cmp.GT else Action.IGNORE
+            return Action.REFUTE if cmp is Cmp.GT else Action.REFUTE_IF_CHANGED
         return Action.REFUTE
     if news is News.ALIVE:
         if cmp is Cmp.GT:

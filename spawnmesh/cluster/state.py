@@ -68,9 +68,12 @@ class Action(enum.Enum):
     """Accept only if the address changed (a restarted node at the same incarnation)."""
     REFUTE = "refute"
     """News about ourselves: bump incarnation above it and broadcast alive."""
+    REFUTE_IF_CHANGED = "refute_if_changed"
+    """Alive news about ourselves at our incarnation: refute only if address or meta differ."""
 
 
 _I, _A, _C, _R, _F = Action.IGNORE, Action.ACCEPT, Action.CONFIRM, Action.RECLAIM, Action.REFUTE
+_FC = Action.REFUTE_IF_CHANGED
 
 
 def _rows() -> dict[tuple[News, Current, Cmp], Action]:
@@ -82,7 +85,7 @@ def _rows() -> dict[tuple[News, Current, Cmp], Action]:
         (News.ALIVE, Current.SUSPECT): (_I, _I, _A),
         (News.ALIVE, Current.DEAD): (_I, _R, _A),
         (News.ALIVE, Current.LEFT): (_I, _R, _A),
-        (News.ALIVE, Current.SELF): (_I, _I, _F),
+        (News.ALIVE, Current.SELF): (_I, _FC, _F),
         (News.ALIVE, Current.SELF_LEAVING): (_I, _I, _I),
         # news SUSPECT
         (News.SUSPECT, Current.UNKNOWN): (_I, _I, _I),

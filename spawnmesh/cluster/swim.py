@@ -527,6 +527,11 @@ class Swim:
         action = decide(News.ALIVE, cur, msg.incarnation, held)
         if action is Action.IGNORE:
             return
+        if action is Action.REFUTE_IF_CHANGED:
+            me = self._self
+            if msg.addr != me.addr or msg.meta != me.meta:
+                self._refute(msg.incarnation)
+            return
         if action is Action.REFUTE:
             self._refute(msg.incarnation)
             return
@@ -638,7 +643,13 @@ class Swim:
         table = self.table.by_name
         for row in pp.members:
             x = table.get(row.name)
-            if x is not None and x.incarnation == row.incarnation and x.status == row.status:
+            if (
+                x is not None
+                and x.incarnation == row.incarnation
+                and x.status == row.status
+                and x.addr == row.addr
+                and x is not self._self
+            ):
                 continue  # nothing new (the common case of anti-entropy)
             try:
                 status = Status(row.status)
