@@ -33,9 +33,7 @@ def oracle(news: News, cur: Current, cmp: Cmp) -> Action:
             return Action.REFUTE if cmp is Cmp.GT else Action.REFUTE_IF_CHANGED
         return Action.REFUTE
     if news is News.ALIVE:
-        if cmp is Cmp.GT:
-            return Action.ACCEPT
-        return Action.RECLAIM if cur in (Current.DEAD, Current.LEFT) else Action.IGNORE
+        return Action.ACCEPT if cmp is Cmp.GT else Action.IGNORE
     if news is News.SUSPECT:
         if cur is Current.ALIVE:
             return Action.ACCEPT

@@ -64,15 +64,13 @@ class Action(enum.Enum):
     """Apply the news (state and incarnation) and re-broadcast it."""
     CONFIRM = "confirm"
     """Already suspected: count an independent confirmation (Lifeguard), keep the state."""
-    RECLAIM = "reclaim"
-    """Accept only if the address changed (a restarted node at the same incarnation)."""
     REFUTE = "refute"
     """News about ourselves: bump incarnation above it and broadcast alive."""
     REFUTE_IF_CHANGED = "refute_if_changed"
     """Alive news about ourselves at our incarnation: refute only if address or meta differ."""
 
 
-_I, _A, _C, _R, _F = Action.IGNORE, Action.ACCEPT, Action.CONFIRM, Action.RECLAIM, Action.REFUTE
+_I, _A, _C, _F = Action.IGNORE, Action.ACCEPT, Action.CONFIRM, Action.REFUTE
 _FC = Action.REFUTE_IF_CHANGED
 
 
@@ -83,8 +81,8 @@ def _rows() -> dict[tuple[News, Current, Cmp], Action]:
         (News.ALIVE, Current.UNKNOWN): (_A, _A, _A),
         (News.ALIVE, Current.ALIVE): (_I, _I, _A),
         (News.ALIVE, Current.SUSPECT): (_I, _I, _A),
-        (News.ALIVE, Current.DEAD): (_I, _R, _A),
-        (News.ALIVE, Current.LEFT): (_I, _R, _A),
+        (News.ALIVE, Current.DEAD): (_I, _I, _A),
+        (News.ALIVE, Current.LEFT): (_I, _I, _A),
         (News.ALIVE, Current.SELF): (_I, _FC, _F),
         (News.ALIVE, Current.SELF_LEAVING): (_I, _I, _I),
         # news SUSPECT

@@ -241,8 +241,9 @@ class Swim:
                 if msg.target in ("", self.name):
                     reply = m.encode([m.Ack(msg.seq)])
             elif isinstance(msg, m.PushPull):
-                reply = self.push_pull_state()
+                # Merge first, so a refutation of news about us rides back in the reply.
                 self._merge(msg, now_ms, out)
+                reply = self.push_pull_state()
             else:
                 self._dispatch(msg, now_ms, out)
         return reply, out
@@ -536,8 +537,6 @@ class Swim:
             self._refute(msg.incarnation)
             return
         if len(msg.meta) > self.config.meta_max_bytes:
-            return
-        if x is not None and action is Action.RECLAIM and x.addr == msg.addr:
             return
         kinds: list[EventKind] = []
         if x is None:
