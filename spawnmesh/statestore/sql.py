@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ import trio
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, Row
 
+from spawnmesh import clock
 from spawnmesh.errors import InvalidArgument, StaleActivation, StateCorrupt, StatestoreUnavailable
 from spawnmesh.statestore import schema
 from spawnmesh.statestore.base import NO_TAGS, ActorKey, StateWrite, StoredState, WriteResult
@@ -47,7 +48,7 @@ _ATTEMPTS = 4
 
 def now_ms() -> int:
     """Wall-clock milliseconds since the epoch (for created/updated columns)."""
-    return time.time_ns() // 1_000_000
+    return clock.wall_ms()
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +247,8 @@ class SqlStateStore:
             except exc.DBAPIError as err:
                 if attempt + 1 < _ATTEMPTS and not err.connection_invalidated and _transient(err):
                     self.retries += 1
-                    time.sleep(0.005 * (2**attempt) * (1 + self._rng.random()))
+                    # back off in this worker thread (a deadlock victim retries at once)
+                    threading.Event().wait(0.005 * (2**attempt) * (1 + self._rng.random()))
                     continue
                 raise
         raise AssertionError("unreachable")
