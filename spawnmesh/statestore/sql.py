@@ -4,12 +4,13 @@ SQLAlchemy Core on the *sync* engine (its asyncio extension does not run under t
 database call runs in a worker thread via ``trio.to_thread.run_sync`` with a capacity limiter the
 size of the connection pool, so threads never wait on the pool.
 
-A batch (``save_many``) is one transaction: it reads the current revisions of its keys (locking
-them on Postgres/MySQL; SQLite's ``BEGIN IMMEDIATE`` serializes writers), then applies every
-non-stale write with one ``executemany`` per statement kind. Each UPDATE is fenced in the statement
-itself (``WHERE revision = :base``); inserts (base 0) rely on the primary key. If anything differs
-from the read (a racing insert, an unexpected row count) the batch falls back to per-item
-statements under savepoints, so a stale item never fails the others.
+A batch (``save_many``) is one transaction, tried up to three ways. *Optimistic*: the fenced
+statements run directly (one multi-row UPDATE ``... WHERE revision = base``, one INSERT for base 0)
+and the batch commits only if every item applied. *Checked* (after a stale item): the current
+revisions are read first (locked on Postgres/MySQL; SQLite's ``BEGIN IMMEDIATE`` serializes
+writers), stale items are reported and the rest applied the same way. *Item by item* (if a racing
+insert or a row count still disagrees): each statement alone, inserts under savepoints. The fence
+is always in the statement itself, so a stale item never overwrites and never fails the others.
 """
 
 from __future__ import annotations
