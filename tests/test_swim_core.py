@@ -300,3 +300,14 @@ def test_quick_restart_same_incarnation_new_address_refutes_at_once() -> None:
     view = a.member("b")
     assert view is not None and view.addr == ("10.0.0.9", 7001) and view.incarnation == 1
     assert EventKind.SUSPECT not in net.kinds("a", "b")
+
+
+def test_join_is_retried_while_alone() -> None:
+    net = Net(["a", "b"], lan().replace(push_pull_interval_ms=0, reconnect_interval_ms=5_000))
+    a, b = net.by_name["a"], net.by_name["b"]
+    net.tcp = False
+    net.handle(b, b.join([a.addr], net.now))
+    assert b.member("a") is None
+    net.tcp = True
+    net.advance(12_000)
+    assert net.status("b", "a") is Status.ALIVE and net.status("a", "b") is Status.ALIVE

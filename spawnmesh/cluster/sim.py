@@ -136,6 +136,8 @@ class Sim:
         self.false_dead = 0
         self.false_suspect = 0
         self.false_dead_samples: list[str] = []
+        self.left_seen_dead = 0
+        """``dead`` events about a node that left gracefully (0 unless faults hid its news)."""
         self.crashed_at: dict[str, int] = {}
         self.detected: dict[tuple[str, int], int] = {}
         self.datagrams = 0
@@ -333,7 +335,9 @@ class Sim:
                     if len(self.false_dead_samples) < 5:
                         self.false_dead_samples.append(f"t={self.now} {node.name} -> {name}")
                 elif subject.leaving:
-                    self.violations.append(f"t={self.now} {node.name} saw leaving {name} as dead")
+                    self.left_seen_dead += 1
+                    if len(self.false_dead_samples) < 5:
+                        self.false_dead_samples.append(f"t={self.now} {node.name} -> {name} (left)")
             crashed = self.crashed_at.get(name)
             if crashed is not None and (name, obs) not in self.detected:
                 self.detected[(name, obs)] = self.now - crashed
@@ -581,8 +585,11 @@ def _scenario_leave(sim: Sim, duration_ms: int) -> SimReport:
                 status = obs.swim.member(sim.nodes[i].name).status  # type: ignore[union-attr]
                 if status is not Status.LEFT:
                     rep.violations.append(f"{obs.name} holds leaver {i} as {status.name}")
-    if sim.false_dead:
-        rep.violations.append(f"{sim.false_dead} false deaths: {sim.false_dead_samples}")
+    if sim.false_dead or sim.left_seen_dead:
+        rep.violations.append(
+            f"{sim.false_dead} false deaths, {sim.left_seen_dead} leavers seen dead:"
+            f" {sim.false_dead_samples}"
+        )
     return rep
 
 
@@ -611,6 +618,81 @@ def _scenario_join(sim: Sim, duration_ms: int) -> SimReport:
     return rep
 
 
+def _chaos_step(sim: Sim, rng: random.Random, log: list[str]) -> None:
+    n = len(sim.nodes)
+    up = [x.idx for x in sim.nodes if sim._is_up(x)]
+    down = [x.idx for x in sim.nodes if not x.running]
+    kind = rng.choice(["crash", "restart", "partition", "heal", "loss", "starve", "clog", "leave"])
+    if kind in ("crash", "leave") and len(up) <= n // 2 + 1:
+        kind = "restart"
+    if kind == "restart" and not down:
+        kind = "heal"
+    if kind == "crash":
+        i = rng.choice(up)
+        sim.crash(i)
+    elif kind == "leave":
+        i = rng.choice(up)
+        sim.leave(i)
+    elif kind == "restart":
+        i = rng.choice(down)
+        sim.restart(i, rng.sample(up, min(3, len(up))))
+    elif kind == "partition":
+        side = rng.sample(range(n), rng.randrange(1, n // 2 + 1))
+        if rng.random() < 0.3:
+            others = [j for j in range(n) if j not in side]
+            sim.one_way(side, others)
+        else:
+            sim.partition([side])
+        i = len(side)
+    elif kind == "heal":
+        sim.heal()
+        i = -1
+    elif kind == "loss":
+        sim.net.loss = rng.choice([0.0, 0.01, 0.05, 0.1])
+        i = int(sim.net.loss * 100)
+    elif kind == "starve":
+        i = rng.randrange(n)
+        sim.starve(i, rng.choice([0, 1_000, 3_000]))
+    else:
+        i = rng.randrange(n)
+        sim.clog(i, rng.choice([0, 50, 400]), rng.choice([0, 50, 400]))
+    log.append(f"t={sim.now} {kind} {i}")
+
+
+def _scenario_chaos(sim: Sim, duration_ms: int) -> SimReport:
+    """Random faults (crash, restart, leave, partitions, loss, starvation, clogging) for the
+    run, then calm: every live node must agree, every crash must be seen everywhere."""
+    rng = random.Random(f"{sim.seed}:chaos")
+    log: list[str] = []
+    fault_end = max(duration_ms, 60_000)
+    t = 2_000
+    while True:
+        t += rng.randrange(1_000, 8_000)
+        if t >= fault_end:
+            break
+        sim.at(t, partial(_chaos_step, sim, rng, log))
+    sim.run(fault_end)
+    sim.heal()
+    sim.net.loss = 0.0
+    for x in sim.nodes:
+        sim.clog(x.idx)
+        if x.starve_every_ms:
+            sim.starve(x.idx, 0)
+    limit = fault_end + sim.detection_bound_ms() + 2 * sim.config.reconnect_interval_ms + 30_000
+    done = sim.run_until_agreement(limit)
+    rep = sim.report("chaos", 0)
+    rep.converged_ms = -1 if done < 0 else done - fault_end
+    rep.notes["faults"] = len(log)
+    rep.notes["left_seen_dead"] = sim.left_seen_dead
+    if done < 0:
+        bad = sim.disagreements()
+        rep.violations.append(
+            f"no agreement {limit - fault_end} ms after faults stopped: {bad[:5]}"
+        )
+        rep.violations.extend(log[-10:])
+    return rep
+
+
 SCENARIOS: dict[str, Callable[[Sim, int], SimReport]] = {
     "steady": _scenario_steady,
     "crash": _scenario_crash,
@@ -623,6 +705,7 @@ SCENARIOS: dict[str, Callable[[Sim, int], SimReport]] = {
     "leave": _scenario_leave,
     "restart": _scenario_restart,
     "join": _scenario_join,
+    "chaos": _scenario_chaos,
 }
 """Scenario name -> function(sim, duration_ms) -> report."""
 

@@ -156,6 +156,7 @@ class Swim:
         self._suspicion_heap: list[tuple[int, str]] = []
         self._relays: dict[int, _Relay] = {}
         self._relay_heap: list[tuple[int, int]] = []
+        self._seeds: list[Addr] = []
         self._next_probe = now_ms + rng.randrange(cfg.probe_interval_ms)
         self._next_gossip = now_ms
         pp = cfg.push_pull_interval_ms
@@ -185,13 +186,17 @@ class Swim:
     def join(self, seed_addrs: list[Addr], now_ms: int) -> Output:
         """Ask the shell for a join push-pull with each seed."""
         out = Output()
+        self._seeds = [a for a in seed_addrs if a != self.addr]
+        self._join_seeds(out)
+        return out
+
+    def _join_seeds(self, out: Output) -> None:
         data = self.push_pull_state(join=True)
-        for addr in seed_addrs:
+        for addr in self._seeds:
             if addr != self.addr:
                 out.streams.append(
                     StreamRequest(StreamKind.PUSH_PULL, addr, data, self.config.tcp_timeout_ms)
                 )
-        return out
 
     def leave(self, now_ms: int) -> Output:
         """Leave gracefully: others mark this node ``left`` at once, never ``dead``."""
@@ -300,6 +305,8 @@ class Swim:
             self._reap(now_ms)
             if not self.leaving:
                 self._push_pull(now_ms, out, dead=True)
+                if self.table.live_count <= 1:
+                    self._join_seeds(out)  # still alone: the join did not get through, retry
         return out
 
     # -- sending ------------------------------------------------------------------------------
