@@ -8,6 +8,7 @@ when an actor is defined, so the per-turn cost is a single C call.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import msgspec
@@ -49,7 +50,7 @@ class MsgpackCodec:
     def decode(self, blob: bytes) -> Any:
         try:
             return self._decoder.decode(blob)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             raise StateCorrupt(f"cannot decode {self.type_name}: {exc}") from exc
 
 
@@ -127,9 +128,18 @@ def convert(value: Any, tp: type | None) -> Any:
 
 
 def to_builtins(value: Any) -> Any:
-    """Turn any state or reply value into JSON-able builtins (for the CLI and HTTP)."""
+    """Turn any state or reply value into JSON-able builtins (for the CLI and HTTP).
+
+    Dataclass fields are listed explicitly: msgspec leaves fields that took their default out
+    of ``__dict__`` and would omit them from the output."""
     if value is None or isinstance(value, str | int | float | bool):
         return value
     if hasattr(value, "to_dict") and _is_protobuf(type(value)):
         return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_builtins(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_builtins(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: to_builtins(v) for k, v in value.items()}
     return msgspec.to_builtins(value, str_keys=True)

@@ -69,7 +69,7 @@ class Node:
         self, config: NodeConfig, systems: Iterable[ActorSystem | ActorDef], store: StateStore
     ) -> None:
         self.config = config
-        self.name = config.name or f"{socket.gethostname()}-{config.ops.port}"
+        self.name = config.name or f"{socket.gethostname()}-{config.ops.port or os.getpid()}"
         self.node_name = self.name
         """The node id (ops backend protocol)."""
         self.store = store
@@ -168,9 +168,7 @@ class Node:
         return to_builtins(value)
 
     def _payload_type(self, target: ActorId, action: str) -> Any:
-        adef = self.runtime.definition(target.system, target.name)
-        if adef is None and target.parent:
-            adef = self.runtime.definition(target.system, target.parent)
+        adef = self.runtime.definition_for(target)
         if adef is None:
             return None
         ad = adef.actions.get(action)
@@ -251,21 +249,32 @@ async def open_node(
     if config is None:
         config = load_config(overrides={"statestore.url": "memory://", "ops.port": 0})
     node = Node(config, systems, store or open_store(config, config.name or "embedded"))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node._start)
-        try:
-            yield node
-        finally:
-            with trio.CancelScope(shield=True):
-                await node.shutdown()
-                nursery.cancel_scope.cancel()
-                await node.store.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node._start)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True):
+                    await node.shutdown()
+                    nursery.cancel_scope.cancel()
+                    await node.store.aclose()
+    except BaseExceptionGroup as group:
+        # The services never raise groups (the supervisor escalates one error), so a group
+        # with one member carries the caller's own exception: give it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def serve(*systems: ActorSystem, config: NodeConfig | None = None) -> int:
     """Run a node from a plain (non-trio) program until SIGINT/SIGTERM; returns the exit code."""
-    cfg = config or load_config()
-    return trio.run(_serve_until_signal, cfg, list(systems))
+    try:
+        cfg = config or load_config()
+        return trio.run(_serve_until_signal, cfg, list(systems))
+    except ConfigError as exc:
+        print(f"spawnmesh: error: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _serve_until_signal(config: NodeConfig, systems: Sequence[ActorSystem]) -> int:

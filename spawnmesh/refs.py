@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from spawnmesh.errors import InvalidArgument
 from spawnmesh.ids import ActorId
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class ActorRef:
     async def spawn(self) -> ActorRef:
         """Register this unnamed instance explicitly (invoking it also spawns it lazily)."""
         if self.id.parent is None:
-            raise ValueError(f"{self.id} names no template (parent) to spawn from")
+            raise InvalidArgument(f"{self.id} names no template (parent) to spawn from")
         await self._runtime.spawn(self.id.system, self.id.name, self.id.parent)
         return self
 

@@ -59,17 +59,29 @@ def _payload_type(fn: Callable[..., Any], skip: int) -> Any:
     return hints.get(params[1].name)
 
 
-def _as_handler(fn: Callable[..., Any], *, takes_payload: bool) -> Handler:
-    """Normalise a user function to ``async (ctx, payload) -> result``."""
+def _as_handler(fn: Callable[..., Any], *, takes_payload: bool, has_default: bool) -> Handler:
+    """Normalise a user function to ``async (ctx, payload) -> result``; a payload parameter
+    with a default gets its default when the caller sends no payload (None)."""
     if inspect.iscoroutinefunction(fn):
-        if takes_payload:
-            return fn
-        return functools.wraps(fn)(lambda ctx, payload: fn(ctx))
+        if not takes_payload:
+            return functools.wraps(fn)(lambda ctx, payload: fn(ctx))
+        if has_default:
+            return functools.wraps(fn)(
+                lambda ctx, payload: fn(ctx) if payload is None else fn(ctx, payload)
+            )
+        return fn
 
     async def call(ctx: Any, payload: Any) -> Any:
-        return fn(ctx, payload) if takes_payload else fn(ctx)
+        if not takes_payload or (has_default and payload is None):
+            return fn(ctx)
+        return fn(ctx, payload)
 
     return functools.wraps(fn)(call)
+
+
+def _payload_has_default(fn: Callable[..., Any], skip: int) -> bool:
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return len(params) >= 2 and params[1].default is not inspect.Parameter.empty
 
 
 def _takes_payload(fn: Callable[..., Any], skip: int) -> bool:
@@ -126,13 +138,17 @@ class ActorBuilder:
         if name in adef.actions:
             raise DefinitionError(f"actor {adef.system}/{adef.name}: action {name!r} twice")
         takes = _takes_payload(fn, skip)
-        adef.actions[name] = ActionDef(
-            name, _as_handler(fn, takes_payload=takes), _payload_type(fn, skip) if takes else None
-        )
+        handler = _as_handler(fn, takes_payload=takes, has_default=_payload_has_default(fn, skip))
+        adef.actions[name] = ActionDef(name, handler, _payload_type(fn, skip) if takes else None)
         if timer_ms is not None:
             adef.timers.append(TimerDef(name, timer_ms))
 
-    def action(self, fn: Any = None, /, *, name: str | None = None) -> Any:
+    @overload
+    def action(self, fn: F, /) -> F: ...
+    @overload
+    def action(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def action(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
         """Function style: register ``fn(ctx[, payload])`` as an action."""
 
         def add(f: F) -> F:

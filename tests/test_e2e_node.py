@@ -191,13 +191,6 @@ def test_unnamed_carts_broadcast_to_audit_and_pooled_worker(tmp_path: Path) -> N
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spawnmesh/node.py Node._payload_type looks the action's payload type up by "
-    "target.parent only: a spawned unnamed actor invoked by its own name without --parent is "
-    "resolved by the runtime, but its JSON payload is not converted (add_item gets a dict: "
-    "actor_failed AttributeError: 'dict' object has no attribute 'sku')",
-)
 def test_spawned_cart_invoked_by_its_own_name_gets_a_typed_payload(tmp_path: Path) -> None:
     with running_node(tmp_path, key=new_key()) as node:
         assert node.value("cart-own", "add_item", "--parent", "cart", data={"sku": "fig"}) == 1

@@ -213,10 +213,6 @@ async def test_admin_invoke_converts_json_to_the_annotated_type(make_node) -> No
         assert await admin(node, "conv", "orders", "get_state") == {"total": 3, "seen": ["ada"]}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spawnmesh/codec.py convert/to_builtins: msgspec.convert (and msgpack decode) leave "
-    "defaulted fields the input omits out of a plain dataclass's __dict__ (class attributes "
-    "answer for them), and msgspec.to_builtins/encode skip them, so the JSON reply lacks them"))
 async def test_admin_reply_keeps_defaulted_fields_the_payload_omitted(make_node) -> None:
     calls: list[object] = []
     async with make_node(order_system(calls)) as node:
@@ -370,9 +366,6 @@ def test_garbage_decodes_or_raises_state_corrupt(tp: type, blob: bytes) -> None:
     _decodes_or_state_corrupt(tp, blob)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "spawnmesh/codec.py MsgpackCodec.decode catches only msgspec.DecodeError/ValidationError; "
-    "a msgpack str that is not valid UTF-8 escapes as UnicodeDecodeError, not StateCorrupt"))
 @pytest.mark.parametrize(("tp", "blob"), [
     (None, b"\xa1\xff"),  # untyped state: the string "\xff"
     (Nested, b"\x81\xa4tags\x91\xa1\xff"),  # {"tags": ["\xff"]}
@@ -381,8 +374,6 @@ def test_invalid_utf8_state_raises_state_corrupt(tp: type | None, blob: bytes) -
     _decodes_or_state_corrupt(tp, blob)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason=(
-    "as test_invalid_utf8_state_raises_state_corrupt, found by the property"))
 @settings(max_examples=300, deadline=None)
 @given(blob=st.binary(max_size=64))
 @example(blob=b"\x91\xa1\xff")
@@ -521,18 +512,11 @@ def test_reply_forwards_or_pipes_once() -> None:
         Reply(1).effect("d/b", "x")  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spawnmesh/actors/definition.py ActorDef.validate: `(self.snapshot.every_ms or 1) <= 0` "
-    "turns every_ms=0 into 1, so WriteBehind(every_ms=0) passes despite 'must be > 0 ms'"))
 def test_write_behind_zero_interval_is_rejected() -> None:
     with pytest.raises(DefinitionError, match="write-behind"):
         _with(state=Tally, snapshot=WriteBehind(every_ms=0))()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spawnmesh/node.py Node.register -> Runtime.register replaces an existing (system, name) "
-    "silently; two ActorSystem objects with one name defining one actor should be a "
-    "DefinitionError (runtime.check_definition_names exists but is never called)"))
 async def test_same_actor_from_two_systems_is_a_definition_error(make_node) -> None:
     first, second = ActorSystem("dup"), ActorSystem("dup")
     for s in (first, second):
@@ -545,10 +529,6 @@ async def test_same_actor_from_two_systems_is_a_definition_error(make_node) -> N
 # ------------------------------------------------------------------ payload defaults
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spawnmesh/system.py _as_handler + runtime._turn: the payload is always passed (None when "
-    "the caller gives none), so a default on the payload parameter is never used; "
-    "spawnmesh/examples.py Counter.add(n: int = 1) fails with TypeError when called bare"))
 async def test_payload_parameter_default_is_used_without_payload(make_node) -> None:
     s = ActorSystem("d")
     b = s.define("c", state=Tally)
@@ -566,10 +546,6 @@ async def test_payload_parameter_default_is_used_without_payload(make_node) -> N
     assert got == 1, got
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spawnmesh/node.py open_node yields inside trio.open_nursery(): with strict exception "
-    "groups an exception raised in the `async with open_node()` body leaves it wrapped in an "
-    "ExceptionGroup, so `except ActorFailed` around the block does not catch it"))
 async def test_exception_in_open_node_body_is_not_wrapped(make_node) -> None:
     with pytest.raises(KeyError):
         async with make_node(ActorSystem("x")):
@@ -597,7 +573,7 @@ async def test_ref_spawn(make_node) -> None:
         ref = await node.ref("shop", "c1", parent="cart").spawn()
         assert await ref.spawn() is ref  # idempotent
         assert await node.ref("shop", "c1").invoke("whoami") == "shop/c1<cart>"
-        with pytest.raises(ValueError, match="names no template"):
+        with pytest.raises(InvalidArgument, match="names no template"):
             await node.ref("shop", "c2").spawn()
         with pytest.raises(ActorNotFound):
             await node.ref("shop", "c3", parent="registry").spawn()  # not a template

@@ -131,7 +131,8 @@ class ActorDef:
                 raise DefinitionError(f"{where}: pooled actors are stateless")
             if self.pool_size < 1:
                 raise DefinitionError(f"{where}: pool_size must be >= 1")
-        if isinstance(self.snapshot, WriteBehind) and (self.snapshot.every_ms or 1) <= 0:
+        every = self.snapshot.every_ms if isinstance(self.snapshot, WriteBehind) else None
+        if every is not None and every <= 0:
             raise DefinitionError(f"{where}: write-behind interval must be > 0 ms")
         if self.deactivate_after_ms is not None and self.deactivate_after_ms < 0:
             raise DefinitionError(f"{where}: deactivate_after_ms must be >= 0")

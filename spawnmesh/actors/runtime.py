@@ -142,10 +142,13 @@ class Runtime:
 
     # ------------------------------------------------------------------ definitions
 
-    def register(self, adef: ActorDef) -> None:
-        """Add an actor definition (validated); re-registering a name replaces it for new
-        activations."""
+    def register(self, adef: ActorDef, *, replace: bool = False) -> None:
+        """Add an actor definition (validated). Another definition under the same name is a
+        DefinitionError unless ``replace`` (a host re-registering its system)."""
         adef.validate()
+        old = self._defs.get((adef.system, adef.name))
+        if old is not None and old is not adef and not replace:
+            raise DefinitionError(f"actor {adef.system}/{adef.name} is defined twice")
         self._defs[(adef.system, adef.name)] = adef
         for topic in adef.channels:
             subs = self._subscribers.setdefault((adef.system, topic), [])
@@ -161,6 +164,19 @@ class Runtime:
     def definition(self, system: str, name: str) -> ActorDef | None:
         """The definition registered under ``system/name``, if any."""
         return self._defs.get((system, name))
+
+    def definition_for(self, target: ActorId) -> ActorDef | None:
+        """The definition an invocation of ``target`` would run (named, pooled, or the
+        template of an unnamed instance known by reference, spawn or activation)."""
+        key = (target.system, target.name)
+        act = self._table.get(key)
+        if act is not None:
+            return act.adef
+        adef = self._defs.get(key)
+        if adef is not None:
+            return adef
+        template = target.parent or self._spawned.get(key)
+        return self._defs.get((target.system, template)) if template else None
 
     # ------------------------------------------------------------------ services
 
@@ -635,6 +651,9 @@ class Runtime:
             self._reset(act)
             if isinstance(exc, SpawnmeshError) or not isinstance(exc, Exception):
                 raise
+            log.warning("%s.%s failed: %s: %s (state reset to the last committed)", act.id,
+                        action, type(exc).__qualname__, exc,
+                        exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
             raise ActorFailed(
                 str(act.id), type(exc).__qualname__, str(exc),
                 "".join(traceback.format_exception(exc)), self.node_id,
