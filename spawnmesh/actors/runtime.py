@@ -390,10 +390,16 @@ class Runtime:
         payload: Any,
         metadata: Mapping[str, str] | None,
         caller: ActorId | None,
+        delay_ms: int | None = None,
     ) -> None:
-        """A cast whose failure has nobody to report to (timers, schedules, side effects)."""
+        """A cast whose failure has nobody to report to (schedules, side effects, the next
+        step of an async workflow): logged, never raised."""
         try:
-            self._cast(target, action, payload, metadata, caller)
+            if delay_ms:
+                self.cast_nowait(target, action, payload, metadata=metadata, delay_ms=delay_ms,
+                                 caller=caller)
+            else:
+                self._cast(target, action, payload, metadata, caller)
         except SpawnmeshError as exc:
             log.warning("async invocation %s.%s dropped: %s", target, action, exc)
 
@@ -669,8 +675,8 @@ class Runtime:
         if result.__class__ is Reply:
             if result.effects:
                 for eff in result.effects:
-                    self.cast_nowait_logged(eff.target, eff.action, eff.payload,
-                                            eff.metadata, eff.delay_ms, act.id)
+                    self._cast_logged(eff.target, eff.action, eff.payload, eff.metadata, act.id,
+                                      eff.delay_ms)
             if result.broadcasts:
                 for b in result.broadcasts:
                     self.broadcast(act.id.system, b, caller=act.id)
@@ -704,22 +710,6 @@ class Runtime:
         """Back to the last committed state after a failed turn (in-place edits included)."""
         if act.adef.stateful and act.loaded:
             act.state = act.adef.codec.decode(act.blob)
-
-    def cast_nowait_logged(
-        self,
-        target: ActorId,
-        action: str,
-        payload: Any,
-        metadata: Mapping[str, str] | None,
-        delay_ms: int | None,
-        caller: ActorId,
-    ) -> None:
-        """A side effect: cast, and log instead of raising if it cannot be queued."""
-        try:
-            self.cast_nowait(target, action, payload, metadata=metadata, delay_ms=delay_ms,
-                             caller=caller)
-        except SpawnmeshError as exc:
-            log.warning("side effect %s.%s dropped: %s", target, action, exc)
 
     def broadcast(self, system: str, b: Broadcast, *, caller: ActorId | None = None) -> int:
         """Deliver a broadcast to every subscriber of its channel; returns deliveries queued.
