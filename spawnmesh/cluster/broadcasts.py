@@ -7,6 +7,9 @@ drops any older queued news about the same member.
 
 from __future__ import annotations
 
+_MAX_MISSES = 16
+"""Consecutive non-fitting items after which :meth:`BroadcastQueue.get` stops looking."""
+
 
 class _Item:
     __slots__ = ("data", "key", "transmits")
@@ -58,6 +61,7 @@ class BroadcastQueue:
             return []
         chosen: list[_Item] = []
         remaining = budget_bytes
+        misses = 0  # stop scanning after a run of items that do not fit (keeps get() O(fit))
         for level in self._levels:
             if not level:
                 continue
@@ -66,9 +70,14 @@ class BroadcastQueue:
                 if size <= remaining:
                     chosen.append(item)
                     remaining -= size
+                    misses = 0
                     if remaining < 8 or len(chosen) >= max_items:
                         break
-            if remaining < 8 or len(chosen) >= max_items:
+                else:
+                    misses += 1
+                    if misses >= _MAX_MISSES:
+                        break
+            if remaining < 8 or len(chosen) >= max_items or misses >= _MAX_MISSES:
                 break
         levels = self._levels
         for item in chosen:
