@@ -376,8 +376,9 @@ class Swim:
                 out.datagrams.append((target.addr, m.pack(extra)))
 
     def _push_pull(self, now_ms: int, out: Output, dead: bool) -> None:
-        if dead:
-            targets = self._random_others(1, lambda x: x.status == Status.DEAD)
+        if dead:  # rare (every reconnect interval): scan, so a lone dead member is found too
+            dead_ones = [x for x in self.table.by_name.values() if x.status == Status.DEAD]
+            targets = [self.rng.choice(dead_ones)] if dead_ones else []
         else:
             targets = self._random_others(1, lambda x: x.status == Status.ALIVE)
         for target in targets:
