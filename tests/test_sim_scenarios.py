@@ -155,3 +155,11 @@ def test_chaos_then_calm_reaches_agreement(seed: int) -> None:
     rep = run_scenario("chaos", seed, 20, duration_ms=180_000)
     assert not rep.violations, ok(rep)
     assert rep.notes["faults"] > 20 and rep.converged_ms >= 0, ok(rep)
+
+
+def test_trace_is_readable() -> None:
+    lines: list[str] = []
+    rep = run_scenario("crash", 3, 10, duration_ms=30_000, trace=lines.append)
+    assert not rep.violations, ok(rep)
+    crashed = next(x for x in lines if "FAULT crash" in x).split()[-1]
+    assert any(x.endswith(f"{crashed} dead @0") for x in lines), lines[:20]

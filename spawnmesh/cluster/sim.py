@@ -141,6 +141,10 @@ class Sim:
         self.crashed_at: dict[str, int] = {}
         self.detected: dict[tuple[str, int], int] = {}
         self.datagrams = 0
+        self.trace: Callable[[str], None] | None = None
+        """If set, receives one readable line per membership event and per fault."""
+        self.trace_member: str | None = None
+        """Restrict event lines to events about this member name."""
         for i in range(n):
             name = f"n{i:04d}"
             node = SimNode(i, name, (f"10.{i // 250}.{i % 250}.1", 7946), self._core(i, name, 0))
@@ -318,6 +322,8 @@ class Sim:
                 )
             self.last_inc[key] = mv.incarnation
             kind = ev.kind
+            if self.trace is not None and self.trace_member in (None, name):
+                self.trace(f"t={self.now} {node.name}: {name} {kind.value} @{mv.incarnation}")
             if kind in _LIVE_KINDS:
                 view.add(name)
                 if kind is EventKind.SUSPECT:
@@ -385,8 +391,13 @@ class Sim:
 
     # -- faults -------------------------------------------------------------------------------
 
+    def _fault(self, what: str) -> None:
+        if self.trace is not None:
+            self.trace(f"t={self.now} FAULT {what}")
+
     def crash(self, i: int) -> None:
         """Stop node ``i`` abruptly (it answers nothing)."""
+        self._fault(f"crash {self.nodes[i].name}")
         node = self.nodes[i]
         node.running = False
         node.inbox.clear()
@@ -394,6 +405,7 @@ class Sim:
 
     def restart(self, i: int, seeds: list[int]) -> None:
         """Start node ``i`` again: same name, new address, incarnation 0; join via ``seeds``."""
+        self._fault(f"restart {self.nodes[i].name}")
         node = self.nodes[i]
         del self.by_addr[node.addr]
         node.gen += 1
@@ -409,12 +421,14 @@ class Sim:
 
     def leave(self, i: int) -> None:
         """Node ``i`` leaves gracefully (it stops once its leave news is spread)."""
+        self._fault(f"leave {self.nodes[i].name}")
         node = self.nodes[i]
         node.leaving = True
         self._handle(node, node.swim.leave(self.now))
 
     def partition(self, groups: list[list[int]]) -> None:
         """Split into ``groups`` (nodes not listed stay in group 0); cut every cross pair."""
+        self._fault(f"partition {groups}")
         self.group = [0] * len(self.nodes)
         for g, members in enumerate(groups, start=1):
             for i in members:
@@ -424,6 +438,7 @@ class Sim:
 
     def one_way(self, sources: list[int], targets: list[int]) -> None:
         """Drop everything from ``sources`` to ``targets`` (the reverse direction still works)."""
+        self._fault(f"one-way cut {sources} -> {targets}")
         self.group = [0] * len(self.nodes)
         for i in sources:
             self.group[i] = 1
@@ -433,16 +448,19 @@ class Sim:
 
     def heal(self) -> None:
         """Remove every partition and one-way cut."""
+        self._fault("heal")
         self.group = [0] * len(self.nodes)
         self.cut = set()
 
     def clog(self, i: int, out_ms: int = 0, in_ms: int = 0) -> None:
         """Add latency to node ``i``'s outbound and/or inbound traffic."""
+        self._fault(f"clog {self.nodes[i].name} out +{out_ms} ms in +{in_ms} ms")
         self.clog_out[i] = out_ms
         self.clog_in[i] = in_ms
 
     def starve(self, i: int, every_ms: int) -> None:
         """Node ``i`` runs only every ``every_ms`` (timers and inbox late); 0 restores it."""
+        self._fault(f"starve {self.nodes[i].name} every {every_ms} ms")
         node = self.nodes[i]
         node.starve_every_ms = every_ms
         node.wake_at = _NEVER
@@ -718,11 +736,14 @@ def run_scenario(
     lifeguard: bool = True,
     preset: str = "lan",
     tcp_ping: bool = True,
+    trace: Callable[[str], None] | None = None,
+    trace_member: str | None = None,
 ) -> SimReport:
     """Build a cluster, run one named scenario and return its report (violations inside)."""
     config = PRESETS[preset]().replace(lifeguard=lifeguard, tcp_ping=tcp_ping)
     start = clock.wall_ms()  # the simulator's own speed only; protocol time is simulated
     sim = Sim(nodes, seed, config, prefill=scenario != "join")
+    sim.trace, sim.trace_member = trace, trace_member
     rep = SCENARIOS[scenario](sim, duration_ms)
     rep.scenario = scenario
     rep.tcp_ping = tcp_ping
@@ -748,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lifeguard", action="store_true")
     ap.add_argument("--no-tcp-ping", action="store_true", help="disable the TCP fallback probe")
     ap.add_argument("--profile", action="store_true", help="run under cProfile, print top 25")
+    ap.add_argument("--trace", action="store_true", help="print every membership event and fault")
+    ap.add_argument("--trace-member", default=None, help="only trace events about this member")
     args = ap.parse_args(argv)
 
     def go() -> SimReport:
@@ -759,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
             lifeguard=not args.no_lifeguard,
             preset=args.preset,
             tcp_ping=not args.no_tcp_ping,
+            trace=print if args.trace or args.trace_member else None,
+            trace_member=args.trace_member,
         )
 
     if args.profile:
