@@ -311,3 +311,14 @@ def test_join_is_retried_while_alone() -> None:
     net.tcp = True
     net.advance(12_000)
     assert net.status("b", "a") is Status.ALIVE and net.status("a", "b") is Status.ALIVE
+
+
+def test_refuting_the_highest_incarnation_stays_encodable() -> None:
+    net = Net(["a", "b"])
+    net.join_all()
+    b = net.by_name["b"]
+    for inc in (m.MAX_INCARNATION - 1, m.MAX_INCARNATION):
+        net.handle(b, b.receive(("x", 1), m.encode([m.Suspect("b", inc, "a")]), net.now))
+        assert b.incarnation == m.MAX_INCARNATION  # saturates instead of overflowing
+    net.advance(2_000)
+    assert net.by_name["a"].stats.malformed == 0

@@ -11,9 +11,9 @@ from spawnmesh.cluster import messages as m
 from spawnmesh.errors import ProtocolError
 
 names = st.text(max_size=20)
-incs = st.integers(0, 2**63 - 1)
+incs = st.integers(0, m.MAX_INCARNATION)
 addrs = st.tuples(st.text(max_size=15), st.integers(0, 65535))
-seqs = st.integers(0, 2**63 - 1)
+seqs = st.integers(0, 2**64 - 1)
 
 message_st = st.one_of(
     st.builds(m.Ping, seqs, names, names, addrs),
@@ -125,3 +125,31 @@ def test_node_meta_round_trip() -> None:
     assert m.decode_meta(m.encode_meta(meta)) == meta
     with pytest.raises(ProtocolError):
         m.decode_meta(b"\xc1")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x92\x01" + b"\x91" * 200_000,  # nesting deeper than any decoder recursion limit
+        b"\x92\x01\x91" + b"\x91" * 100_000 + b"\x03",
+        b"\x92\x01\xdd\xff\xff\xff\xff",  # array claims 4 G elements
+        b"\x92\x01\x91\x92\x03\xcf\xff\xff\xff\xff\xff\xff\xff\xff",  # uint64 max seq (valid)
+        b"\x92\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x90",  # huge version, no messages
+        b"\x92\x01\x91\x93\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x01\x02",  # huge unknown code
+        b"\x92\x01\x91\x93\xd3\x80\x00\x00\x00\x00\x00\x00\x00\x01\x02",  # negative code
+    ],
+)
+def test_hostile_packets(data: bytes) -> None:
+    try:
+        out = m.decode(data)
+    except ProtocolError:
+        return
+    assert isinstance(out, list)
+
+
+def test_incarnation_bounds() -> None:
+    top = m.MAX_INCARNATION
+    assert m.decode(m.encode([m.Suspect("a", top, "b")])) == [m.Suspect("a", top, "b")]
+    for bad in (m.MAX_INCARNATION + 1, -1):
+        with pytest.raises(ProtocolError):
+            m.decode(msgspec.msgpack.encode([1, [[6, "a", bad, "b"]]]))

@@ -8,7 +8,7 @@ whose code is above the highest code it knows. Anything else malformed raises ``
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -22,11 +22,17 @@ PROTOCOL_VERSION_MIN: Final = 1
 Addr = tuple[str, int]
 """A member's gossip address on the wire; the core treats it as an opaque hashable value."""
 
+MAX_INCARNATION: Final = 2**63 - 1
+"""Largest incarnation on the wire (int64); above it a packet is malformed. Refutation saturates
+here, so the core never produces an unencodable number."""
+Incarnation = Annotated[int, msgspec.Meta(ge=0, le=MAX_INCARNATION)]
+Seq = Annotated[int, msgspec.Meta(ge=0)]
+
 
 class Ping(msgspec.Struct, array_like=True, frozen=True, tag=1):
     """Direct probe; ``target`` guards against a different node now living at the address."""
 
-    seq: int
+    seq: Seq
     target: str
     source: str
     source_addr: Addr
@@ -35,7 +41,7 @@ class Ping(msgspec.Struct, array_like=True, frozen=True, tag=1):
 class PingReq(msgspec.Struct, array_like=True, frozen=True, tag=2):
     """Ask a member to probe ``target`` for us and relay the ack (and a nack if ``nack``)."""
 
-    seq: int
+    seq: Seq
     target: str
     target_addr: Addr
     source: str
@@ -46,20 +52,20 @@ class PingReq(msgspec.Struct, array_like=True, frozen=True, tag=2):
 class Ack(msgspec.Struct, array_like=True, frozen=True, tag=3):
     """Answer to a ping (or a relayed ping-req) with the probe's sequence number."""
 
-    seq: int
+    seq: Seq
 
 
 class Nack(msgspec.Struct, array_like=True, frozen=True, tag=4):
     """Relay's report that the target of a ping-req did not answer in time (Lifeguard)."""
 
-    seq: int
+    seq: Seq
 
 
 class Alive(msgspec.Struct, array_like=True, frozen=True, tag=5):
     """``name`` is alive at ``incarnation`` with this address and metadata."""
 
     name: str
-    incarnation: int
+    incarnation: Incarnation
     addr: Addr
     meta: bytes = b""
 
@@ -68,7 +74,7 @@ class Suspect(msgspec.Struct, array_like=True, frozen=True, tag=6):
     """``sender`` suspects ``name`` at ``incarnation``."""
 
     name: str
-    incarnation: int
+    incarnation: Incarnation
     sender: str
 
 
@@ -76,7 +82,7 @@ class Dead(msgspec.Struct, array_like=True, frozen=True, tag=7):
     """``sender`` declares ``name`` dead at ``incarnation``."""
 
     name: str
-    incarnation: int
+    incarnation: Incarnation
     sender: str
 
 
@@ -84,14 +90,14 @@ class Left(msgspec.Struct, array_like=True, frozen=True, tag=8):
     """``name`` left the cluster gracefully at ``incarnation``."""
 
     name: str
-    incarnation: int
+    incarnation: Incarnation
 
 
 class MemberState(msgspec.Struct, array_like=True, frozen=True):
     """One row of a push-pull state exchange (state is a ``state.Status`` value)."""
 
     name: str
-    incarnation: int
+    incarnation: Incarnation
     addr: Addr
     meta: bytes
     status: int
@@ -132,6 +138,14 @@ class NodeMeta(msgspec.Struct, array_like=True, frozen=True):
     protocol_max: int = 1
     tags: dict[str, str] = {}
 
+
+_DECODE_ERRORS = (
+    msgspec.DecodeError,
+    msgspec.ValidationError,
+    ValueError,
+    RecursionError,  # deeply nested garbage
+    OverflowError,
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _packet_decoder = msgspec.msgpack.Decoder(tuple[int, list[Message]])
@@ -176,7 +190,7 @@ def decode(data: bytes) -> list[Message]:
     """Decode a packet; raise ``ProtocolError`` (only) for malformed input; skip unknown codes."""
     try:
         version, msgs = _packet_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _DECODE_ERRORS:
         return _decode_slow(data)
     if version < PROTOCOL_VERSION_MIN:
         raise ProtocolError(f"packet version {version} is older than {PROTOCOL_VERSION_MIN}")
@@ -186,7 +200,7 @@ def decode(data: bytes) -> list[Message]:
 def _decode_slow(data: bytes) -> list[Message]:
     try:
         version, raws = _raw_packet_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed packet: {exc}") from None
     if version < PROTOCOL_VERSION_MIN:
         raise ProtocolError(f"packet version {version} is older than {PROTOCOL_VERSION_MIN}")
@@ -195,7 +209,7 @@ def _decode_slow(data: bytes) -> list[Message]:
         try:
             out.append(_message_decoder.decode(raw))
             continue
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _DECODE_ERRORS as exc:
             error = exc
         if _unknown_code(raw):
             continue
@@ -206,7 +220,7 @@ def _decode_slow(data: bytes) -> list[Message]:
 def _unknown_code(raw: msgspec.Raw) -> bool:
     try:
         value: Any = _any_decoder.decode(raw)
-    except (msgspec.DecodeError, ValueError):
+    except _DECODE_ERRORS:
         return False
     if not isinstance(value, list) or not value:
         return False
@@ -231,5 +245,5 @@ def decode_meta(data: bytes) -> NodeMeta:
     """Decode node metadata; ``ProtocolError`` if malformed."""
     try:
         return _meta_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed node metadata: {exc}") from None

@@ -676,7 +676,7 @@ class Swim:
         self.stats.refutes += 1
         if self.config.lifeguard:
             self.awareness.apply_delta(1)
-        self._bump_incarnation(max(incoming, self.incarnation) + 1)
+        self._bump_incarnation(min(max(incoming, self.incarnation) + 1, m.MAX_INCARNATION))
 
     def _bump_incarnation(self, incarnation: int) -> None:
         self.incarnation = incarnation
