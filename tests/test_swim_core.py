@@ -322,3 +322,10 @@ def test_refuting_the_highest_incarnation_stays_encodable() -> None:
         assert b.incarnation == m.MAX_INCARNATION  # saturates instead of overflowing
     net.advance(2_000)
     assert net.by_name["a"].stats.malformed == 0
+
+
+def test_leave_alone_completes_at_once() -> None:
+    net = Net(["a"])
+    a = net.by_name["a"]
+    net.handle(a, a.leave(net.now))
+    assert a.leave_complete

@@ -180,8 +180,9 @@ class Swim:
 
     @property
     def leave_complete(self) -> bool:
-        """True once a leave was started and its news was sent its full retransmit count."""
-        return self.leaving and self.name not in self.queue
+        """True once a leave was started and its news was fully retransmitted (or nobody is left
+        to tell); the shell should still bound its wait with a timeout."""
+        return self.leaving and (self.name not in self.queue or self.table.live_count == 0)
 
     def join(self, seed_addrs: list[Addr], now_ms: int) -> Output:
         """Ask the shell for a join push-pull with each seed."""
