@@ -329,3 +329,19 @@ def test_leave_alone_completes_at_once() -> None:
     a = net.by_name["a"]
     net.handle(a, a.leave(net.now))
     assert a.leave_complete
+
+
+def test_newer_suspicion_does_not_inherit_the_old_timer() -> None:
+    net = Net(["a", "b", "c"], lan().replace(lifeguard=False))
+    net.join_all()
+    a = net.by_name["a"]
+    net.down.add("b")  # b neither refutes nor answers; only a's timers matter here
+    net.handle(a, a.receive(("x", 1), m.encode([m.Suspect("b", 0, "c")]), net.now))
+    first = a._suspicions["b"].deadline_ms()
+    net.now = first - 10
+    net.handle(a, a.receive(("x", 1), m.encode([m.Suspect("b", 1, "c")]), net.now))
+    view = a.member("b")
+    assert view is not None and view.status is Status.SUSPECT and view.incarnation == 1
+    assert a._suspicions["b"].deadline_ms() > first + 1_000
+    net.handle(a, a.tick(first + 10))
+    assert net.status("a", "b") is Status.SUSPECT  # the old deadline no longer kills it

@@ -37,7 +37,9 @@ def oracle(news: News, cur: Current, cmp: Cmp) -> Action:
     if news is News.SUSPECT:
         if cur is Current.ALIVE:
             return Action.ACCEPT
-        return Action.CONFIRM if cur is Current.SUSPECT else Action.IGNORE
+        if cur is Current.SUSPECT:  # a newer suspicion restarts the timer; never inherit one
+            return Action.CONFIRM if cmp is Cmp.EQ else Action.ACCEPT
+        return Action.IGNORE
     if news is News.DEAD:
         return Action.ACCEPT if cur in (Current.ALIVE, Current.SUSPECT) else Action.IGNORE
     return Action.IGNORE if cur is Current.LEFT else Action.ACCEPT

@@ -71,6 +71,8 @@ class SimReport:
     lifeguard: bool = True
     tcp_ping: bool = True
     preset: str = "lan"
+    duration_ms: int = 60_000
+    """The requested duration (what the replay command passes back)."""
     sim_ms: int = 0
     wall_s: float = 0.0
     datagrams: int = 0
@@ -88,7 +90,7 @@ class SimReport:
         extra += "" if self.preset == "lan" else f" --preset {self.preset}"
         return (
             f"python -m spawnmesh.cluster.sim --seed {self.seed} --scenario {self.scenario}"
-            f" --nodes {self.nodes} --seconds {self.sim_ms / 1000:g}{extra}"
+            f" --nodes {self.nodes} --seconds {self.duration_ms / 1000:g}{extra}"
         )
 
     def summary(self) -> str:
@@ -152,6 +154,10 @@ class Sim:
             self.by_addr[node.addr] = node
             self.by_name[name] = node
             self.views.append({name})
+        self.discovery_interval_ms = self.config.reconnect_interval_ms
+        """Period of the modelled discovery loop (see ``_discovery_round``); 0 disables."""
+        if self.discovery_interval_ms:
+            self.at(self.discovery_interval_ms, self._discovery_round)
         if prefill:
             self._prefill()
         else:
@@ -178,6 +184,21 @@ class Sim:
 
     def _join(self, node: SimNode, seeds: list[Addr]) -> None:
         self._handle(node, node.swim.join(seeds, self.now))
+
+    def _discovery_round(self) -> None:
+        """Model the shell's discovery loop: each running node resolves one random running peer
+        and joins it if that peer is not live at that address in its view (heals islands)."""
+        up = [x for x in self.nodes if self._is_up(x)]
+        if len(up) > 1:
+            for node in up:
+                peer = self.rng.choice(up)
+                if peer is node:
+                    continue
+                view = node.swim.member(peer.name)
+                if view is None or view.status > Status.SUSPECT or view.addr != peer.addr:
+                    self._join(node, [peer.addr])
+        if self.discovery_interval_ms:
+            self.at(self.now + self.discovery_interval_ms, self._discovery_round)
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -746,6 +767,7 @@ def run_scenario(
     sim.trace, sim.trace_member = trace, trace_member
     rep = SCENARIOS[scenario](sim, duration_ms)
     rep.scenario = scenario
+    rep.duration_ms = duration_ms
     rep.tcp_ping = tcp_ping
     rep.preset = preset
     rep.wall_s = (clock.wall_ms() - start) / 1000

@@ -88,7 +88,7 @@ def _rows() -> dict[tuple[News, Current, Cmp], Action]:
         # news SUSPECT
         (News.SUSPECT, Current.UNKNOWN): (_I, _I, _I),
         (News.SUSPECT, Current.ALIVE): (_I, _A, _A),
-        (News.SUSPECT, Current.SUSPECT): (_I, _C, _C),
+        (News.SUSPECT, Current.SUSPECT): (_I, _C, _A),
         (News.SUSPECT, Current.DEAD): (_I, _I, _I),
         (News.SUSPECT, Current.LEFT): (_I, _I, _I),
         (News.SUSPECT, Current.SELF): (_I, _F, _F),

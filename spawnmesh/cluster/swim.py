@@ -184,6 +184,11 @@ class Swim:
         to tell); the shell should still bound its wait with a timeout."""
         return self.leaving and (self.name not in self.queue or self.table.live_count == 0)
 
+    @property
+    def alone(self) -> bool:
+        """True when this node knows no other live member (the shell should re-resolve seeds)."""
+        return self.table.live_count - (0 if self.leaving else 1) <= 0
+
     def join(self, seed_addrs: list[Addr], now_ms: int) -> Output:
         """Ask the shell for a join push-pull with each seed."""
         out = Output()
@@ -306,7 +311,7 @@ class Swim:
             self._reap(now_ms)
             if not self.leaving:
                 self._push_pull(now_ms, out, dead=True)
-                if self.table.live_count <= 1:
+                if self.alone:
                     self._join_seeds(out)  # still alone: the join did not get through, retry
         return out
 
@@ -582,7 +587,6 @@ class Swim:
             self._refute(msg.incarnation)
             return
         if action is Action.CONFIRM:
-            x.incarnation = msg.incarnation
             s = self._suspicions.get(x.name)
             if s is not None and s.confirm(msg.sender):
                 heapq.heappush(self._suspicion_heap, (s.deadline_ms(), x.name))
