@@ -163,3 +163,19 @@ def test_trace_is_readable() -> None:
     assert not rep.violations, ok(rep)
     crashed = next(x for x in lines if "FAULT crash" in x).split()[-1]
     assert any(x.endswith(f"{crashed} dead @0") for x in lines), lines[:20]
+
+
+def test_replay_is_identical_across_processes_and_hash_seeds() -> None:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "spawnmesh.cluster.sim", "--seed", "5", "--scenario", "chaos"]
+    cmd += ["--nodes", "12", "--seconds", "60"]
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        outs.append(re.sub(r"(wall|speed)=\S+", "", res.stdout))
+    assert outs[0] == outs[1]

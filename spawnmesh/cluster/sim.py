@@ -817,10 +817,13 @@ def main(argv: list[str] | None = None) -> int:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         rep = go()
-    print(rep.summary())
-    for v in rep.violations[:20]:
-        print("VIOLATION", v)
-    print("replay:", rep.replay_command())
+    try:
+        print(rep.summary())
+        for v in rep.violations[:20]:
+            print("VIOLATION", v)
+        print("replay:", rep.replay_command())
+    except BrokenPipeError:  # e.g. piped into head
+        pass
     return 1 if rep.violations else 0
 
 
