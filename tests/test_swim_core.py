@@ -10,7 +10,7 @@ import pytest
 from spawnmesh.cluster import messages as m
 from spawnmesh.cluster.config import SwimConfig, lan
 from spawnmesh.cluster.state import Status
-from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, StreamKind, Swim
+from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, Swim, TcpKind
 from spawnmesh.errors import ConfigError
 
 Addr = tuple[str, int]
@@ -63,11 +63,11 @@ class Net:
             assert len(data) <= self.config.udp_buffer_bytes
             self.sent.append((core.name, addr, data))
             self.fifo.append((core.addr, addr, data))
-        for req in out.streams:
+        for req in out.tcp_requests:
             dst = self.cores.get(req.addr)
             if dst is None or dst.name in self.down or not self.tcp:
                 continue
-            reply, out2 = dst.serve_stream(core.addr, req.data, self.now)
+            reply, out2 = dst.serve_tcp(core.addr, req.data, self.now)
             self.handle(dst, out2)
             if reply is not None:
                 self.handle(core, core.receive(dst.addr, reply, self.now))
@@ -132,16 +132,16 @@ def test_tcp_fallback_probe() -> None:
     net = Net(["a", "b"])
     net.join_all()
     net.cut |= {("a", "b")}  # UDP a -> b lost, TCP still works
-    streams: list[StreamKind] = []
+    streams: list[TcpKind] = []
     real = net.handle
 
     def spy(core: Swim, out: Output) -> None:
-        streams.extend(r.kind for r in out.streams)
+        streams.extend(r.kind for r in out.tcp_requests)
         real(core, out)
 
     net.handle = spy  # type: ignore[method-assign]
     net.advance(5_000)
-    assert StreamKind.PING in streams
+    assert TcpKind.PING in streams
     assert net.by_name["a"].stats.probe_failures == 0
 
 

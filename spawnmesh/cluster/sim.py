@@ -24,9 +24,9 @@ from spawnmesh.cluster.broadcasts import BroadcastQueue
 from spawnmesh.cluster.config import PRESETS, SwimConfig, lan
 from spawnmesh.cluster.messages import Addr, MemberState, PushPull, encode
 from spawnmesh.cluster.state import Status
-from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, StreamKind, Swim
+from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, Swim, TcpKind
 
-_DELIVER, _WAKE, _STREAM, _ACTION = 0, 1, 2, 3
+_DELIVER, _WAKE, _TCP, _ACTION = 0, 1, 2, 3
 _NEVER = 1 << 62
 _LIVE_KINDS = frozenset({EventKind.JOIN, EventKind.ALIVE, EventKind.UPDATE, EventKind.SUSPECT})
 
@@ -255,16 +255,16 @@ class Sim:
                     self._handle(node, out)
                 if node.leaving and node.swim.leave_complete:
                     node.running = False
-            elif kind == _STREAM:
+            elif kind == _TCP:
                 node = nodes[idx]
                 gen, src_idx, src_addr, data = payload
                 if not node.running or gen != node.gen:
                     continue
                 if node.starve_every_ms:
-                    node.inbox.append((_STREAM, src_idx, src_addr, data))
+                    node.inbox.append((_TCP, src_idx, src_addr, data))
                     self._reschedule(node, t)
                     continue
-                self._process(node, (_STREAM, src_idx, src_addr, data))
+                self._process(node, (_TCP, src_idx, src_addr, data))
             else:
                 payload()
         self.now = until_ms
@@ -275,7 +275,7 @@ class Sim:
         if kind == _DELIVER:
             self._handle(node, node.swim.receive(src_addr, data, t))
             return
-        reply, out = node.swim.serve_stream(src_addr, data, t)
+        reply, out = node.swim.serve_tcp(src_addr, data, t)
         self._handle(node, out)
         src = self.nodes[src_idx]
         if reply is not None and self._open(node.idx, src_idx):
@@ -313,14 +313,14 @@ class Sim:
                     self._push(self.now + self._delay(src, dst.idx), _DELIVER, dst.idx, payload)
         if out.events:
             self._on_events(node, out.events)
-        for req in out.streams:
+        for req in out.tcp_requests:
             dst = self.by_addr.get(req.addr)
             if dst is None or not self._open(node.idx, dst.idx):
                 continue
-            if req.kind is StreamKind.PING and not self.config.tcp_ping:
+            if req.kind is TcpKind.PING and not self.config.tcp_ping:
                 continue
             d = self._delay(node.idx, dst.idx)
-            self._push(self.now + d, _STREAM, dst.idx, (dst.gen, node.idx, node.addr, req.data))
+            self._push(self.now + d, _TCP, dst.idx, (dst.gen, node.idx, node.addr, req.data))
         if reschedule:
             self._reschedule(node, self.now)
 

@@ -58,7 +58,7 @@ class MemberEvent:
     member: MemberView
 
 
-class StreamKind(enum.Enum):
+class TcpKind(enum.Enum):
     """TCP exchanges the shell performs for the core."""
 
     PING = "ping"
@@ -68,10 +68,10 @@ class StreamKind(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class StreamRequest:
+class TcpRequest:
     """Ask the shell to open TCP to ``addr``, send ``data`` and hand back the reply packet."""
 
-    kind: StreamKind
+    kind: TcpKind
     addr: Addr
     data: bytes
     timeout_ms: int
@@ -83,7 +83,7 @@ class Output:
 
     datagrams: list[tuple[Addr, bytes]] = field(default_factory=list)
     events: list[MemberEvent] = field(default_factory=list)
-    streams: list[StreamRequest] = field(default_factory=list)
+    tcp_requests: list[TcpRequest] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -200,8 +200,8 @@ class Swim:
         data = self.push_pull_state(join=True)
         for addr in self._seeds:
             if addr != self.addr:
-                out.streams.append(
-                    StreamRequest(StreamKind.PUSH_PULL, addr, data, self.config.tcp_timeout_ms)
+                out.tcp_requests.append(
+                    TcpRequest(TcpKind.PUSH_PULL, addr, data, self.config.tcp_timeout_ms)
                 )
 
     def leave(self, now_ms: int) -> Output:
@@ -238,7 +238,7 @@ class Swim:
         self._merge(m.decode_push_pull(data), now_ms, out)
         return out
 
-    def serve_stream(self, src_addr: Addr, data: bytes, now_ms: int) -> tuple[bytes | None, Output]:
+    def serve_tcp(self, src_addr: Addr, data: bytes, now_ms: int) -> tuple[bytes | None, Output]:
         """Handle one inbound TCP request; return the reply packet (if any) and the output."""
         out = Output()
         try:
@@ -388,9 +388,9 @@ class Swim:
         else:
             targets = self._random_others(1, lambda x: x.status == Status.ALIVE)
         for target in targets:
-            out.streams.append(
-                StreamRequest(
-                    StreamKind.PUSH_PULL,
+            out.tcp_requests.append(
+                TcpRequest(
+                    TcpKind.PUSH_PULL,
                     target.addr,
                     self.push_pull_state(),
                     self.config.tcp_timeout_ms,
@@ -459,7 +459,7 @@ class Swim:
         if cfg.tcp_ping:
             data = m.encode([m.Ping(p.seq, p.target, self.name, self.addr)])
             remaining = max(1, p.end_at - now_ms)
-            out.streams.append(StreamRequest(StreamKind.PING, p.addr, data, remaining))
+            out.tcp_requests.append(TcpRequest(TcpKind.PING, p.addr, data, remaining))
 
     def _probe_failed(self, p: _Probe, now_ms: int, out: Output) -> None:
         self._probe = None
