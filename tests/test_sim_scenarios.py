@@ -55,10 +55,21 @@ def test_starved_node_lifeguard_reduces_false_positives() -> None:
     detail = "\n".join(ok(r) for r in on + off)
     assert sum(r.false_suspect for r in on) < sum(r.false_suspect for r in off), detail
     assert sum(r.false_dead for r in on) <= sum(r.false_dead for r in off), detail
-    on_own = sum(r.notes["starved_suspicions"] for r in on)
-    off_own = sum(r.notes["starved_suspicions"] for r in off)
+    on_own = sum(r.notes["starved_probe_failures"] for r in on)
+    off_own = sum(r.notes["starved_probe_failures"] for r in off)
     assert on_own * 5 < off_own, detail  # the slow node mostly stops accusing others
     assert all(r.notes["starved_score"] > 0 for r in on), detail
+
+
+def test_several_starved_nodes_lifeguard_fewer_false_deaths() -> None:
+    on = [run_scenario("starve-many", s, 50, duration_ms=120_000) for s in (1, 2, 3)]
+    off = [run_scenario("starve-many", s, 50, 120_000, lifeguard=False) for s in (1, 2, 3)]
+    detail = "\n".join(ok(r) for r in on + off)
+    assert sum(r.false_dead for r in on) < sum(r.false_dead for r in off), detail
+    assert sum(r.false_suspect for r in on) * 2 < sum(r.false_suspect for r in off), detail
+    assert sum(r.notes["starved_probe_failures"] for r in on) < sum(
+        r.notes["starved_probe_failures"] for r in off
+    ), detail
 
 
 def test_graceful_leave_is_left_everywhere_never_dead() -> None:

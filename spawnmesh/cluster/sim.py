@@ -602,7 +602,17 @@ def _scenario_starve(sim: Sim, duration_ms: int) -> SimReport:
     sim.run(duration_ms)
     rep = sim.report("starve", 0)
     rep.notes["starved_score"] = sim.nodes[slow].swim.awareness.score
-    rep.notes["starved_suspicions"] = sim.nodes[slow].swim.stats.suspicions_started
+    rep.notes["starved_probe_failures"] = sim.nodes[slow].swim.stats.probe_failures
+    return rep
+
+
+def _scenario_starve_many(sim: Sim, duration_ms: int) -> SimReport:
+    slow = _pick(sim, 3)
+    for i in slow:
+        sim.at(5_000, partial(sim.starve, i, 3_000))
+    sim.run(duration_ms)
+    rep = sim.report("starve-many", 0)
+    rep.notes["starved_probe_failures"] = sum(sim.nodes[i].swim.stats.probe_failures for i in slow)
     return rep
 
 
@@ -741,6 +751,7 @@ SCENARIOS: dict[str, Callable[[Sim, int], SimReport]] = {
     "oneway": _scenario_oneway,
     "clog": _scenario_clog,
     "starve": _scenario_starve,
+    "starve-many": _scenario_starve_many,
     "leave": _scenario_leave,
     "restart": _scenario_restart,
     "join": _scenario_join,
