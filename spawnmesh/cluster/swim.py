@@ -472,7 +472,7 @@ class Swim:
         x = self.table.get(p.target)
         if x is None or x.status > Status.SUSPECT:
             return
-        self._on_suspect(m.Suspect(x.name, x.incarnation, self.name), now_ms, out, None)
+        self._on_suspect(m.Suspect(x.name, x.incarnation, self.name), now_ms, out)
 
     def _on_ack(self, seq: int, now_ms: int, out: Output) -> None:
         p = self._probe
@@ -509,9 +509,9 @@ class Swim:
         elif isinstance(msg, m.Ack):
             self._on_ack(msg.seq, now_ms, out)
         elif isinstance(msg, m.Alive):
-            self._on_alive(msg, now_ms, out, None)
+            self._on_alive(msg, now_ms, out)
         elif isinstance(msg, m.Suspect):
-            self._on_suspect(msg, now_ms, out, None)
+            self._on_suspect(msg, now_ms, out)
         elif isinstance(msg, m.Dead):
             self._on_dead(msg, now_ms, out)
         elif isinstance(msg, m.Left):
@@ -537,7 +537,7 @@ class Swim:
             return None, Current.UNKNOWN, 0
         return x, x.status, x.incarnation  # type: ignore[return-value]  # same int values
 
-    def _on_alive(self, msg: m.Alive, now_ms: int, out: Output, raw: bytes | None) -> None:
+    def _on_alive(self, msg: m.Alive, now_ms: int, out: Output) -> None:
         x, cur, held = self._current(msg.name)
         action = decide(News.ALIVE, cur, msg.incarnation, held)
         if action is Action.IGNORE:
@@ -576,9 +576,9 @@ class Swim:
                 self._suspicions.pop(x.name, None)
         for kind in kinds:
             out.events.append(MemberEvent(kind, self._view(x)))
-        self.queue.queue(msg.name, raw if raw is not None else m.encode_message(msg))
+        self.queue.queue(msg.name, m.encode_message(msg))
 
-    def _on_suspect(self, msg: m.Suspect, now_ms: int, out: Output, raw: bytes | None) -> None:
+    def _on_suspect(self, msg: m.Suspect, now_ms: int, out: Output) -> None:
         x, cur, held = self._current(msg.name)
         action = decide(News.SUSPECT, cur, msg.incarnation, held)
         if action is Action.IGNORE or x is None:
@@ -590,7 +590,7 @@ class Swim:
             s = self._suspicions.get(x.name)
             if s is not None and s.confirm(msg.sender):
                 heapq.heappush(self._suspicion_heap, (s.deadline_ms(), x.name))
-                self.queue.queue(msg.name, raw if raw is not None else m.encode_message(msg))
+                self.queue.queue(msg.name, m.encode_message(msg))
             return
         cfg = self.config
         x.incarnation = msg.incarnation
@@ -603,7 +603,7 @@ class Swim:
         heapq.heappush(self._suspicion_heap, (s.deadline_ms(), x.name))
         self.stats.suspicions_started += 1
         out.events.append(MemberEvent(EventKind.SUSPECT, self._view(x)))
-        self.queue.queue(msg.name, raw if raw is not None else m.encode_message(msg))
+        self.queue.queue(msg.name, m.encode_message(msg))
 
     def _expire_suspicions(self, now_ms: int, out: Output) -> None:
         heap = self._suspicion_heap
@@ -669,13 +669,13 @@ class Swim:
                 continue
             if status is Status.ALIVE:
                 alive = m.Alive(row.name, row.incarnation, row.addr, row.meta)
-                self._on_alive(alive, now_ms, out, None)
+                self._on_alive(alive, now_ms, out)
             elif status is Status.LEFT:
                 self._on_left(m.Left(row.name, row.incarnation), now_ms, out)
             else:
                 # A remote "dead" is only a suspicion here, so a live member can still refute.
                 suspect = m.Suspect(row.name, row.incarnation, pp.source)
-                self._on_suspect(suspect, now_ms, out, None)
+                self._on_suspect(suspect, now_ms, out)
 
     def _refute(self, incoming: int) -> None:
         self.stats.refutes += 1
