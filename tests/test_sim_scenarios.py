@@ -190,3 +190,11 @@ def test_replay_is_identical_across_processes_and_hash_seeds() -> None:
         assert res.returncode == 0, res.stdout + res.stderr
         outs.append(re.sub(r"(wall|speed)=\S+", "", res.stdout))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("scenario", ["partition", "isolate", "oneway"])
+def test_core_heals_partitions_without_the_discovery_loop(scenario: str) -> None:
+    sim = Sim(40, 32, discovery=False)
+    rep = simmod.SCENARIOS[scenario](sim, 60_000)
+    assert not rep.violations, ok(rep)
+    assert 0 <= rep.converged_ms <= 2 * lan().reconnect_interval_ms, ok(rep)

@@ -117,6 +117,7 @@ class Sim:
         config: SwimConfig | None = None,
         net: NetConfig | None = None,
         prefill: bool = True,
+        discovery: bool = True,
     ) -> None:
         self.seed = seed
         self.config = config or lan()
@@ -154,7 +155,7 @@ class Sim:
             self.by_addr[node.addr] = node
             self.by_name[name] = node
             self.views.append({name})
-        self.discovery_interval_ms = self.config.reconnect_interval_ms
+        self.discovery_interval_ms = self.config.reconnect_interval_ms if discovery else 0
         """Period of the modelled discovery loop (see ``_discovery_round``); 0 disables."""
         if self.discovery_interval_ms:
             self.at(self.discovery_interval_ms, self._discovery_round)
