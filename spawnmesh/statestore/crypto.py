@@ -44,19 +44,17 @@ _URLSAFE = str.maketrans("-_", "+/")
 
 
 def state_aad(system: str, name: str, revision: int) -> bytes:
-    """Authenticated data of one state row: actor identity and revision, unambiguously framed."""
+    """Authenticated data of one state row: actor identity and revision, unambiguously framed:
+    prefix, then length-prefixed (u32 big-endian) system and name, then the revision (i64)."""
     s = system.encode()
     n = name.encode()
-    return b"".join(
-        (
-            _AAD_PREFIX,
-            struct.pack(">I", len(s)),
-            s,
-            struct.pack(">I", len(n)),
-            n,
-            struct.pack(">q", revision),
-        )
+    return b"%b%b%b%b%b%b" % (
+        _AAD_PREFIX, _U32(len(s)), s, _U32(len(n)), n, _I64(revision)
     )
+
+
+_U32 = struct.Struct(">I").pack
+_I64 = struct.Struct(">q").pack
 
 
 def derived_key_id(key: bytes) -> str:
@@ -164,6 +162,17 @@ class Keyring:
         """Encrypt under the newest key with a fresh random nonce."""
         nonce = os.urandom(NONCE_BYTES)
         return Sealed(self.newest_id, nonce + self._newest.encrypt(nonce, plaintext, aad))
+
+    def seal_many(self, items: list[tuple[bytes, bytes]]) -> tuple[str, list[bytes]]:
+        """Seal several (plaintext, aad) pairs under the newest key: its id and the sealed
+        bytes in order (one random read for every nonce of the batch)."""
+        nonces = os.urandom(NONCE_BYTES * len(items))
+        enc = self._newest.encrypt
+        out = []
+        for i, (plaintext, aad) in enumerate(items):
+            nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
+            out.append(nonce + enc(nonce, plaintext, aad))
+        return self.newest_id, out
 
     def open(self, key_id: str, data: bytes, aad: bytes) -> bytes:
         """Decrypt ``data`` sealed under ``key_id``; StateCorrupt if unknown key or tampered."""

@@ -1,0 +1,343 @@
+"""Statestore benchmark: raw SQL upserts against the node's write-behind and write-through paths.
+
+For each dialect (sqlite; postgres and mariadb when their servers are there), in one run:
+
+* ``raw_batched_upserts_per_s``: plain SQLAlchemy Core upserts of 200-byte values, 1,000 rows
+  per ``executemany`` transaction, over a working set of existing keys (the ceiling);
+* ``write_behind_per_s``: actor state changes persisted per second through a node (encryption
+  on): ``--actors`` unnamed write-behind actors with ~200 bytes of state are changed
+  continuously, and the rows the store writes per second are counted (its ``writes`` counter);
+* ``write_through_per_s``: 64 concurrent callers, each on its own write-through actor, each
+  reply only after its state is durable (group commit);
+* ``write_behind_ratio`` = write_behind / raw_batched.
+
+Prints figures, then one JSON line (last). Postgres and MariaDB come from
+``SPAWNMESH_TEST_POSTGRES_URL`` / ``SPAWNMESH_TEST_MYSQL_URL``; when neither is set the bench
+re-runs itself under ``scripts/test-dbs.sh``, which starts throwaway servers.
+
+    python bench/statestore.py [--quick] [--dialects sqlite,postgres,mariadb]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+import trio
+
+from spawnmesh import ActorSystem, Context, WriteBehind, WriteThrough, action, open_node
+from spawnmesh.config import load_config
+from spawnmesh.statestore.crypto import Keyring
+from spawnmesh.statestore.sql import SqlStateStore
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ENV = "SPAWNMESH_TEST_POSTGRES_URL"
+MY_ENV = "SPAWNMESH_TEST_MYSQL_URL"
+KEY = base64.b64encode(bytes(range(32))).decode()
+VALUE_BYTES = 200
+RAW_BATCH = 1000
+CALLERS = 64
+YIELD_EVERY = 16
+"""Invocations a write-behind driver makes between trips through the scheduler."""
+
+
+@dataclass
+class Doc:
+    """About 200 bytes of msgpack state: a counter and a 185-character text."""
+
+    value: int = 0
+    text: str = "t" * 185
+
+
+def build_system(every_ms: int = 50) -> ActorSystem:
+    bench = ActorSystem("bench")
+
+    @bench.actor("doc", kind="unnamed", state=Doc, snapshot=WriteBehind(every_ms=every_ms))
+    class DocActor:
+        @action
+        async def bump(self, ctx: Context[Doc]) -> None:
+            ctx.state = Doc(ctx.state.value + 1, ctx.state.text)
+
+    @bench.actor("durable", kind="unnamed", state=Doc, snapshot=WriteThrough())
+    class DurableActor:
+        @action
+        async def bump(self, ctx: Context[Doc]) -> int:
+            ctx.state = Doc(ctx.state.value + 1, ctx.state.text)
+            return ctx.state.value
+
+    return bench
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@contextmanager
+def fresh_database(dialect: str, tmp: Path) -> Iterator[sa.URL]:
+    """A new, empty database of ``dialect`` (dropped afterwards)."""
+    if dialect == "sqlite":
+        path = tmp / f"bench-{uuid.uuid4().hex[:8]}.db"
+        yield sa.make_url(f"sqlite+pysqlite:///{path}")
+        return
+    base = sa.make_url(os.environ[PG_ENV if dialect == "postgres" else MY_ENV])
+    name = f"spawnmesh_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield base.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            force = " WITH (FORCE)" if dialect == "postgres" else ""
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{force}")
+        admin.dispose()
+
+
+def dialects_available(wanted: list[str]) -> list[str]:
+    out = []
+    for d in wanted:
+        if d == "sqlite" or (d == "postgres" and os.environ.get(PG_ENV)) or (
+            d == "mariadb" and os.environ.get(MY_ENV)
+        ):
+            out.append(d)
+        else:
+            print(f"{d}: skipped (no server URL)")
+    return out
+
+
+# --------------------------------------------------------------------------- raw upserts
+
+
+def raw_upserts(url: sa.URL, n_keys: int, seconds: float) -> float:
+    """Plain SQLAlchemy Core upserts of 200-byte values, 1,000 per transaction (rows/s)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    if url.get_backend_name() == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:  # same pragmas as the store
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+    md = sa.MetaData()
+    table = sa.Table(
+        "bench_raw", md,
+        sa.Column("k", sa.String(64), primary_key=True),
+        sa.Column("v", sa.LargeBinary, nullable=False),
+        sa.Column("n", sa.BigInteger, nullable=False),
+    )
+    md.create_all(engine)
+    backend = url.get_backend_name()
+    stmt: Any
+    if backend == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        ins = sqlite_insert(table)
+        stmt = ins.on_conflict_do_update(index_elements=["k"],
+                                         set_={"v": ins.excluded.v, "n": ins.excluded.n})
+    elif backend == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        pins = pg_insert(table)
+        stmt = pins.on_conflict_do_update(index_elements=["k"],
+                                          set_={"v": pins.excluded.v, "n": pins.excluded.n})
+    else:
+        from sqlalchemy.dialects.mysql import insert as my_insert
+
+        mins = my_insert(table)
+        stmt = mins.on_duplicate_key_update(v=mins.inserted.v, n=mins.inserted.n)
+    keys = [f"bench/raw-{i}" for i in range(n_keys)]
+    value = os.urandom(VALUE_BYTES)
+    rows_done = 0
+    rnd = 0
+
+    def one_pass() -> int:
+        nonlocal rnd
+        rnd += 1
+        done = 0
+        with engine.connect() as conn:
+            for i in range(0, n_keys, RAW_BATCH):
+                with conn.begin():
+                    conn.execute(stmt, [{"k": k, "v": value, "n": rnd}
+                                        for k in keys[i : i + RAW_BATCH]])
+                done += len(keys[i : i + RAW_BATCH])
+        return done
+
+    one_pass()  # create the rows: every measured statement is an update of an existing key
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rows_done += one_pass()
+    rate = rows_done / (time.perf_counter() - t0)
+    engine.dispose()
+    return rate
+
+
+# --------------------------------------------------------------------------- through the node
+
+
+def node_config(write_behind_ms: int) -> Any:
+    return load_config(
+        overrides={"statestore.url": "memory://", "ops.port": 0,
+                   "actors.deactivate_after_ms": 3_600_000,
+                   "actors.write_behind_ms": write_behind_ms,
+                   "actors.write_batch_max": 1000},
+        env={},
+    )
+
+
+async def write_behind(url: sa.URL, n_actors: int, seconds: float) -> tuple[float, int, int]:
+    """Persisted state changes per second (rows the store wrote), and invocations made."""
+    store = SqlStateStore(url, keyring=Keyring.parse(KEY), pool_size=4)
+    async with open_node(node_config(50), build_system(), store=store) as node:
+        refs = [node.ref("bench", f"wb-{i}", parent="doc") for i in range(n_actors)]
+        # First round: activate and create every row (inserts), then measure updates.
+        for r in refs:
+            await r.invoke("bump")
+        assert await node.runtime.writer.flush_all()
+        invokes = 0
+        stop = False
+
+        async def driver(part: list[Any]) -> None:
+            nonlocal invokes
+            while not stop:
+                for i in range(0, len(part), YIELD_EVERY):
+                    for r in part[i : i + YIELD_EVERY]:
+                        await r.invoke("bump")
+                    # callers on the network yield between bursts of requests; a loop that
+                    # never does only measures how rarely the writer task gets scheduled
+                    await trio.lowlevel.checkpoint()
+                invokes += len(part)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(4):
+                nursery.start_soon(driver, refs[k::4])
+            await trio.sleep(0.5)  # reach a steady state
+            w0, i0, t0 = store.writes, invokes, time.perf_counter()
+            await trio.sleep(seconds)
+            w1, i1, t1 = store.writes, invokes, time.perf_counter()
+            stop = True
+        rate = (w1 - w0) / (t1 - t0)
+        return rate, i1 - i0, store.batches
+
+
+async def drain(url: sa.URL, n_actors: int) -> float:
+    """How fast the node's writer persists a backlog of dirty actors when nothing else runs
+    (what shutdown and handoff do): rows per second, best of three rounds."""
+    store = SqlStateStore(url, keyring=Keyring.parse(KEY), pool_size=4)
+    async with open_node(node_config(3_600_000), build_system(3_600_000), store=store) as node:
+        refs = [node.ref("bench", f"dr-{i}", parent="doc") for i in range(n_actors)]
+        best = 0.0
+        for _ in range(4):  # the first round inserts; the others update
+            for r in refs:
+                await r.invoke("bump")
+            w0, t0 = store.writes, time.perf_counter()
+            assert await node.runtime.writer.flush_all()
+            rate = (store.writes - w0) / (time.perf_counter() - t0)
+            best = max(best, rate) if store.writes > n_actors else best
+        return best
+
+
+async def write_through(url: sa.URL, seconds: float) -> tuple[float, int]:
+    """Acknowledged durable writes per second from 64 concurrent callers; and batches."""
+    store = SqlStateStore(url, keyring=Keyring.parse(KEY), pool_size=4)
+    async with open_node(node_config(1000), build_system(), store=store) as node:
+        refs = [node.ref("bench", f"wt-{i}", parent="durable") for i in range(CALLERS)]
+        for r in refs:
+            await r.invoke("bump")
+        done = 0
+        stop = False
+
+        async def caller(r: Any) -> None:
+            nonlocal done
+            while not stop:
+                await r.invoke("bump")
+                done += 1
+
+        async with trio.open_nursery() as nursery:
+            for r in refs:
+                nursery.start_soon(caller, r)
+            await trio.sleep(0.3)
+            d0, b0, t0 = done, store.batches, time.perf_counter()
+            await trio.sleep(seconds)
+            d1, b1, t1 = done, store.batches, time.perf_counter()
+            stop = True
+        # every acknowledged write is in the store
+        for i, r in enumerate(refs):
+            got = await store.load(("bench", f"wt-{i}"))
+            state = await r.invoke("get_state")
+            assert got is not None and msgspec.msgpack.decode(got.blob)["value"] == state.value
+        return (d1 - d0) / (t1 - t0), b1 - b0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_dialect(dialect: str, tmp: Path, args: argparse.Namespace) -> dict[str, float]:
+    secs = args.seconds
+    with fresh_database(dialect, tmp) as url:
+        raw = raw_upserts(url, args.actors, secs)
+    print(f"{dialect}: raw batched upserts (Core, {RAW_BATCH}/txn, {VALUE_BYTES} B): "
+          f"{raw:,.0f} rows/s")
+    with fresh_database(dialect, tmp) as url:
+        wb, invokes, batches = trio.run(write_behind, url, args.actors, secs)
+    print(f"{dialect}: write-behind through the node ({args.actors:,} actors, encrypted): "
+          f"{wb:,.0f} persisted changes/s ({invokes / secs:,.0f} state changes/s made, "
+          f"{batches:,} batches)")
+    with fresh_database(dialect, tmp) as url:
+        dr = trio.run(drain, url, args.actors)
+    print(f"{dialect}: write-behind backlog drained by the writer alone: {dr:,.0f} rows/s "
+          f"(ratio to raw {dr / raw:.2f})")
+    with fresh_database(dialect, tmp) as url:
+        wt, wt_batches = trio.run(write_through, url, secs)
+    print(f"{dialect}: write-through ({CALLERS} callers, encrypted): {wt:,.0f} durable "
+          f"acknowledged writes/s ({wt * secs / max(1, wt_batches):.1f} per group commit)")
+    ratio = wb / raw
+    print(f"{dialect}: write_behind_ratio {ratio:.2f}")
+    return {"raw_batched_upserts_per_s": round(raw), "write_behind_per_s": round(wb),
+            "write_through_per_s": round(wt), "write_behind_ratio": round(ratio, 3),
+            "write_behind_drain_per_s": round(dr)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer actors")
+    ap.add_argument("--dialects", default="sqlite,postgres,mariadb")
+    ap.add_argument("--seconds", type=float, default=0.0)
+    ap.add_argument("--actors", type=int, default=0)
+    ap.add_argument("--no-servers", action="store_true",
+                    help="do not start database servers through scripts/test-dbs.sh")
+    args = ap.parse_args()
+    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
+    args.actors = args.actors or (5_000 if args.quick else 20_000)
+    wanted = [d.strip() for d in args.dialects.split(",") if d.strip()]
+    needs_servers = any(d != "sqlite" for d in wanted)
+    if (needs_servers and not args.no_servers and not os.environ.get(PG_ENV)
+            and not os.environ.get(MY_ENV) and not os.environ.get("SPAWNMESH_BENCH_DBS")):
+        os.environ["SPAWNMESH_BENCH_DBS"] = "1"
+        script = str(ROOT / "scripts" / "test-dbs.sh")
+        os.execvp("bash", ["bash", script, sys.executable, __file__, *sys.argv[1:]])
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, Python "
+          f"{platform.python_version()}, SQLAlchemy {sa.__version__}")
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="spawnmesh-bench-") as tmp:
+        for d in dialects_available(wanted):
+            results[d] = run_dialect(d, Path(tmp), args)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
