@@ -293,10 +293,6 @@ def config_docs() -> None:
     click.echo(render_docs_markdown(), nl=False)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m spawnmesh.cli`
-    main(prog_name="spawnmesh")
-
-
 @main.command(short_help="Generate a statestore or cluster key.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
               help="Write the key to this file (mode 0600; refuses to overwrite).")
@@ -320,3 +316,202 @@ def keygen(out: str | None) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(line + "\n")
     click.echo(f"wrote a new key to {out}", err=True)
+
+
+# --------------------------------------------------------------------------------------------
+# state, statestore: operate directly on the configured statestore (no node needed)
+
+
+def _store_options(func: _F) -> _F:
+    """``--config``, ``--set`` and ``--statestore``: the statestore ``run`` would use."""
+    func = click.option(
+        "--statestore", "statestore_url", metavar="URL",
+        help="Statestore SQLAlchemy URL (default: the configured statestore.url).",
+    )(func)
+    return _config_options(func)
+
+
+def _store_call(
+    config_file: str | None,
+    sets: tuple[str, ...],
+    statestore_url: str | None,
+    fn: Callable[[Any], Any],
+) -> Any:
+    """Open the configured SQL statestore (migrating it), run ``await fn(store)``, close it.
+
+    Configuration errors exit 2; an unreachable store or a failed operation exits 1."""
+    cfg = _build_config(config_file, sets, {"statestore.url": ("--statestore", statestore_url)})
+    s = cfg.statestore
+    if s.url.strip().lower().startswith("memory:"):
+        _fail("error: the statestore is memory:// (nothing persists); pass --statestore URL or "
+              "set statestore.url", EXIT_USAGE)
+    import trio
+
+    from spawnmesh.errors import SpawnmeshError
+    from spawnmesh.statestore.factory import open_statestore
+
+    try:
+        store = open_statestore(s.url, key=s.key, key_file=s.key_file,
+                                allow_plaintext=s.allow_plaintext, pool_size=1, node_id="cli",
+                                history_keep=s.history_keep,
+                                history_max_age_s=s.history_max_age_ms / 1000)
+    except ConfigError as err:
+        _config_error(err)
+
+    async def go() -> Any:
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.aclose()
+
+    try:
+        return trio.run(go)
+    except SpawnmeshError as err:
+        _fail(f"{err.code}: {err}")
+
+
+def _echo_json(value: object) -> None:
+    if sys.stdout.isatty():
+        click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+    else:
+        click.echo(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def _state_json(blob: bytes) -> dict[str, object]:
+    """A state blob as JSON: decoded msgpack when it is exactly one msgpack value that maps
+    to JSON, else base64."""
+    import base64
+
+    import msgspec
+
+    try:
+        value = msgspec.msgpack.decode(blob)
+        # through msgspec's JSON: bytes become base64 text; non-string keys fail
+        return {"encoding": "msgpack", "state": msgspec.json.decode(msgspec.json.encode(value))}
+    except (msgspec.DecodeError, TypeError, ValueError, OverflowError):
+        return {"encoding": "base64", "state": base64.b64encode(blob).decode()}
+
+
+def _record_json(st: Any) -> dict[str, object]:
+    """A ``StoredState`` as JSON (the state decoded by ``_state_json``)."""
+    out: dict[str, object] = {
+        "system": st.key[0],
+        "name": st.key[1],
+        "revision": st.revision,
+        "state_type": st.state_type,
+        "parent": st.parent,
+        "tags": dict(st.tags),
+        "updated_ms": st.updated_ms,
+    }
+    out.update(_state_json(st.blob))
+    return out
+
+
+@main.group()
+def state() -> None:
+    """Read, restore or delete one actor's stored state (directly in the statestore)."""
+
+
+@state.command("get", short_help="Print an actor's current stored state.")
+@click.argument("system")
+@click.argument("name")
+@_store_options
+def state_get(system: str, name: str, config_file: str | None, sets: tuple[str, ...],
+              statestore_url: str | None) -> None:
+    """Print the current stored state of actor NAME of SYSTEM as JSON (exit 1 if none)."""
+
+    async def fn(store: Any) -> Any:
+        return await store.load((system, name))
+
+    st = _store_call(config_file, sets, statestore_url, fn)
+    if st is None:
+        _fail(f"not_found: no stored state for {system}/{name}")
+    _echo_json(_record_json(st))
+
+
+@state.command("history", short_help="Print an actor's kept past revisions.")
+@click.argument("system")
+@click.argument("name")
+@_store_options
+def state_history(system: str, name: str, config_file: str | None, sets: tuple[str, ...],
+                  statestore_url: str | None) -> None:
+    """Print the kept revisions of actor NAME of SYSTEM, oldest first, as a JSON list
+    (empty unless the store keeps history: statestore history settings)."""
+
+    async def fn(store: Any) -> Any:
+        return await store.history((system, name))
+
+    _echo_json([_record_json(st) for st in _store_call(config_file, sets, statestore_url, fn)])
+
+
+@state.command("restore", short_help="Write a past revision back as the current state.")
+@click.argument("system")
+@click.argument("name")
+@click.argument("revision", type=click.IntRange(min=1))
+@_store_options
+def state_restore(system: str, name: str, revision: int, config_file: str | None,
+                  sets: tuple[str, ...], statestore_url: str | None) -> None:
+    """Point-in-time restore: write REVISION of actor NAME from history as a new revision.
+    An activation still holding the old revision is fenced off and reloads."""
+
+    async def fn(store: Any) -> Any:
+        return await store.restore((system, name), revision)
+
+    new = _store_call(config_file, sets, statestore_url, fn)
+    _echo_json({"system": system, "name": name, "restored": revision, "revision": new})
+
+
+@state.command("delete", short_help="Delete an actor's stored state and history.")
+@click.argument("system")
+@click.argument("name")
+@_store_options
+def state_delete(system: str, name: str, config_file: str | None, sets: tuple[str, ...],
+                 statestore_url: str | None) -> None:
+    """Delete the stored state (and history) of actor NAME of SYSTEM; exit 1 if there was none.
+    An activation of it fails its next write (fenced) and starts again from a fresh state."""
+
+    async def fn(store: Any) -> Any:
+        return await store.delete((system, name))
+
+    if not _store_call(config_file, sets, statestore_url, fn):
+        _fail(f"not_found: no stored state for {system}/{name}")
+    _echo_json({"system": system, "name": name, "deleted": True})
+
+
+@main.group()
+def statestore() -> None:
+    """Maintain the statestore: schema migrations and key rotation."""
+
+
+@statestore.command("migrate", short_help="Create or migrate the statestore schema.")
+@_store_options
+def statestore_migrate(config_file: str | None, sets: tuple[str, ...],
+                       statestore_url: str | None) -> None:
+    """Apply pending schema migrations (nodes also do this on start); print the versions."""
+
+    async def fn(store: Any) -> Any:
+        return store.schema_versions
+
+    before, after = _store_call(config_file, sets, statestore_url, fn)
+    _echo_json({"from_version": before, "to_version": after})
+
+
+@statestore.command("rotate-key", short_help="Re-encrypt every row under the newest key.")
+@_store_options
+def statestore_rotate_key(config_file: str | None, sets: tuple[str, ...],
+                          statestore_url: str | None) -> None:
+    """Re-seal every state and history row not under the newest key (the last key of
+    statestore.key / the last line of the key file). Rows that cannot be opened are left as
+    they are and logged; run again until it reports 0, then drop the old key."""
+
+    async def fn(store: Any) -> Any:
+        n = await store.rotate_keys()
+        return n, store.key_id
+
+    n, key_id = _store_call(config_file, sets, statestore_url, fn)
+    _echo_json({"resealed": n, "key_id": key_id})
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m spawnmesh.cli`
+    main(prog_name="spawnmesh")

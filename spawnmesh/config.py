@@ -252,6 +252,21 @@ class StatestoreConfig:
         min=1,
         max=1_024,
     )
+    history_keep: int = setting(
+        0,
+        "Past revisions (count) kept per actor for `spawnmesh state history` and point-in-time "
+        "restore; 0 keeps none unless history_max_age_ms is set.",
+        min=0,
+        max=1_000_000,
+    )
+    history_max_age_ms: int = setting(
+        0,
+        "Keep past revisions younger than this many milliseconds (with history_keep: a "
+        "revision is pruned once it is beyond both bounds); 0 means no age bound.",
+        min=0,
+        max=31_536_000_000,
+        unit="ms",
+    )
 
 
 @dataclass(frozen=True)

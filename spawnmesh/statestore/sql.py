@@ -171,10 +171,17 @@ class SqlStateStore:
         """Batches redone item by item after a racing insert or an unexpected row count."""
         self.retries = 0
         """Transactions retried after a deadlock, serialization failure or busy database."""
+        self.schema_versions = (0, 0)
+        """Schema version before and after ``open()`` migrated it."""
         self.where = self._url.render_as_string(hide_password=True)
         """The database URL without its password (for messages and logs)."""
 
     # ------------------------------------------------------------------ plumbing
+
+    @property
+    def key_id(self) -> str:
+        """Id of the key that seals new writes (``plain`` without a keyring)."""
+        return self._keyring.newest_id if self._keyring is not None else PLAIN_KEY_ID
 
     @property
     def dialect(self) -> str:
@@ -279,6 +286,7 @@ class SqlStateStore:
             before, after = await self._run(self._migrate_sync)
         except RuntimeError as err:
             raise StatestoreUnavailable(f"statestore {self.where}: {err}") from None
+        self.schema_versions = (before, after)
         if before != after:
             log.info("statestore %s: schema migrated from version %d to %d",
                      self.where, before, after)

@@ -1,0 +1,156 @@
+"""``spawnmesh state get|history|restore|delete`` and ``spawnmesh statestore migrate|rotate-key``
+against a real SQLite file (and PostgreSQL / MariaDB when their test URLs are set)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+import trio
+from click.testing import CliRunner, Result
+
+from spawnmesh.cli import main
+from spawnmesh.statestore import schema
+from spawnmesh.statestore.base import StateWrite
+from spawnmesh.statestore.crypto import Keyring
+from spawnmesh.statestore.sql import SqlStateStore
+from tests.test_statestore_sql import KEY1, KEY2, fresh_database
+
+DIALECTS = ["sqlite", "postgresql", "mysql"]
+
+
+@pytest.fixture(params=DIALECTS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.URL]:
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    for var in list(os.environ):  # the developer's settings must not leak in (test URLs may)
+        if var.startswith(("SPAWNMESH_", "SPAWN_")) and not var.startswith("SPAWNMESH_TEST_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", KEY1)
+    return CliRunner()
+
+
+def _url(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+def _seed(url: sa.URL, writes: list[tuple[str, bytes]], keys: str = KEY1) -> None:
+    """Write revisions 1..n of each (name, blob) in order, with history kept."""
+
+    async def go() -> None:
+        store = SqlStateStore(url, keyring=Keyring.parse(keys), history_keep=10, pool_size=1)
+        await store.open()
+        revs: dict[str, int] = {}
+        try:
+            for name, blob in writes:
+                base = revs.get(name, 0)
+                [res] = await store.save_many(
+                    [StateWrite(("shop", name), base, blob, "demo.Cart", "cart",
+                                {"team": "a"}, owner="n1#1")]
+                )
+                assert isinstance(res, int)
+                revs[name] = res
+        finally:
+            await store.aclose()
+
+    trio.run(go)
+
+
+def cli(runner: CliRunner, url: sa.URL, *args: str, history: bool = True) -> Result:
+    extra = ["--set", "statestore.history_keep=10"] if history else []
+    return runner.invoke(main, [*args, "--statestore", _url(url), *extra])
+
+
+def out(result: Result) -> Any:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_get_history_restore_delete(runner: CliRunner, db_url: sa.URL) -> None:
+    mp = msgspec.msgpack.encode
+    _seed(db_url, [("c1", mp({"items": 1})), ("c1", mp({"items": 2})),
+                   ("c1", mp({"items": 3, "raw": b"\x00\x01"})), ("c2", b"\xc1not msgpack")])
+    got = out(cli(runner, db_url, "state", "get", "shop", "c1"))
+    assert got["revision"] == 3 and got["encoding"] == "msgpack"
+    assert got["state"] == {"items": 3, "raw": base64.b64encode(b"\x00\x01").decode()}
+    assert (got["system"], got["name"], got["parent"], got["state_type"], got["tags"]) == (
+        "shop", "c1", "cart", "demo.Cart", {"team": "a"}
+    )
+    assert got["updated_ms"] > 0
+    raw = out(cli(runner, db_url, "state", "get", "shop", "c2"))
+    assert raw["encoding"] == "base64"
+    assert base64.b64decode(raw["state"]) == b"\xc1not msgpack"
+
+    hist = out(cli(runner, db_url, "state", "history", "shop", "c1"))
+    assert [(h["revision"], h["state"]["items"]) for h in hist] == [(1, 1), (2, 2), (3, 3)]
+
+    restored = out(cli(runner, db_url, "state", "restore", "shop", "c1", "1"))
+    assert restored == {"system": "shop", "name": "c1", "restored": 1, "revision": 4}
+    now = out(cli(runner, db_url, "state", "get", "shop", "c1"))
+    assert (now["revision"], now["state"]) == (4, {"items": 1})
+
+    bad = cli(runner, db_url, "state", "restore", "shop", "c1", "99")
+    assert bad.exit_code == 1 and "not in history" in bad.stderr
+
+    assert out(cli(runner, db_url, "state", "delete", "shop", "c1"))["deleted"] is True
+    gone = cli(runner, db_url, "state", "get", "shop", "c1")
+    assert gone.exit_code == 1 and "not_found" in gone.stderr and "shop/c1" in gone.stderr
+    again = cli(runner, db_url, "state", "delete", "shop", "c1")
+    assert again.exit_code == 1 and "not_found" in again.stderr
+    assert out(cli(runner, db_url, "state", "history", "shop", "c1")) == []
+
+
+def test_migrate_reports_versions(runner: CliRunner, db_url: sa.URL) -> None:
+    first = out(cli(runner, db_url, "statestore", "migrate"))
+    assert first == {"from_version": 0, "to_version": schema.LATEST_VERSION}
+    second = out(cli(runner, db_url, "statestore", "migrate"))
+    assert second == {"from_version": schema.LATEST_VERSION,
+                      "to_version": schema.LATEST_VERSION}
+
+
+def test_rotate_key_reseals_under_the_newest_key(
+    runner: CliRunner, db_url: sa.URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mp = msgspec.msgpack.encode
+    _seed(db_url, [("c1", mp(1)), ("c1", mp(2)), ("c2", mp(3))])
+    old_id = Keyring.parse(KEY1).newest_id  # seeded under KEY1's derived id
+    monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"{old_id}:{KEY1},new:{KEY2}")
+    res = out(cli(runner, db_url, "statestore", "rotate-key"))
+    assert res == {"resealed": 5, "key_id": "new"}  # 2 current rows + 3 history rows
+    assert out(cli(runner, db_url, "statestore", "rotate-key"))["resealed"] == 0
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        ids = {r[0] for r in conn.execute(sa.select(schema.state.c.key_id))}
+    engine.dispose()
+    assert ids == {"new"}
+    monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"new:{KEY2}")  # the old key is gone
+    assert out(cli(runner, db_url, "state", "get", "shop", "c1"))["state"] == 2
+
+
+def test_errors(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = sa.make_url(f"sqlite+pysqlite:///{tmp_path / 's.db'}")
+    _seed(url, [("c1", b"\x01")])
+    monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", KEY2)  # not the key that sealed it
+    wrong = cli(runner, url, "state", "get", "shop", "c1")
+    assert wrong.exit_code == 1 and "shop/c1" in wrong.stderr
+    assert "Traceback" not in wrong.output
+    monkeypatch.delenv("SPAWNMESH_STATESTORE_KEY")
+    nokey = cli(runner, url, "state", "get", "shop", "c1")
+    assert nokey.exit_code == 2 and "needs a key" in nokey.stderr
+    mem = runner.invoke(main, ["state", "get", "shop", "c1", "--statestore", "memory://"])
+    assert mem.exit_code == 2 and "memory://" in mem.stderr
+    down = runner.invoke(main, ["state", "get", "a", "b", "--statestore",
+                                "postgresql+psycopg://u@127.0.0.1:1/db", "--set",
+                                "statestore.allow_plaintext=true"])
+    assert down.exit_code == 1 and "statestore" in down.stderr and "Traceback" not in down.output
