@@ -1,0 +1,161 @@
+"""Bad days through a whole node: the database goes away and comes back; a row is corrupt.
+
+A node (``open_node``) runs on a real PostgreSQL / MariaDB reached through a TCP proxy that the
+test cuts (an outage) and restores. While the database is down the node stays up and reports
+not ready with a reason, write-through invocations fail with ``StatestoreUnavailable`` and leave
+the actor at its last durable state, invocations that must load state fail the same way, and
+write-behind state stays pending; when the database returns, readiness comes back by itself and
+the pending state is written. A corrupt row (a sealed blob copied from another actor) is a
+``StateCorrupt`` for that actor only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+import pytest
+import sqlalchemy as sa
+import trio
+
+from spawnmesh import ActorSystem, Context, Node, WriteBehind, WriteThrough, action, open_node
+from spawnmesh.errors import StateCorrupt, StatestoreUnavailable
+from spawnmesh.statestore import schema
+from spawnmesh.statestore.crypto import Keyring
+from spawnmesh.statestore.sql import SqlStateStore
+from tests.conftest import test_config
+from tests.test_statestore_sql import KEY1, _Proxy, fresh_database
+
+
+def bank() -> ActorSystem:
+    system = ActorSystem("bank")
+
+    @system.actor("ledger", state=int, snapshot=WriteThrough())
+    class Ledger:
+        @action
+        async def add(self, ctx: Context[int], n: int) -> int:
+            ctx.state += n
+            return ctx.state
+
+    @system.actor("tally", state=int, snapshot=WriteBehind(every_ms=20))
+    class Tally:
+        @action
+        async def add(self, ctx: Context[int], n: int) -> int:
+            ctx.state += n
+            return ctx.state
+
+    @system.actor("account", kind="unnamed", state=int, snapshot=WriteThrough())
+    class Account:
+        @action
+        async def add(self, ctx: Context[int], n: int) -> int:
+            ctx.state += n
+            return ctx.state
+
+    return system
+
+
+def _store(url: sa.URL) -> SqlStateStore:
+    return SqlStateStore(url, keyring=Keyring.parse(KEY1), pool_size=4, connect_timeout_s=2)
+
+
+@asynccontextmanager
+async def node_on(url: sa.URL) -> AsyncIterator[Node]:
+    async with open_node(test_config(**{"actors.write_behind_ms": 20}), bank(),
+                         store=_store(url)) as node:
+        yield node
+
+
+async def stored_int(url: sa.URL, name: str) -> int | None:
+    """The value stored for bank/NAME, read directly (not through the proxy)."""
+    store = _store(url)
+    await store.open()
+    try:
+        got = await store.load(("bank", name))
+        return None if got is None else int(msgspec.msgpack.decode(got.blob))
+    finally:
+        await store.aclose()
+
+
+async def wait_until(pred: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Poll ``pred`` (node state has no event to wait on) until true, failing after a while."""
+    with trio.fail_after(timeout_s):
+        while not pred():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
+async def test_node_rides_out_an_outage(dialect: str, tmp_path: Path) -> None:
+    with fresh_database(dialect, tmp_path) as url:
+        proxy = _Proxy(url.host or "127.0.0.1", int(url.port or 0))
+        async with trio.open_nursery() as nursery:
+            await proxy.start(nursery)
+            via = url.set(host="127.0.0.1", port=proxy.port)
+            async with node_on(via) as node:
+                ledger = node.ref("bank", "ledger")
+                tally = node.ref("bank", "tally")
+                assert await ledger.invoke("add", 5) == 5
+                assert await tally.invoke("add", 1) == 1
+                await wait_until(lambda: node.runtime.writer.pending() == 0)
+                assert node.readiness() == (True, [])
+
+                proxy.cut()  # the database goes away
+                # write-through: the reply waits for durability, so it fails, and the actor
+                # is back at its last durable state
+                with pytest.raises(StatestoreUnavailable):
+                    await ledger.invoke("add", 10)
+                assert await ledger.invoke("get_state") == 5
+                # an actor whose state must be loaded cannot be activated
+                with pytest.raises(StatestoreUnavailable):
+                    await node.ref("bank", "acct-1", parent="account").invoke("add", 1)
+                # write-behind: accepted now, kept pending while writes fail
+                assert await tally.invoke("add", 1) == 2
+                assert await tally.invoke("add", 1) == 3
+                await trio.sleep(0.3)
+                assert node.runtime.writer.pending() >= 1
+                await wait_until(lambda: not node.readiness()[0])
+                reasons = node.readiness()[1]
+                assert any("state writes failing" in r or "statestore unavailable" in r
+                           for r in reasons), reasons
+                assert node.runtime.active_count() >= 2  # the node is still up and serving
+                assert await tally.invoke("get_state") == 3
+
+                await proxy.start(nursery)  # the database comes back on the same address
+                await wait_until(lambda: node.readiness()[0])  # readiness returns by itself
+                await wait_until(lambda: node.runtime.writer.pending() == 0)
+                assert await stored_int(url, "tally") == 3  # pending state was written
+                assert await stored_int(url, "ledger") == 5  # the failed add left no trace
+                assert await ledger.invoke("add", 10) == 15
+                assert await stored_int(url, "ledger") == 15
+                acct = node.ref("bank", "acct-1", parent="account")
+                assert await acct.invoke("add", 1) == 1
+            proxy.cut()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+async def test_corrupt_row_fails_that_actor_only(dialect: str, tmp_path: Path) -> None:
+    with fresh_database(dialect, tmp_path) as url:
+        async with node_on(url) as node:
+            for name in ("victim", "donor", "bystander"):
+                assert await node.ref("bank", name, parent="account").invoke("add", 7) == 7
+        # copy the donor's sealed row (a valid ciphertext, for another actor) onto the victim
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        st = schema.state
+        with engine.begin() as conn:
+            donor = conn.execute(sa.select(st.c.data, st.c.key_id, st.c.revision)
+                                 .where(st.c.system == "bank", st.c.name == "donor")).one()
+            conn.execute(st.update().where(st.c.system == "bank", st.c.name == "victim")
+                         .values(data=donor.data, key_id=donor.key_id, revision=donor.revision))
+        engine.dispose()
+
+        async with node_on(url) as node:
+            victim = node.ref("bank", "victim", parent="account")
+            for _ in range(2):  # a clear error each time, never a crash
+                with pytest.raises(StateCorrupt) as err:
+                    await victim.invoke("add", 1)
+                assert "bank/victim" in str(err.value)
+            assert await node.ref("bank", "bystander", parent="account").invoke("add", 1) == 8
+            assert await node.ref("bank", "donor", parent="account").invoke("add", 1) == 8
+            assert await node.ref("bank", "new", parent="account").invoke("add", 2) == 2
+            assert node.readiness() == (True, [])
