@@ -332,10 +332,11 @@ class NodeProcess:
                 self.proc.wait(5.0)
 
 
-def node_args(db: Path, *extra: str) -> list[str]:
-    """``run`` arguments for a node on 127.0.0.1, an ephemeral ops port and SQLite file ``db``."""
+def node_args(db: Path, *extra: str, url: str | None = None) -> list[str]:
+    """``run`` arguments for a node on 127.0.0.1, an ephemeral ops port and SQLite file ``db``
+    (or the statestore ``url`` if given)."""
     return ["run", "--ops-host", "127.0.0.1", "--ops-port", "0",
-            "--statestore", f"sqlite:///{db}", *extra]
+            "--statestore", url or f"sqlite:///{db}", *extra]
 
 
 def spawn_process(
@@ -366,10 +367,12 @@ def start_node(
     db: Path | None = None,
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    url: str | None = None,
 ) -> NodeProcess:
     """Start ``spawnmesh run`` (see :func:`node_args`) with ``key`` in the environment; by
-    default wait until it is ready. ``db`` defaults to ``workdir/state.db``."""
-    argv = [*CLI, *node_args(db or workdir / "state.db", *extra_args)]
+    default wait until it is ready. ``db`` defaults to ``workdir/state.db``; ``url`` names
+    another statestore instead."""
+    argv = [*CLI, *node_args(db or workdir / "state.db", *extra_args, url=url)]
     node = spawn_process(argv, workdir, clean_env(env, key=key))
     if wait:
         try:
@@ -387,9 +390,10 @@ def running_node(
     key: str | None,
     db: Path | None = None,
     env: Mapping[str, str] | None = None,
+    url: str | None = None,
 ) -> Iterator[NodeProcess]:
     """A ready node for the duration of the block; killed afterwards if still running."""
-    node = start_node(workdir, *extra_args, key=key, db=db, env=env)
+    node = start_node(workdir, *extra_args, key=key, db=db, env=env, url=url)
     try:
         yield node
     finally:
