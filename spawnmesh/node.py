@@ -195,6 +195,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run)
             await self.runtime.activate_eager()
+            self.runtime.start_schedule_recovery()
             self._ready = True
             task_status.started()
 

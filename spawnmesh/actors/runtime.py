@@ -24,11 +24,13 @@ import logging
 import math
 import traceback
 import types
+import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
+import msgspec
 import trio
 
 from spawnmesh.actors.activation import Activation
@@ -37,6 +39,7 @@ from spawnmesh.actors.definition import STATE_ACTIONS, ActorDef, Kind, WriteThro
 from spawnmesh.actors.scheduler import Scheduler
 from spawnmesh.actors.writer import StateWriter
 from spawnmesh.clock import wall_ms
+from spawnmesh.codec import convert, to_builtins
 from spawnmesh.errors import (
     ActionNotFound,
     ActorFailed,
@@ -53,7 +56,7 @@ from spawnmesh.errors import (
 )
 from spawnmesh.ids import ActorId, key_str
 from spawnmesh.ops.metrics import Metrics
-from spawnmesh.statestore.base import StateStore, StoredState
+from spawnmesh.statestore.base import Schedule, StateStore, StoredState
 
 log = logging.getLogger("spawnmesh.runtime")
 
@@ -87,6 +90,25 @@ class _Job:
         self.payload = payload
         self.metadata = metadata
         self.caller = caller
+
+
+SCHEDULE_LATE_KEY = "spawnmesh-schedule-late-ms"
+"""Metadata of a kept schedule fired late (after a restart): how late, in milliseconds."""
+
+
+class _Kept:
+    """A delayed invocation kept in the store until it fires (``saved``: the store has it)."""
+
+    __slots__ = ("fired", "saved", "schedule")
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.saved = False
+        self.fired = False
+
+    def has_fired(self) -> bool:
+        """Whether it fired (a method: read again after an await)."""
+        return self.fired
 
 
 class RuntimeSettings(NamedTuple):
@@ -138,6 +160,8 @@ class Runtime:
             on_stale=self._drop,
         )
         self.scheduler = Scheduler()
+        self._recovered: set[str] = set()
+        """Ids of kept schedules already loaded (a second recovery skips them)."""
         metrics.add_gauge_source(self._gauges)
 
     # ------------------------------------------------------------------ definitions
@@ -333,12 +357,141 @@ class Runtime:
             delay_ms = max(0, at_epoch_ms - wall_ms())
         if delay_ms:
             meta = dict(metadata or {})
+            kept = self._keep_schedule(target, action, payload, meta, delay_ms)
             self.scheduler.call_at(
                 trio.current_time() + delay_ms / 1000,
-                lambda: self._cast_logged(target, action, payload, meta, caller),
+                lambda: self._fire_schedule(target, action, payload, meta, caller, kept),
             )
             return
         self._cast(target, action, payload, metadata, caller)
+
+    # ------------------------------------------------------------------ durable schedules
+
+    def _keep_schedule(
+        self, target: ActorId, action: str, payload: Any, meta: dict[str, str], delay_ms: int
+    ) -> _Kept | None:
+        """Start keeping a delayed invocation in the store (in the background), so it fires
+        after a restart too. None if it cannot be kept (payload not encodable, not running)."""
+        if self._jobs is None:
+            return None
+        try:
+            blob = b"" if payload is None else msgspec.msgpack.encode(to_builtins(payload))
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            log.warning("delayed %s.%s is not durable (payload not encodable: %s)", target,
+                        action, exc)
+            return None
+        sched = Schedule(uuid.uuid4().hex, target.system, target.name, target.parent, action,
+                         blob, meta, wall_ms() + delay_ms, self.node_id)
+        kept = _Kept(sched)
+        self._spawn_job(self._save_schedule, kept)
+        return kept
+
+    async def _save_schedule(self, kept: _Kept) -> None:
+        backoff = 0.1
+        while not kept.fired:
+            try:
+                await self.store.save_schedule(kept.schedule)
+            except StatestoreUnavailable as exc:
+                log.warning("could not keep schedule %s yet (retrying): %s", kept.schedule.id,
+                            exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            kept.saved = True
+            if kept.has_fired():  # it fired while being saved
+                await self._forget_schedule(kept.schedule.id)
+            return
+
+    async def _forget_schedule(self, schedule_id: str) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self.store.delete_schedule(schedule_id)
+                return
+            except StatestoreUnavailable as exc:  # until it succeeds (else it fires again
+                log.warning("could not delete fired schedule %s yet (retrying): %s",
+                            schedule_id, exc)  # after a restart: at least once)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _fire_schedule(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        meta: Mapping[str, str],
+        caller: ActorId | None,
+        kept: _Kept | None,
+    ) -> None:
+        """A delayed invocation is due: enqueue it, then stop keeping it."""
+        try:
+            self._cast(target, action, payload, meta, caller)
+        except NodeShuttingDown:
+            return  # still kept: it fires when the node is back
+        except SpawnmeshError as exc:
+            log.warning("scheduled invocation %s.%s dropped: %s", target, action, exc)
+        if kept is None:
+            return
+        kept.fired = True
+        if kept.saved and self._jobs is not None:
+            self._spawn_job(self._forget_schedule, kept.schedule.id)
+
+    def start_schedule_recovery(self) -> None:
+        """Load kept schedules (from before a restart) and fire them when due; in the
+        background, retrying while the store is unavailable."""
+        self._spawn_job(self._recover_schedules)
+
+    async def _recover_schedules(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                kept = await self.store.list_schedules()
+                break
+            except StatestoreUnavailable as exc:
+                log.warning("cannot load kept schedules yet (retrying): %s", exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        now_ms, now = wall_ms(), trio.current_time()
+        n = 0
+        for sc in kept:
+            if sc.id in self._recovered:
+                continue
+            self._recovered.add(sc.id)
+            target = ActorId(sc.system, sc.actor, sc.parent)
+            try:
+                payload = self._schedule_payload(target, sc)
+            except SpawnmeshError as exc:
+                log.error("kept schedule %s for %s.%s dropped: %s", sc.id, target, sc.action,
+                          exc)
+                self._spawn_job(self._forget_schedule, sc.id)
+                continue
+            meta = dict(sc.metadata)
+            late = now_ms - sc.due_ms
+            if late > 0:
+                meta[SCHEDULE_LATE_KEY] = str(late)
+            k = _Kept(sc)
+            k.saved = True
+            self.scheduler.call_at(now + max(0, -late) / 1000,
+                                   self._firing(target, sc.action, payload, meta, k))
+            n += 1
+        if n:
+            log.info("%d kept schedules recovered", n)
+
+    def _firing(
+        self, target: ActorId, action: str, payload: Any, meta: Mapping[str, str], kept: _Kept
+    ) -> Callable[[], None]:
+        return lambda: self._fire_schedule(target, action, payload, meta, None, kept)
+
+    def _schedule_payload(self, target: ActorId, sc: Schedule) -> Any:
+        if not sc.payload:
+            return None
+        try:
+            value = msgspec.msgpack.decode(sc.payload)
+        except msgspec.DecodeError as exc:
+            raise InvalidArgument(f"payload is not msgpack: {exc}") from None
+        adef = self.definition_for(target)
+        ad = adef.actions.get(sc.action) if adef is not None else None
+        return convert(value, ad.payload_type if ad is not None else None)
 
     def _cast(
         self,

@@ -49,6 +49,25 @@ class StateWrite:
     """Node id (and activation epoch) of the activation that wrote it, for operators."""
 
 
+@dataclass(slots=True, frozen=True)
+class Schedule:
+    """A delayed or scheduled fire-and-forget invocation kept until it has been enqueued, so
+    it survives a restart of the node (fired at least once, late if the node was down)."""
+
+    id: str
+    system: str
+    actor: str
+    parent: str | None
+    action: str
+    payload: bytes
+    """The payload encoded as msgpack (``spawnmesh.codec``); b"" for none."""
+    metadata: Mapping[str, str]
+    due_ms: int
+    """When it is due, in Unix epoch milliseconds."""
+    owner: str = ""
+    """Node that scheduled it (for operators)."""
+
+
 WriteResult = int | StaleActivation
 """Per item of a batch: the new revision, or the StaleActivation that fenced it off."""
 
@@ -77,3 +96,12 @@ class StateStore(Protocol):
 
     async def healthy(self) -> bool:
         """A cheap check that the store answers, for readiness."""
+
+    async def save_schedule(self, schedule: Schedule) -> None:
+        """Keep ``schedule`` (replacing one with the same id) until it is deleted."""
+
+    async def list_schedules(self, limit: int = 10_000) -> list[Schedule]:
+        """Kept schedules, soonest due first, at most ``limit``."""
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Forget a schedule (it was enqueued); True if it existed."""

@@ -53,6 +53,11 @@ def state_aad(system: str, name: str, revision: int) -> bytes:
     )
 
 
+def schedule_aad(schedule_id: str) -> bytes:
+    """Authenticated data of a kept schedule's payload: its id."""
+    return b"spawnmesh.schedule.v1\x00" + schedule_id.encode()
+
+
 _U32 = struct.Struct(">I").pack
 _I64 = struct.Struct(">q").pack
 

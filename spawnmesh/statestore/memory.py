@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from spawnmesh.errors import StaleActivation
-from spawnmesh.statestore.base import ActorKey, StateWrite, StoredState, WriteResult
+from spawnmesh.statestore.base import ActorKey, Schedule, StateWrite, StoredState, WriteResult
 
 
 class MemoryStateStore:
@@ -17,6 +17,7 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._rows: dict[ActorKey, StoredState] = {}
+        self._schedules: dict[str, Schedule] = {}
         self.writes = 0
         """Items written since start (for tests and benchmarks)."""
         self.batches = 0
@@ -69,3 +70,15 @@ class MemoryStateStore:
     async def healthy(self) -> bool:
         await trio.lowlevel.checkpoint()
         return True
+
+    async def save_schedule(self, schedule: Schedule) -> None:
+        await trio.lowlevel.checkpoint()
+        self._schedules[schedule.id] = schedule
+
+    async def list_schedules(self, limit: int = 10_000) -> list[Schedule]:
+        await trio.lowlevel.checkpoint()
+        return sorted(self._schedules.values(), key=lambda s: (s.due_ms, s.id))[:limit]
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._schedules.pop(schedule_id, None) is not None

@@ -1,7 +1,7 @@
 """Tables of the SQL statestore and their versioned migrations (same schema on every dialect).
 
 Migrations are a small in-house list of numbered steps applied on ``open()`` under a database
-lock, recorded in ``spawnmesh_schema_version``: the schema is three tables owned by this library
+lock, recorded in ``spawnmesh_schema_version``: the schema is four tables owned by this library
 and applied automatically on three dialects, which Alembic (a dependency plus an env.py and a
 script directory) would not make simpler or safer.
 
@@ -32,6 +32,9 @@ MAX_KEY_ID = 64
 STATE_TABLE = "spawnmesh_actor_state"
 HISTORY_TABLE = "spawnmesh_actor_state_history"
 VERSION_TABLE = "spawnmesh_schema_version"
+SCHEDULES_TABLE = "spawnmesh_schedules"
+MAX_SCHEDULE_ID = 64
+MAX_ACTION = 255
 
 
 class Ident(sa.types.TypeDecorator[str]):
@@ -109,6 +112,24 @@ history = sa.Table(
 )
 """Past revisions (same sealed bytes as when current), bounded per actor by count and/or age."""
 
+schedules = sa.Table(
+    SCHEDULES_TABLE,
+    metadata,
+    sa.Column("id", sa.String(MAX_SCHEDULE_ID), primary_key=True),
+    sa.Column("system", Ident(MAX_SYSTEM_BYTES), nullable=False),
+    sa.Column("actor", Ident(MAX_NAME_BYTES), nullable=False),
+    sa.Column("parent", Ident(MAX_NAME_BYTES), nullable=True),
+    sa.Column("action", sa.String(MAX_ACTION), nullable=False),
+    sa.Column("payload", BLOB, nullable=False),
+    sa.Column("key_id", sa.String(MAX_KEY_ID), nullable=False),
+    sa.Column("metadata", TEXT, nullable=True),
+    sa.Column("due_ms", sa.BigInteger, nullable=False, index=True),
+    sa.Column("owner", sa.String(MAX_OWNER), nullable=False, default=""),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    **_MYSQL_TABLE_ARGS,
+)
+"""Delayed/scheduled invocations not yet enqueued; ``payload`` sealed like state (AAD: id)."""
+
 schema_version = sa.Table(
     VERSION_TABLE,
     metadata,
@@ -134,8 +155,13 @@ def _v1(conn: Connection) -> None:
     history.create(conn, checkfirst=True)
 
 
+def _v2(conn: Connection) -> None:
+    schedules.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "actor state and history tables", _v1),
+    Migration(2, "durable schedules table", _v2),
 ]
 """Every migration, in order. Append only; never edit a released step."""
 

@@ -32,8 +32,15 @@ from sqlalchemy.engine import URL, Connection, Engine, Row
 from spawnmesh import clock
 from spawnmesh.errors import InvalidArgument, StaleActivation, StateCorrupt, StatestoreUnavailable
 from spawnmesh.statestore import schema
-from spawnmesh.statestore.base import NO_TAGS, ActorKey, StateWrite, StoredState, WriteResult
-from spawnmesh.statestore.crypto import PLAIN_KEY_ID, Keyring, state_aad
+from spawnmesh.statestore.base import (
+    NO_TAGS,
+    ActorKey,
+    Schedule,
+    StateWrite,
+    StoredState,
+    WriteResult,
+)
+from spawnmesh.statestore.crypto import PLAIN_KEY_ID, Keyring, schedule_aad, state_aad
 
 log = logging.getLogger("spawnmesh.statestore")
 
@@ -41,6 +48,7 @@ T = TypeVar("T")
 
 _state = schema.state
 _hist = schema.history
+_sched = schema.schedules
 _CHUNK = 500
 """Keys per ``IN (...)`` lookup (well under every dialect's bound-parameter limit)."""
 _SHORT_SYSTEM = schema.MAX_SYSTEM_BYTES // 4
@@ -753,6 +761,74 @@ class SqlStateStore:
         if self._history:
             self._write_history(conn, [p], now)
         return int(p["revision"])
+
+    # ------------------------------------------------------------------ schedules
+
+    async def save_schedule(self, schedule: Schedule) -> None:
+        """Keep ``schedule`` (sealed like state; replaces one with the same id)."""
+        sc = schedule
+        self._check_key((sc.system, sc.actor))
+        if not sc.id or len(sc.id) > schema.MAX_SCHEDULE_ID:
+            raise InvalidArgument(f"schedule id {sc.id[:80]!r}: 1-{schema.MAX_SCHEDULE_ID} chars")
+        if len(sc.action) > schema.MAX_ACTION:
+            raise InvalidArgument(f"action {sc.action[:40]!r}...: longer than {schema.MAX_ACTION}")
+        if self._keyring is None:
+            key_id, data = PLAIN_KEY_ID, sc.payload
+        else:
+            sealed = self._keyring.seal(sc.payload, schedule_aad(sc.id))
+            key_id, data = sealed.key_id, sealed.data
+        row = {
+            "id": sc.id, "system": sc.system, "actor": sc.actor, "parent": sc.parent,
+            "action": sc.action, "payload": data, "key_id": key_id,
+            "metadata": _tags_json(sc.metadata), "due_ms": sc.due_ms,
+            "owner": (sc.owner or self._node_id)[: schema.MAX_OWNER],
+            "created_ms": self._clock(),
+        }
+
+        def txn(conn: Connection) -> None:
+            conn.execute(_sched.delete().where(_sched.c.id == sc.id))
+            conn.execute(_sched.insert(), row)
+
+        await self._run(self._transaction, txn)
+
+    async def list_schedules(self, limit: int = 10_000) -> list[Schedule]:
+        """Kept schedules, soonest first; one that cannot be opened is logged and skipped."""
+
+        def q(conn: Connection) -> list[Row[Any]]:
+            return list(conn.execute(
+                sa.select(_sched).order_by(_sched.c.due_ms, _sched.c.id).limit(limit)
+            ))
+
+        out: list[Schedule] = []
+        for r in await self._run(self._read, q):
+            try:
+                if r.key_id == PLAIN_KEY_ID:
+                    if not self._allow_plain:
+                        raise StateCorrupt("stored unencrypted but this store requires a key")
+                    payload = bytes(r.payload)
+                elif self._keyring is None:
+                    raise StateCorrupt(f"sealed under key id {r.key_id!r} but no key is set")
+                else:
+                    payload = self._keyring.open(r.key_id, bytes(r.payload), schedule_aad(r.id))
+                meta = json.loads(r.metadata) if r.metadata else {}
+                if not isinstance(meta, dict):
+                    raise StateCorrupt("metadata is not a JSON object")
+            except (StateCorrupt, ValueError) as err:
+                log.error("schedule %s for %s/%s cannot be read, skipped: %s", r.id, r.system,
+                          r.actor, err)
+                continue
+            out.append(Schedule(r.id, r.system, r.actor, r.parent, r.action, payload,
+                                {str(k): str(v) for k, v in meta.items()}, int(r.due_ms),
+                                r.owner or ""))
+        return out
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Forget a schedule; True if it existed."""
+
+        def txn(conn: Connection) -> bool:
+            return bool(conn.execute(_sched.delete().where(_sched.c.id == schedule_id)).rowcount)
+
+        return await self._run(self._transaction, txn)
 
     async def list_actors(
         self, system: str | None = None, limit: int = 1000, after: ActorKey | None = None

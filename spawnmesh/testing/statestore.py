@@ -16,7 +16,7 @@ import os
 import trio
 
 from spawnmesh.errors import StaleActivation
-from spawnmesh.statestore.base import StateStore, StateWrite
+from spawnmesh.statestore.base import Schedule, StateStore, StateWrite
 
 
 def _w(name: str, base: int, blob: bytes, **kw: object) -> StateWrite:
@@ -157,3 +157,18 @@ class StateStoreConformance:
 
     async def test_healthy(self, store: StateStore) -> None:
         assert await store.healthy() is True
+
+    async def test_schedules_kept_listed_by_due_time_and_deleted(self, store: StateStore) -> None:
+        assert await store.list_schedules() == []
+        late = Schedule("s-2", "sys", "a", None, "ping", b"\x91\x01", {}, 2_000, "n1")
+        soon = Schedule("s-1", "sys", "b", "tmpl", "tick", b"", {"k": "v"}, 1_000, "n1")
+        await store.save_schedule(late)
+        await store.save_schedule(soon)
+        assert await store.list_schedules() == [soon, late]
+        assert await store.list_schedules(limit=1) == [soon]
+        moved = Schedule("s-2", "sys", "a", None, "ping", b"\x02", {}, 500, "n1")
+        await store.save_schedule(moved)  # same id: replaced
+        assert await store.list_schedules() == [moved, soon]
+        assert await store.delete_schedule("s-2") is True
+        assert await store.delete_schedule("s-2") is False
+        assert await store.list_schedules() == [soon]
