@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import outcome
 import sqlalchemy as sa
 import trio
 from sqlalchemy import event, exc
@@ -56,6 +57,10 @@ _SHORT_NAME = schema.MAX_NAME_BYTES // 4
 """Lengths in characters that cannot exceed the byte limits (UTF-8 is at most 4 bytes a char)."""
 _SEAL_SLICE = 1000
 """Rows sealed between checkpoints of the trio thread (about 3 ms of work)."""
+_GIL_CHECK_S = 0.002
+_GIL_GIVE_S = 0.001
+"""While a database call runs and the trio loop is busy, the loop gives the GIL away for up
+to 1 ms every 2 ms (see ``SqlStateStore._run``)."""
 _ATTEMPTS = 4
 """Tries of one transaction that hit a deadlock / serialization failure / busy database."""
 
@@ -262,7 +267,38 @@ class SqlStateStore:
             ) from err
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(self._guard, fn, *args, limiter=self._limiter)
+        """Run ``fn(*args)`` in a worker thread (waiting for it even if cancelled, like
+        ``trio.to_thread.run_sync``), and see that the worker gets the GIL.
+
+        CPython hands the GIL to a waiting thread only if the holder keeps it for a whole
+        switch interval; a busy trio thread drops and retakes it at every ``epoll`` call, far
+        more often, so a worker can wait for the GIL for seconds (measured: a 120-row batch took
+        2 s under load). While the call runs and the trio loop has runnable tasks, the trio
+        thread therefore blocks for up to ``_GIL_GIVE_S`` every ``_GIL_CHECK_S`` (GIL released),
+        in which the worker can run; an idle loop sleeps in ``epoll`` and needs none of this."""
+        async with self._limiter:
+            box: list[outcome.Outcome[T]] = []
+            finished = threading.Event()
+            done = trio.Event()
+            token = trio.lowlevel.current_trio_token()
+
+            def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
+                box.append(result)
+                finished.set()
+                token.run_sync_soon(done.set)
+
+            trio.lowlevel.start_thread_soon(lambda: self._guard(fn, *args), deliver)
+            with trio.CancelScope(shield=True):
+                while True:
+                    with trio.move_on_after(_GIL_CHECK_S):
+                        await done.wait()
+                    if box:
+                        break
+                    if trio.lowlevel.current_statistics().tasks_runnable:
+                        finished.wait(_GIL_GIVE_S)  # blocks the loop briefly: the GIL is free
+            # Like to_thread.run_sync: a result is returned even if the caller was cancelled
+            # meanwhile (the writer must learn the revisions it wrote).
+            return box[0].unwrap()
 
     def _transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in one write transaction, retrying deadlocks and busy databases."""
