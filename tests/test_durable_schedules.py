@@ -20,7 +20,7 @@ from spawnmesh.statestore.crypto import Keyring
 from spawnmesh.statestore.memory import MemoryStateStore
 from spawnmesh.statestore.sql import SqlStateStore
 from tests.conftest import test_config
-from tests.test_statestore_sql import KEY1, fresh_database
+from tests.test_statestore_sql import KEY1, _db_files, fresh_database
 
 
 @dataclass
@@ -125,3 +125,19 @@ async def test_schedule_fired_in_process_is_forgotten() -> None:
         # an immediate cast is never kept
         await b.cast("deposit", Deposit(1))
         assert await store.list_schedules() == []
+
+
+async def test_kept_schedule_payload_is_not_plaintext(tmp_path: Path) -> None:
+    secret = "SCHEDULED-SECRET-7f3a"
+    with fresh_database("sqlite", tmp_path) as url:
+        async with node_on(url) as node:
+            await node.ref("vault", "s1", parent="box").cast(
+                "deposit", Deposit(1, secret), delay_ms=60_000
+            )
+            await eventually(lambda: has_kept(node, 1))
+            files = _db_files(tmp_path)
+            assert files, "no database files found"
+            for name, data in files.items():
+                assert secret.encode() not in data, f"plaintext payload in {name}"
+            [sc] = await node.store.list_schedules()
+            assert secret.encode() in sc.payload  # and it opens again
