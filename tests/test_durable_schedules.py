@@ -141,3 +141,17 @@ async def test_kept_schedule_payload_is_not_plaintext(tmp_path: Path) -> None:
                 assert secret.encode() not in data, f"plaintext payload in {name}"
             [sc] = await node.store.list_schedules()
             assert secret.encode() in sc.payload  # and it opens again
+
+
+async def test_recovery_does_not_refire_schedules_this_node_knows() -> None:
+    store = MemoryStateStore()
+    async with open_node(test_config(), vault(), store=store) as node:
+        b = node.ref("vault", "r1", parent="box")
+        await b.cast("deposit", Deposit(1, "once"), delay_ms=300)
+        await eventually(lambda: has_kept(node, 1))
+        node.runtime.start_schedule_recovery()  # e.g. a second load racing the first
+        await eventually(lambda: total_at_least(node, "r1", 1))
+        await eventually(lambda: has_kept(node, 0, exactly=True))
+        node.runtime.start_schedule_recovery()
+        await trio.sleep(0.4)
+        assert (await box(node, "r1")).memos == ["once"]

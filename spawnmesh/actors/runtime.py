@@ -160,8 +160,9 @@ class Runtime:
             on_stale=self._drop,
         )
         self.scheduler = Scheduler()
-        self._recovered: set[str] = set()
-        """Ids of kept schedules already loaded (a second recovery skips them)."""
+        self._kept: dict[str, _Kept] = {}
+        """Kept schedules known to this runtime (made here or recovered), until fired and
+        deleted from the store: recovery skips them, so none fires twice from one node."""
         metrics.add_gauge_source(self._gauges)
 
     # ------------------------------------------------------------------ definitions
@@ -383,12 +384,16 @@ class Runtime:
         sched = Schedule(uuid.uuid4().hex, target.system, target.name, target.parent, action,
                          blob, meta, wall_ms() + delay_ms, self.node_id)
         kept = _Kept(sched)
+        self._kept[sched.id] = kept
         self._spawn_job(self._save_schedule, kept)
         return kept
 
     async def _save_schedule(self, kept: _Kept) -> None:
         backoff = 0.1
-        while not kept.fired:
+        while True:
+            if kept.has_fired():  # fired before it could be saved: nothing to keep
+                self._kept.pop(kept.schedule.id, None)
+                return
             try:
                 await self.store.save_schedule(kept.schedule)
             except StatestoreUnavailable as exc:
@@ -407,6 +412,7 @@ class Runtime:
         while True:
             try:
                 await self.store.delete_schedule(schedule_id)
+                self._kept.pop(schedule_id, None)
                 return
             except StatestoreUnavailable as exc:  # until it succeeds (else it fires again
                 log.warning("could not delete fired schedule %s yet (retrying): %s",
@@ -454,9 +460,8 @@ class Runtime:
         now_ms, now = wall_ms(), trio.current_time()
         n = 0
         for sc in kept:
-            if sc.id in self._recovered:
+            if sc.id in self._kept:
                 continue
-            self._recovered.add(sc.id)
             target = ActorId(sc.system, sc.actor, sc.parent)
             try:
                 payload = self._schedule_payload(target, sc)
@@ -471,6 +476,7 @@ class Runtime:
                 meta[SCHEDULE_LATE_KEY] = str(late)
             k = _Kept(sc)
             k.saved = True
+            self._kept[sc.id] = k
             self.scheduler.call_at(now + max(0, -late) / 1000,
                                    self._firing(target, sc.action, payload, meta, k))
             n += 1
