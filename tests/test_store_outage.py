@@ -133,6 +133,29 @@ async def test_node_rides_out_an_outage(dialect: str, tmp_path: Path) -> None:
             proxy.cut()
 
 
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
+async def test_node_started_while_the_database_is_down_recovers(
+    dialect: str, tmp_path: Path
+) -> None:
+    with fresh_database(dialect, tmp_path) as url:  # a fresh database: no schema yet either
+        proxy = _Proxy(url.host or "127.0.0.1", int(url.port or 0))
+        async with trio.open_nursery() as nursery:
+            await proxy.start(nursery)
+            via = url.set(host="127.0.0.1", port=proxy.port)
+            proxy.cut()  # down before the node starts
+            await trio.sleep(0.05)
+            async with node_on(via) as node:
+                ready, reasons = node.readiness()
+                assert not ready and "statestore unavailable" in reasons, reasons
+                with pytest.raises(StatestoreUnavailable):
+                    await node.ref("bank", "ledger").invoke("add", 1)
+                await proxy.start(nursery)
+                await wait_until(lambda: node.readiness()[0])
+                assert await node.ref("bank", "ledger").invoke("add", 2) == 2  # schema created
+                assert await stored_int(url, "ledger") == 2
+            proxy.cut()
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 async def test_corrupt_row_fails_that_actor_only(dialect: str, tmp_path: Path) -> None:
     with fresh_database(dialect, tmp_path) as url:

@@ -171,6 +171,7 @@ class SqlStateStore:
         self._clock = clock
         self._limiter = trio.CapacityLimiter(pool_size)
         self._engine: Engine | None = None
+        self._migrated = False
         self._stmts: dict[str, Any] = {}
         self._rng = random.Random()
         self._raw: _RawSql | None = None
@@ -267,6 +268,13 @@ class SqlStateStore:
             ) from err
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``_call``, after the schema migration if ``open()`` could not do it (the database
+        was down when the node started: it recovers by itself when the database returns)."""
+        if not self._migrated and self._engine is not None:
+            await self._migrate()
+        return await self._call(fn, *args)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a worker thread (waiting for it even if cancelled, like
         ``trio.to_thread.run_sync``), and see that the worker gets the GIL.
 
@@ -326,16 +334,20 @@ class SqlStateStore:
         """Create the engine, check the connection and apply pending schema migrations."""
         if self._engine is None:
             self._engine = self._make_engine()
+        if self._keyring is None:
+            log.warning("statestore %s: state is stored UNENCRYPTED (allow_plaintext)", self.where)
+        await self._migrate()
+
+    async def _migrate(self) -> None:
         try:
-            before, after = await self._run(self._migrate_sync)
+            before, after = await self._call(self._migrate_sync)
         except RuntimeError as err:
             raise StatestoreUnavailable(f"statestore {self.where}: {err}") from None
+        self._migrated = True
         self.schema_versions = (before, after)
         if before != after:
             log.info("statestore %s: schema migrated from version %d to %d",
                      self.where, before, after)
-        if self._keyring is None:
-            log.warning("statestore %s: state is stored UNENCRYPTED (allow_plaintext)", self.where)
 
     def _migrate_sync(self) -> tuple[int, int]:
         # Not through _transaction: MySQL DDL commits implicitly; migrate() is idempotent.
