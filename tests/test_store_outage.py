@@ -21,7 +21,7 @@ import sqlalchemy as sa
 import trio
 
 from spawnmesh import ActorSystem, Context, Node, WriteBehind, WriteThrough, action, open_node
-from spawnmesh.errors import StateCorrupt, StatestoreUnavailable
+from spawnmesh.errors import InvocationTimeout, StateCorrupt, StatestoreUnavailable
 from spawnmesh.statestore import schema
 from spawnmesh.statestore.crypto import Keyring
 from spawnmesh.statestore.sql import SqlStateStore
@@ -153,6 +153,53 @@ async def test_node_started_while_the_database_is_down_recovers(
                 await wait_until(lambda: node.readiness()[0])
                 assert await node.ref("bank", "ledger").invoke("add", 2) == 2  # schema created
                 assert await stored_int(url, "ledger") == 2
+            proxy.cut()
+
+
+class _SlowProxy(_Proxy):
+    """A proxy that delays every chunk sent to the database by ``delay_s`` (a slow database)."""
+
+    delay_s = 0.0
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream(self.host, self.target)
+        async with client, upstream, trio.open_nursery() as n:
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream, slow: bool) -> None:
+                try:
+                    async for chunk in src:
+                        if slow and self.delay_s:
+                            await trio.sleep(self.delay_s)
+                        await dst.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                n.cancel_scope.cancel()
+
+            n.start_soon(pump, client, upstream, True)
+            n.start_soon(pump, upstream, client, False)
+
+
+async def test_slow_database_fails_callers_by_their_deadline_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    with fresh_database("postgresql", tmp_path) as url:
+        proxy = _SlowProxy(url.host or "127.0.0.1", int(url.port or 0))
+        async with trio.open_nursery() as nursery:
+            await proxy.start(nursery)
+            via = url.set(host="127.0.0.1", port=proxy.port)
+            async with node_on(via) as node:
+                ledger = node.ref("bank", "ledger")
+                assert await ledger.invoke("add", 1) == 1
+                proxy.delay_s = 0.3  # every statement now takes at least 0.3 s
+                with pytest.raises(InvocationTimeout):
+                    await ledger.invoke("add", 10, timeout_ms=100)
+                # the caller gave up, not the writer: the committed state is made durable
+                await wait_until(lambda: node.runtime.writer.pending() == 0)
+                proxy.delay_s = 0.0
+                assert await stored_int(url, "ledger") == 11
+                assert await ledger.invoke("add", 1) == 12  # its revision is still exact
+                assert await stored_int(url, "ledger") == 12
+                assert node.readiness()[0]
             proxy.cut()
 
 

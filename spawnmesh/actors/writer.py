@@ -61,6 +61,8 @@ class StateWriter:
         self._urgent: list[_Urgent] = []
         self._wake = trio.Event()
         self._tick_s = self._default_s
+        self._in_flight = 0
+        """Urgent items of the batch being written (no longer in _urgent, not yet durable)."""
         self._batch_lock = trio.Lock()
         """One batch at a time (run() and flush_all() may both write): an actor never has two
         writes in flight."""
@@ -117,8 +119,8 @@ class StateWriter:
         act.dirty_since = 0.0
 
     def pending(self) -> int:
-        """Activations whose committed state is not yet durable."""
-        return len(self._dirty) + len(self._urgent)
+        """Activations whose committed state is not yet durable (in flight included)."""
+        return len(self._dirty) + len(self._urgent) + self._in_flight
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until cancelled; urgent items first, then due write-behind items."""
@@ -191,6 +193,7 @@ class StateWriter:
             for a, b in zip(batch, blobs, strict=True)
         ]
         m = self._metrics
+        self._in_flight = len(urgent)  # taken out of _urgent; write-behind ones stay in _dirty
         try:
             results = await self._store.save_many(writes)
         except StatestoreUnavailable as exc:
@@ -198,6 +201,8 @@ class StateWriter:
         except Exception as exc:  # a store bug must not kill the writer or lose the batch
             log.exception("statestore raised unexpectedly")
             return self._failed(urgent, StatestoreUnavailable(f"statestore error: {exc!r}"))
+        finally:
+            self._in_flight = 0
         self.healthy = True
         m.state_write_batches_total += 1
         m.state_writes_total += len(batch)
