@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -408,3 +409,60 @@ def killing(*processes: NodeProcess) -> Iterator[None]:
     finally:
         for p in processes:
             p.kill()
+
+
+@dataclass
+class CounterLoad:
+    """What happened to HTTP clients adding 1 to the example counter until a signal."""
+
+    acked: list[list[int]]
+    """Counter values acknowledged, per client, in order."""
+    sent: list[int]
+    """Requests sent, per client (acknowledged or not)."""
+    endings: list[str]
+    """Why each client stopped early (an error reply or a connection error)."""
+    exit: NodeExit
+
+    @property
+    def values(self) -> list[int]:
+        """Every acknowledged value."""
+        return [v for per_client in self.acked for v in per_client]
+
+
+def signal_under_counter_load(
+    node: NodeProcess, *, clients: int, until_acked: int, sig: int
+) -> CounterLoad:
+    """Run ``clients`` threads adding 1 to ``examples/counter`` over HTTP; once ``until_acked``
+    adds are acknowledged, send ``sig`` to the node and wait for the clients to stop."""
+    acked: list[list[int]] = [[] for _ in range(clients)]
+    sent = [0] * clients
+    endings: list[str] = []
+    stop = threading.Event()
+    add_url = f"{node.url}/v1/systems/examples/actors/counter/actions/add"
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            sent[i] += 1
+            try:
+                status, reply = http_post_json(add_url, {"payload": 1}, timeout=10.0)
+            except (OSError, ValueError) as exc:  # refused, reset, closed mid-reply
+                endings.append(f"{type(exc).__name__}: {exc}")
+                return
+            if status != 200 or not isinstance(reply, dict):
+                endings.append(f"{status} {reply}")
+                return
+            acked[i].append(reply["value"])
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: sum(map(len, acked)) >= until_acked,
+                 f"{until_acked} acknowledged adds", describe=node.describe)
+        gone = node.stop(sig)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15.0)
+    assert not any(t.is_alive() for t in threads), "a load client did not stop"
+    return CounterLoad(acked, sent, endings, gone)

@@ -12,7 +12,6 @@ import re
 import signal
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from e2e import (
     run_argv,
     run_cli,
     running_node,
+    signal_under_counter_load,
     spawn_process,
     wait_for,
 )
@@ -261,59 +261,28 @@ def test_sigkill_keeps_write_through_state_only(tmp_path: Path) -> None:
 
 def test_sigterm_under_load_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     key, db = new_key(), tmp_path / "state.db"
-    clients = 4
-    acked: list[list[int]] = [[] for _ in range(clients)]  # reply values, per client
-    sent = [0] * clients
-    endings: list[str] = []
-    stop = threading.Event()
 
     with running_node(tmp_path, key=key, db=db) as node:
-        add_url = f"{node.url}/v1/systems/examples/actors/counter/actions/add"
-
-        def client(i: int) -> None:
-            while not stop.is_set():
-                sent[i] += 1
-                try:
-                    status, reply = http_post_json(add_url, {"payload": 1}, timeout=10.0)
-                except (OSError, ValueError) as exc:  # refused, reset, closed mid-reply
-                    endings.append(f"{type(exc).__name__}: {exc}")
-                    return
-                if status != 200 or not isinstance(reply, dict):
-                    endings.append(f"{status} {reply}")
-                    return
-                acked[i].append(reply["value"])
-
-        threads = [threading.Thread(target=client, args=(i,), daemon=True)
-                   for i in range(clients)]
-        for t in threads:
-            t.start()
-        try:
-            wait_for(lambda: sum(map(len, acked)) >= 100, "100 acknowledged adds",
-                     describe=node.describe)
-            gone = node.stop(signal.SIGTERM)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(15.0)
-        assert not any(t.is_alive() for t in threads)
+        load = signal_under_counter_load(node, clients=4, until_acked=100, sig=signal.SIGTERM)
+    gone = load.exit
 
     assert gone.returncode == 0, gone.stderr
     assert gone.seconds_to_exit < PROMPT_EXIT_S, gone
     # While draining the node refuses new work with 503 shutting_down, then stops listening.
-    for ending in endings:
+    for ending in load.endings:
         assert ending.startswith(("503 ", "URLError", "ConnectionRefusedError",
                                   "ConnectionResetError", "RemoteDisconnected",
-                                  "BadStatusLine", "IncompleteRead")), endings
+                                  "BadStatusLine", "IncompleteRead")), load.endings
         if ending.startswith("503 "):
-            assert "shutting_down" in ending, endings
-    highest = max(v for values in acked for v in values)
-    assert highest >= sum(map(len, acked))
+            assert "shutting_down" in ending, load.endings
+    highest = max(load.values)
+    assert highest >= len(load.values)
 
     with running_node(tmp_path, key=key, db=db) as again:
         value = again.value("counter", "value")
     assert isinstance(value, int)
     # Every acknowledged add is durable (write-through); at most the unanswered ones on top.
-    assert highest <= value <= sum(sent), (highest, value, sum(sent))
+    assert highest <= value <= sum(load.sent), (highest, value, sum(load.sent))
 
 
 def test_signal_drains_once(tmp_path: Path) -> None:

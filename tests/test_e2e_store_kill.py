@@ -12,11 +12,10 @@ number of increments that were in flight (sent, never answered) when the node di
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
 
 import pytest
-from e2e import http_post_json, new_key, running_node, wait_for
+from e2e import new_key, running_node, signal_under_counter_load
 
 from tests.test_statestore_sql import fresh_database
 
@@ -28,38 +27,11 @@ def test_sigkill_under_write_through_load_on_postgres(tmp_path: Path) -> None:
     with fresh_database("postgresql", tmp_path) as db:
         url = db.render_as_string(hide_password=False)
         key = new_key()
-        acked: list[list[int]] = [[] for _ in range(CLIENTS)]
-        sent = [0] * CLIENTS
-        stop = threading.Event()
-
         with running_node(tmp_path, key=key, url=url) as node:
-            add_url = f"{node.url}/v1/systems/examples/actors/counter/actions/add"
-
-            def client(i: int) -> None:
-                while not stop.is_set():
-                    sent[i] += 1
-                    try:
-                        status, reply = http_post_json(add_url, {"payload": 1}, timeout=10.0)
-                    except (OSError, ValueError):  # the node died under this request
-                        return
-                    if status != 200 or not isinstance(reply, dict):
-                        return
-                    acked[i].append(reply["value"])
-
-            threads = [threading.Thread(target=client, args=(i,), daemon=True)
-                       for i in range(CLIENTS)]
-            for t in threads:
-                t.start()
-            try:
-                wait_for(lambda: sum(map(len, acked)) >= 300, "300 acknowledged adds",
-                         describe=node.describe)
-                gone = node.stop(signal.SIGKILL)
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join(15.0)
-            assert not any(t.is_alive() for t in threads)
-            assert gone.returncode == -signal.SIGKILL
+            load = signal_under_counter_load(node, clients=CLIENTS, until_acked=300,
+                                             sig=signal.SIGKILL)
+        assert load.exit.returncode == -signal.SIGKILL
+        acked, sent = load.acked, load.sent
 
         values = [v for per_client in acked for v in per_client]
         n_acked = len(values)
