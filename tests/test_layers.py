@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, int]] = [
     ("spawnmesh.errors", 0),
     ("spawnmesh.ids", 0),
     ("spawnmesh.clock", 0),
+    ("spawnmesh.keyring", 0),
     ("spawnmesh.codec", 0),
     ("spawnmesh.config", 0),
     ("spawnmesh.actors.definition", 0),
