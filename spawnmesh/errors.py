@@ -187,6 +187,20 @@ class ProtocolError(SpawnmeshError):
     grpc_status = "INVALID_ARGUMENT"
 
 
+class PacketRejected(ProtocolError):
+    """A cluster packet was refused before the membership core saw it; ``reason`` says why
+    (wrong cluster, unknown key id, bad tag, unsupported version, not encrypted, malformed)."""
+
+    code = "packet_rejected"
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def details(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+
 def _all_error_types() -> list[type[SpawnmeshError]]:
     out: list[type[SpawnmeshError]] = []
     stack: list[type[SpawnmeshError]] = [SpawnmeshError]
@@ -218,6 +232,8 @@ def from_wire(boxed: dict[str, Any]) -> SpawnmeshError:
         err = CallCycle(message, list(boxed.get("chain", [])))
     elif cls is NotOwner:
         err = NotOwner(message, str(boxed.get("owner", "")))
+    elif cls is PacketRejected:
+        err = PacketRejected(message, str(boxed.get("reason", "malformed")))
     elif cls is ConfigError:
         err = ConfigError(str(boxed.get("setting", "")), message)
     else:
