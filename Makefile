@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean proto
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/invoke_local.py
+
+## proto: regenerate spawnmesh/host/gen (betterproto2 + grpclib stubs) from spec/*.proto
+proto: $(STAMP)
+	$(BIN)/python -m spawnmesh.host.codegen
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
