@@ -16,6 +16,8 @@ class SpawnmeshError(Exception):
     code: ClassVar[str] = "internal"
     grpc_status: ClassVar[str] = "INTERNAL"
     retryable: ClassVar[bool] = False
+    origin: str = ""
+    """Node where the error was raised, when it was rebuilt from a peer's Error frame."""
 
     def to_wire(self) -> dict[str, Any]:
         """Box this error for a peer, a host or the CLI: code, message and details."""
@@ -199,6 +201,44 @@ class PacketRejected(ProtocolError):
 
     def details(self) -> dict[str, Any]:
         return {"reason": self.reason}
+
+
+class FrameTooLarge(ProtocolError):
+    """A peer-wire frame exceeds the maximum frame size (sending: this request only; receiving:
+    the connection is closed, see spec/wire.md)."""
+
+    code = "frame_too_large"
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class AuthenticationFailed(ProtocolError):
+    """A peer could not prove the cluster key (wrong key, unknown key id, or no key on one side)."""
+
+    code = "unauthenticated"
+    grpc_status = "UNAUTHENTICATED"
+
+
+class ClusterMismatch(ProtocolError):
+    """A peer belongs to another cluster (its cluster name differs)."""
+
+    code = "wrong_cluster"
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class VersionMismatch(ProtocolError):
+    """Two peers share no protocol version."""
+
+    code = "version_mismatch"
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class PeerUnavailable(SpawnmeshError):
+    """A peer node cannot be reached, or its connection was lost with the request in flight (the
+    request may or may not have run there); retry, possibly on another owner."""
+
+    code = "peer_unavailable"
+    grpc_status = "UNAVAILABLE"
+    retryable = True
 
 
 def _all_error_types() -> list[type[SpawnmeshError]]:
