@@ -241,6 +241,15 @@ class PeerUnavailable(SpawnmeshError):
     retryable = True
 
 
+class HostUnavailable(SpawnmeshError):
+    """The actor's host (a process attached over the gRPC host API) is not connected, or its
+    connection was lost with the turn in flight (the state is reset to the last committed)."""
+
+    code = "host_unavailable"
+    grpc_status = "UNAVAILABLE"
+    retryable = True
+
+
 def _all_error_types() -> list[type[SpawnmeshError]]:
     out: list[type[SpawnmeshError]] = []
     stack: list[type[SpawnmeshError]] = [SpawnmeshError]
