@@ -30,6 +30,7 @@ __all__ = [
     "ENV_PREFIX",
     "RESERVED_ENV",
     "ActorsConfig",
+    "HostConfig",
     "LogConfig",
     "NodeConfig",
     "OpsConfig",
@@ -286,6 +287,80 @@ class LogConfig:
     )
 
 
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """The gRPC host API: actor hosts in any language attach here (docs/host-protocol.md)."""
+
+    enabled: bool = setting(
+        False,
+        "Serve the host API. Off by default so a node opens no port it does not need.",
+    )
+    host: str = setting(
+        "127.0.0.1",
+        "Address the host API binds to. Loopback by default; any other address requires "
+        "a token or mutual TLS (tls_cert_file, tls_key_file and tls_client_ca_file).",
+        check=_check_nonempty,
+    )
+    port: int = setting(
+        9001,
+        "TCP port of the host API; 0 picks a free port (tests). 9001 is Spawn's proxy port.",
+        min=0,
+        max=65535,
+    )
+    token: str = setting(
+        "",
+        "Shared secret hosts send as 'authorization: Bearer <token>' metadata; a missing or "
+        "wrong one is UNAUTHENTICATED. Empty: no token (loopback only). Secret: never printed.",
+        secret=True,
+    )
+    tls_cert_file: str = setting(
+        "",
+        "PEM certificate chain of the host API (TLS). Empty: plaintext HTTP/2.",
+    )
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = setting(
+        "",
+        "PEM CA bundle that client certificates must chain to (mutual TLS). Empty: client "
+        "certificates are not asked for.",
+    )
+    max_message_bytes: int = setting(
+        4 * 1024 * 1024,
+        "Largest gRPC message (bytes) accepted; bigger ones are refused with "
+        "RESOURCE_EXHAUSTED before they are read. 4 MiB is gRPC's usual default.",
+        min=1024,
+        max=1 << 30,
+        unit="bytes",
+    )
+    bridge: str = setting(
+        "thread",
+        "How grpclib's asyncio runs beside the trio node: thread (a native asyncio loop in a "
+        "dedicated thread) or trio-asyncio (inside trio). Chosen by measurement: "
+        "docs/host-protocol.md.",
+        choices=("thread", "trio-asyncio"),
+    )
+    transport: str = setting(
+        "any",
+        "Turn transports hosts may use: stream (turns over the host's Connect stream, the "
+        "node never dials out), callback (the node calls the host's HostService), or any.",
+        choices=("any", "stream", "callback"),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.enabled or _loopback(self.host):
+            return
+        mtls = self.tls_cert_file and self.tls_key_file and self.tls_client_ca_file
+        if not self.token and not mtls:
+            raise ConfigError(
+                "host.host",
+                f"binding the host API to {self.host!r} (not loopback) requires host.token "
+                "or mutual TLS (host.tls_cert_file, host.tls_key_file, host.tls_client_ca_file)",
+            )
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """The whole configuration of one node: top-level settings and one field per section."""
@@ -305,6 +380,7 @@ class NodeConfig:
     actors: ActorsConfig = field(default_factory=ActorsConfig)
     statestore: StatestoreConfig = field(default_factory=StatestoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    host: HostConfig = field(default_factory=HostConfig)
 
 
 # --------------------------------------------------------------------------------------------
