@@ -31,6 +31,7 @@ __all__ = [
     "RESERVED_ENV",
     "ActorsConfig",
     "HostConfig",
+    "ClusterConfig",
     "LogConfig",
     "NodeConfig",
     "OpsConfig",
@@ -94,10 +95,10 @@ def setting(
 
 
 def _check_key(value: Any) -> str | None:
-    """Validate key(s) with the statestore's own parser, so both agree on the grammar."""
+    """Validate key(s) with the keyring's own parser, so both agree on the grammar."""
     if str(value).strip() == "":
         return None
-    from spawnmesh.statestore.crypto import Keyring  # lazy: pulls in `cryptography`
+    from spawnmesh.keyring import Keyring  # lazy: pulls in `cryptography`
 
     try:
         Keyring.parse(str(value))
@@ -287,6 +288,198 @@ class LogConfig:
     )
 
 
+def _check_addresses(value: Any) -> str | None:
+    from spawnmesh.cluster.addr import parse_host_port
+    from spawnmesh.errors import InvalidArgument
+
+    for item in value:
+        try:
+            parse_host_port(item, default_port=1)
+        except InvalidArgument as exc:
+            return f"bad address {exc}"
+    return None
+
+
+def _check_optional_address(value: Any) -> str | None:
+    return _check_addresses([value]) if str(value).strip() else None
+
+
+def _check_tags(value: Any) -> str | None:
+    for item in value:
+        key, sep, _ = str(item).partition("=")
+        if not sep or not key.strip():
+            return f"tag {item!r} must be key=value"
+    return None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster membership: SWIM + Lifeguard gossip over UDP, with TCP for state sync, on one
+    port. Identity, addresses, seeds and DNS discovery, timing presets, and packet security."""
+
+    enabled: bool = setting(
+        True,
+        "Join a cluster: run the membership service (gossip on cluster.gossip_port). Off, the "
+        "node runs alone and `spawnmesh members` has nothing to show.",
+    )
+    name: str = setting(
+        "spawnmesh",
+        "Cluster name. Packets of another cluster are rejected (authenticated with the key, "
+        "carried as a tag without one), so two clusters sharing a network never merge.",
+        check=_check_nonempty,
+    )
+    bind_host: str = setting(
+        "127.0.0.1",
+        "Address the gossip UDP socket and TCP listener bind to. Loopback by default; a "
+        "non-loopback address (e.g. 0.0.0.0 in a container) needs a cluster key.",
+        check=_check_nonempty,
+    )
+    gossip_port: int = setting(
+        7946,
+        "UDP and TCP port of the gossip protocol (the same number for both, like serf and "
+        "memberlist); 0 picks a free port (tests).",
+        min=0,
+        max=65535,
+    )
+    advertise_host: str = setting(
+        "",
+        "Address other members use to reach this node (e.g. the pod IP). Empty means the bind "
+        "address, or the address of the default route when binding 0.0.0.0 or ::.",
+    )
+    advertise_port: int = setting(
+        0,
+        "Gossip port other members use to reach this node (behind port mapping); 0 means the "
+        "bound gossip port.",
+        min=0,
+        max=65535,
+    )
+    peer_port: int = setting(
+        7947,
+        "Port of this node's peer-wire server (actor invocations between nodes), advertised "
+        "to the other members in this node's metadata with the advertise host.",
+        min=0,
+        max=65535,
+    )
+    seeds: tuple[str, ...] = setting(
+        (),
+        "Members to join at start, as host:port (names are resolved, again on every retry). "
+        "Retried with backoff until one answers, and again whenever this node is alone. "
+        "Listing this node itself is fine (it is skipped).",
+        check=_check_addresses,
+    )
+    dns_name: str = setting(
+        "",
+        "DNS name whose records list members, like a Kubernetes headless Service: A/AAAA "
+        "records of name[:port] (port: the gossip port), or SRV records when the name starts "
+        "with an underscore (_gossip._udp.name; the port comes from each record). Resolved "
+        "at start, on every retry and every dns_refresh_ms. Empty means none.",
+    )
+    dns_nameserver: str = setting(
+        "",
+        "DNS server (host[:port]) for dns_name. Empty means the system resolver "
+        "(/etc/resolv.conf).",
+        check=_check_optional_address,
+    )
+    dns_refresh_ms: int = setting(
+        30_000,
+        "While joined, re-resolve seeds and dns_name this often, in milliseconds, and join "
+        "any address that is not a live member, so islands formed during a partition merge.",
+        min=100,
+        max=86_400_000,
+        unit="ms",
+    )
+    join_retry_min_ms: int = setting(
+        500,
+        "First delay in milliseconds before retrying a join no seed answered; doubled each "
+        "time up to join_retry_max_ms.",
+        min=10,
+        max=3_600_000,
+        unit="ms",
+    )
+    join_retry_max_ms: int = setting(
+        30_000,
+        "Longest delay in milliseconds between join retries while no seed answers.",
+        min=10,
+        max=3_600_000,
+        unit="ms",
+    )
+    preset: str = setting(
+        "lan",
+        "Timing preset (memberlist's): lan (1 s probes), wan (5 s probes, slower suspicion), "
+        "local (loopback, 200 ms probe timeout). The settings below override single knobs.",
+        choices=("lan", "wan", "local"),
+    )
+    probe_interval_ms: int = setting(
+        0,
+        "Time between two probes of one member in milliseconds; 0 keeps the preset's value.",
+        min=0,
+        max=600_000,
+        unit="ms",
+    )
+    probe_timeout_ms: int = setting(
+        0,
+        "Wait for a direct ack before indirect probes, in milliseconds, about the p99 round "
+        "trip; 0 keeps the preset's value.",
+        min=0,
+        max=600_000,
+        unit="ms",
+    )
+    suspicion_mult: int = setting(
+        0,
+        "Suspicion timeout multiplier (min timeout = mult x max(1, log10 n) x probe "
+        "interval); 0 keeps the preset's value.",
+        min=0,
+        max=100,
+    )
+    gossip_interval_ms: int = setting(
+        0,
+        "Time between gossip rounds of queued news in milliseconds; 0 keeps the preset's value.",
+        min=0,
+        max=600_000,
+        unit="ms",
+    )
+    push_pull_interval_ms: int = setting(
+        0,
+        "Full-state TCP sync with one random member this often, in milliseconds; 0 keeps the "
+        "preset's value.",
+        min=0,
+        max=86_400_000,
+        unit="ms",
+    )
+    key: str = setting(
+        "",
+        "Cluster key: base64 of 32 random bytes (`spawnmesh keygen`); every packet is "
+        "encrypted and authenticated with AES-256-GCM. For rotation, comma-separated keys, "
+        "each 'id:base64' or bare base64; the last one encrypts, all of them decrypt. Secret.",
+        secret=True,
+        check=_check_key,
+    )
+    key_file: str = setting(
+        "",
+        "Path to a file of cluster keys, one 'id:base64key' a line, the last line encrypts. "
+        "Set key or key_file, not both.",
+    )
+    allow_insecure: bool = setting(
+        False,
+        "Let a node bound to a non-loopback address gossip without a cluster key (anyone who "
+        "can reach the port can join or forge membership news). Logged loudly when used.",
+    )
+    leave_timeout_ms: int = setting(
+        5_000,
+        "On shutdown, time in milliseconds allowed for the leave news to be retransmitted "
+        "before the node stops gossiping; the others then mark it left, never dead.",
+        min=0,
+        max=600_000,
+        unit="ms",
+    )
+    tags: tuple[str, ...] = setting(
+        (),
+        "key=value labels in this node's metadata, shown by `spawnmesh members` (e.g. "
+        "zone=eu-1).",
+        check=_check_tags,
+    )
+
+
 def _loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -381,6 +574,7 @@ class NodeConfig:
     statestore: StatestoreConfig = field(default_factory=StatestoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
     host: HostConfig = field(default_factory=HostConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "spawnmesh"
 LAYERS: list[tuple[str, int]] = [
     ("spawnmesh.cluster.transport*", 1),
     ("spawnmesh.cluster.discovery*", 1),
+    ("spawnmesh.cluster.membership*", 1),
     ("spawnmesh.cluster.*", 0),
     ("spawnmesh.cluster", 0),
     ("spawnmesh.wire.codec*", 0),
@@ -60,7 +61,8 @@ LAYERS: list[tuple[str, int]] = [
 
 SANS_IO = ["spawnmesh.cluster.*", "spawnmesh.wire.codec*", "spawnmesh.wire.messages*",
            "spawnmesh.wire.handshake*"]
-SANS_IO_EXCEPT = ["spawnmesh.cluster.transport*", "spawnmesh.cluster.discovery*"]
+SANS_IO_EXCEPT = ["spawnmesh.cluster.transport*", "spawnmesh.cluster.discovery*",
+                  "spawnmesh.cluster.membership*"]
 IO_MODULES = {"trio", "asyncio", "socket", "selectors", "threading", "time", "anyio",
               "grpclib", "sqlalchemy", "subprocess"}
 RANDOM_OK = {"Random", "SystemRandom"}
