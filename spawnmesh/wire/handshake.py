@@ -148,6 +148,8 @@ class _Machine:
         self.reject: bytes | None = None
         """Body of the Reject to send before closing, after this side raised."""
         self._failed = False
+        self.rejected_by_peer = False
+        """The peer sent a Reject (nothing to send back)."""
 
     @property
     def done(self) -> bool:
@@ -156,6 +158,7 @@ class _Machine:
 
     def _fail(self, exc: SpawnmeshError, *, from_peer: bool = False) -> SpawnmeshError:
         self._failed = True
+        self.rejected_by_peer = from_peer
         if not from_peer:
             self.reject = m.encode(m.Reject(exc.code, str(exc)))
         return exc

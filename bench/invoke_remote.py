@@ -1,0 +1,229 @@
+"""Remote invocation benchmark (issue 5): the raw TCP baseline and the peer wire layer.
+
+Every figure is measured between two processes on loopback: this process is the client, a
+child process (this file with ``--serve raw|wire``) the server. Figures:
+
+* ``raw_trio_rtt_per_s``: plain trio, one 200-byte frame sent and echoed back, sequentially;
+* ``wire_seq_per_s``, ``wire_seq_p50_us``, ``wire_seq_p99_us``: one caller, sequential
+  requests through ``spawnmesh.wire.PeerNode`` to an echo handler (150-byte payload, about 200
+  bytes a frame);
+* ``wire_pipelined_per_s``: 64 callers in flight over the one connection;
+* ``wire_seq_ratio`` = wire_seq_per_s / raw_trio_rtt_per_s (both medians over the same rounds,
+  raw and wire interleaved so that background load hits both alike).
+
+The end-to-end figures of the issue (``remote_seq_*``, ``remote_pipelined_invokes_per_s``
+through a 3-node cluster of ``spawnmesh run``) need the router; they get a function each here
+when it lands. Other work on the machine makes absolute figures noisy: compare ratios.
+
+    python bench/invoke_remote.py [--quick] [--rounds N]
+
+Prints figures, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from spawnmesh.keyring import Keyring
+from spawnmesh.wire.messages import Request
+from spawnmesh.wire.peer import PeerNode
+
+FRAME = b"x" * 200
+PAYLOAD = b"p" * 150
+CLUSTER = "bench"
+IN_FLIGHT = 64
+perf = time.perf_counter
+
+
+# ---------------------------------------------------------------- servers (child process)
+
+
+async def serve_raw() -> None:
+    """Echo every byte back (the peer of the raw round trip)."""
+
+    async def echo(stream: trio.SocketStream) -> None:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(echo, listeners)
+
+
+async def serve_wire(key: str) -> None:
+    """A PeerNode with an echo handler."""
+
+    async def echo(req: Request, origin: str) -> bytes | None:
+        return req.payload
+
+    node = PeerNode("server", 1, CLUSTER, echo, keyring=Keyring.parse(key))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(node.serve, "127.0.0.1", 0)
+        print(port, flush=True)
+
+
+class Server:
+    """A server child process; its port is read from its first line of output."""
+
+    def __init__(self, kind: str, key: str) -> None:
+        env = dict(os.environ, BENCH_KEY=key)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind], stdout=subprocess.PIPE, text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------- figures (client side)
+
+
+async def raw_trio_rtt(port: int, n: int) -> float:
+    """Sequential 200-byte round trips per second over plain trio streams."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    size = len(FRAME)
+
+    async def once() -> None:
+        await stream.send_all(FRAME)
+        got = 0
+        while got < size:
+            got += len(await stream.receive_some(65536))
+
+    for _ in range(min(n, 2000)):
+        await once()
+    t0 = perf()
+    for _ in range(n):
+        await once()
+    dt = perf() - t0
+    await stream.aclose()
+    return n / dt
+
+
+def request() -> Request:
+    return Request(0, "bench", "echo", None, "echo", PAYLOAD)
+
+
+async def wire_seq(node: PeerNode, port: int, n: int) -> tuple[float, float, float]:
+    """(requests/s, p50 us, p99 us) for one sequential caller."""
+    addr = ("127.0.0.1", port)
+    for _ in range(min(n, 2000)):
+        await node.request("server", addr, request())
+    lat: list[float] = []
+    t0 = perf()
+    for _ in range(n):
+        s = perf()
+        await node.request("server", addr, request())
+        lat.append(perf() - s)
+    dt = perf() - t0
+    lat.sort()
+    return n / dt, lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+
+
+async def wire_pipelined(node: PeerNode, port: int, n: int) -> float:
+    """Requests/s with ``IN_FLIGHT`` callers sharing the connection."""
+    addr = ("127.0.0.1", port)
+    per = n // IN_FLIGHT
+
+    async def caller() -> None:
+        for _ in range(per):
+            await node.request("server", addr, request())
+
+    async with trio.open_nursery() as nursery:  # warm up
+        for _ in range(IN_FLIGHT):
+            nursery.start_soon(caller)
+    t0 = perf()
+    async with trio.open_nursery() as nursery:
+        for _ in range(IN_FLIGHT):
+            nursery.start_soon(caller)
+    return per * IN_FLIGHT / (perf() - t0)
+
+
+async def with_client(key: str, fn: Callable[[PeerNode], Awaitable[None]]) -> None:
+    """Run ``fn`` with a client PeerNode serving in a nursery."""
+
+    async def nothing(req: Request, origin: str) -> bytes | None:
+        return None
+
+    node = PeerNode("client", 1, CLUSTER, nothing, keyring=Keyring.parse(key))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.serve, "127.0.0.1", 0)
+        await fn(node)
+        await node.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--serve", choices=["raw", "wire"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve == "raw":
+        trio.run(serve_raw)
+        return
+    if args.serve == "wire":
+        trio.run(serve_wire, os.environ["BENCH_KEY"])
+        return
+    key = _new_key()
+    n_seq = 3000 if args.quick else 20000
+    n_pipe = 12800 if args.quick else 128000
+    rounds = 1 if args.quick else args.rounds
+
+    raw_s, wire_s = Server("raw", key), Server("wire", key)
+    raw: list[float] = []
+    seq: list[tuple[float, float, float]] = []
+    pipe: list[float] = []
+    try:
+
+        async def run(node: PeerNode) -> None:
+            for _ in range(rounds):
+                raw.append(await raw_trio_rtt(raw_s.port, n_seq))
+                seq.append(await wire_seq(node, wire_s.port, n_seq))
+                pipe.append(await wire_pipelined(node, wire_s.port, n_pipe))
+
+        trio.run(with_client, key, run)
+    finally:
+        raw_s.stop()
+        wire_s.stop()
+
+    raw_per_s = statistics.median(raw)
+    seq_per_s = statistics.median(s[0] for s in seq)
+    figures = {
+        "raw_trio_rtt_per_s": round(raw_per_s),
+        "wire_seq_per_s": round(seq_per_s),
+        "wire_seq_p50_us": round(statistics.median(s[1] for s in seq), 1),
+        "wire_seq_p99_us": round(statistics.median(s[2] for s in seq), 1),
+        "wire_pipelined_per_s": round(statistics.median(pipe)),
+        "wire_seq_ratio": round(seq_per_s / raw_per_s, 3),
+    }
+    print(f"python {platform.python_version()}, trio {trio.__version__}, {os.cpu_count()} cpus, "
+          f"{rounds} round(s), medians")
+    for i in range(len(raw)):
+        print(f"  round {i + 1}: raw {raw[i]:,.0f}/s  wire seq {seq[i][0]:,.0f}/s "
+              f"(p50 {seq[i][1]:.0f} us, p99 {seq[i][2]:.0f} us)  pipelined {pipe[i]:,.0f}/s")
+    for name, value in figures.items():
+        print(f"{name:>24}: {value:,}")
+    print(json.dumps(figures))
+
+
+def _new_key() -> str:
+    import base64
+
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+if __name__ == "__main__":
+    main()
