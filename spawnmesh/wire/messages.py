@@ -40,6 +40,14 @@ class Kind(enum.IntEnum):
     """A cast to run ``when_ms`` milliseconds after it is queued."""
     SCHEDULED = 3
     """A cast to run at ``when_ms`` (Unix epoch milliseconds)."""
+    RELEASE = 4
+    """Mesh: hand actor ``system/name`` off now (its new owner asks before loading it); the
+    empty Reply comes once its state is flushed."""
+    BROADCAST = 5
+    """Mesh: deliver a broadcast on channel ``name`` of ``system`` (``action``: the action to
+    run, empty for each subscriber's own) to the unnamed subscribers active on the receiver."""
+    SPAWN = 6
+    """Mesh: record unnamed instance ``system/name`` of template ``parent`` on its owner."""
 
 
 class Hello(msgspec.Struct, array_like=True, tag=1):
