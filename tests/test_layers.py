@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, int]] = [
     ("spawnmesh.wire.messages*", 0),
     ("spawnmesh.wire.handshake*", 0),
     ("spawnmesh.wire.*", 1),
+    ("spawnmesh.mesh", 1),
+    ("spawnmesh.mesh.*", 1),
     ("spawnmesh.wire", 1),
     ("spawnmesh._version", 0),
     ("spawnmesh.errors", 0),

@@ -58,7 +58,7 @@ class Next:
 class Reply:
     """The result of a turn: value, optional new state, and the workflow (built fluently)."""
 
-    __slots__ = ("broadcasts", "effects", "next", "state", "value")
+    __slots__ = ("broadcasts", "checkpoint", "effects", "next", "state", "value")
 
     def __init__(self, value: Any = None, state: Any = _UNSET) -> None:
         self.value = value
@@ -66,6 +66,8 @@ class Reply:
         self.effects: list[Effect] | None = None
         self.broadcasts: list[Broadcast] | None = None
         self.next: Next | None = None
+        self.checkpoint = False
+        """Make this turn's state durable before replying, whatever the snapshot strategy."""
 
     def effect(
         self,

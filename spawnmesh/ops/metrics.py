@@ -110,6 +110,26 @@ _COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
         "Delayed (scheduled) invocations delivered.",
     ),
     ("broadcasts_total", "spawnmesh_broadcasts", "Broadcast messages published."),
+    (
+        "handoffs_total",
+        "spawnmesh_handoffs",
+        "Activations handed off to a new owner (queued turns finished, state flushed).",
+    ),
+    (
+        "remote_invocations_total",
+        "spawnmesh_remote_invocations",
+        "Invocations and casts sent to the owning node over the peer wire.",
+    ),
+    (
+        "forwarded_total",
+        "spawnmesh_forwarded_invocations",
+        "Invocations received for an actor this node does not own, forwarded to its owner.",
+    ),
+    (
+        "not_owner_total",
+        "spawnmesh_not_owner_retries",
+        "Remote invocations retried because ownership moved (NotOwner or a lost peer).",
+    ),
 )
 
 
@@ -147,10 +167,14 @@ class Metrics:
         "_warned",
         "activations_total",
         "broadcasts_total",
+        "forwarded_total",
         "gauge_source_errors_total",
+        "handoffs_total",
         "node",
+        "not_owner_total",
         "overloaded_total",
         "passivations_total",
+        "remote_invocations_total",
         "scheduled_fired_total",
         "stale_activations_total",
         "state_write_batches_total",
@@ -178,6 +202,10 @@ class Metrics:
         self.timers_fired_total = 0
         self.scheduled_fired_total = 0
         self.broadcasts_total = 0
+        self.handoffs_total = 0
+        self.remote_invocations_total = 0
+        self.forwarded_total = 0
+        self.not_owner_total = 0
         self.gauge_source_errors_total = 0
         self._gauge_sources: list[GaugeSource] = []
         self._warned: set[str] = set()  # invalid samples already logged (log once, not per scrape)

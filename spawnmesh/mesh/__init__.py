@@ -1,0 +1,1 @@
+"""The mesh: placement-driven routing of invocations between nodes, and hand-off."""
