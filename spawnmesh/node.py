@@ -77,6 +77,8 @@ class Node:
         self.metrics = Metrics(self.name)
         self.runtime = Runtime(store, self.metrics, runtime_settings(config), self.name)
         self.ops_port = 0
+        self.host_api: Any = None
+        """The gRPC host API (spawnmesh.host.server.HostApi) when host.enabled, once started."""
         self._ready = False
         self._store_ok = True
         self._drained: bool | None = None
@@ -191,6 +193,12 @@ class Node:
         children = [ChildSpec(name, fn) for name, fn in self.runtime.services()]
         children.append(ChildSpec("ops-http", self._serve_ops))
         children.append(ChildSpec("store-health", self._watch_store))
+        if self.config.host.enabled:  # imported here: grpclib only in nodes that serve hosts
+            from spawnmesh.host.server import HostApi
+
+            self.host_api = HostApi(self.runtime, self.config.host,
+                                    self.config.actors.default_timeout_ms)
+            children.append(ChildSpec("host-api", self.host_api.serve))
         self.supervisor = Supervisor("node", children)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run)

@@ -1,0 +1,102 @@
+"""Values across the host boundary: Python payloads <-> ``google.protobuf.Any``, ids <-> protobuf.
+
+A host's payloads, replies and state are ``Any`` messages, passed through byte for byte. A value
+from the SDK side becomes an ``Any`` by :func:`to_any`: a betterproto2 message is packed under
+its type URL; any other value travels as ``spawn.JSONType`` (JSON text). :func:`from_any` is the
+reverse for an SDK action's annotated payload type.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import betterproto2
+import msgspec
+
+from spawnmesh.codec import convert, to_builtins
+from spawnmesh.errors import InvalidArgument
+from spawnmesh.host.gen import spawn
+from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
+from spawnmesh.host.gen.message_pool import default_message_pool
+from spawnmesh.host.gen.spawn import actors as pb_actors
+from spawnmesh.ids import ActorId
+
+JSON_URL = default_message_pool.type_to_url[spawn.JsonType]
+"""Type URL of ``spawn.JSONType``, the envelope of non-protobuf values."""
+
+
+def type_url_of(tp: type[betterproto2.Message]) -> str | None:
+    """The type URL of a generated betterproto2 message class (from its module's pool)."""
+    url = default_message_pool.type_to_url.get(tp)
+    if url is not None:
+        return url
+    module = sys.modules.get(tp.__module__)
+    pool = getattr(module, "default_message_pool", None)
+    return pool.type_to_url.get(tp) if isinstance(pool, betterproto2.MessagePool) else None
+
+
+def to_any(value: Any) -> AnyMsg | None:
+    """``value`` as an Any (None stays None: a Noop)."""
+    if value is None or isinstance(value, AnyMsg):
+        return value
+    if isinstance(value, betterproto2.Message):
+        url = type_url_of(type(value))
+        if url is None:
+            raise InvalidArgument(
+                f"{type(value).__qualname__} is not a generated message (no type URL): "
+                "generate it with protoc to send it to a host"
+            )
+        return AnyMsg(type_url=url, value=bytes(value))
+    try:
+        text = msgspec.json.encode(to_builtins(value)).decode()
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidArgument(f"cannot send {type(value).__name__} to a host: {exc}") from exc
+    return AnyMsg(type_url=JSON_URL, value=bytes(spawn.JsonType(content=text)))
+
+
+def from_any(value: AnyMsg | None, tp: Any) -> Any:
+    """An Any as a value of ``tp`` (an SDK action's payload type). Without a type: JSON is
+    decoded, a message of a known type unpacked, anything else stays an Any."""
+    if value is None:
+        return None
+    if value.type_url == JSON_URL:
+        try:
+            data = msgspec.json.decode(spawn.JsonType.parse(value.value).content)
+        except (msgspec.DecodeError, ValueError) as exc:
+            raise InvalidArgument(f"JSONType payload is not JSON: {exc}") from exc
+        return convert(data, tp)
+    if tp is None or tp is Any:
+        if value.type_url in default_message_pool.url_to_type:
+            return value.unpack(default_message_pool)
+        return value
+    if tp is AnyMsg:
+        return value
+    if isinstance(tp, type) and issubclass(tp, betterproto2.Message):
+        if type_url_of(tp) != value.type_url:
+            raise InvalidArgument(f"expected a {type_url_of(tp)} payload, got {value.type_url!r}")
+        return tp.parse(value.value)
+    raise InvalidArgument(
+        f"a {value.type_url!r} payload cannot become {getattr(tp, '__name__', tp)}"
+    )
+
+
+def any_or_none(state: AnyMsg | None) -> AnyMsg | None:
+    """None for an absent or empty state (what a fresh actor has)."""
+    if state is None or (not state.type_url and not state.value):
+        return None
+    return state
+
+
+def pb_id(aid: ActorId | None) -> pb_actors.ActorId | None:
+    """Our ActorId as Spawn's."""
+    if aid is None:
+        return None
+    return pb_actors.ActorId(name=aid.name, system=aid.system, parent=aid.parent or "")
+
+
+def actor_id(pid: pb_actors.ActorId | None, system: str = "", parent: str = "") -> ActorId:
+    """Spawn's ActorId as ours (``system``/``parent``: defaults for empty fields)."""
+    if pid is None or not pid.name:
+        raise InvalidArgument("an actor id needs a name")
+    return ActorId(pid.system or system, pid.name, pid.parent or parent or None)

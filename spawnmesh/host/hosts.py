@@ -1,0 +1,441 @@
+"""The node's record of attached hosts, and the turn of a host actor (trio side).
+
+A host actor's action handler (built by :mod:`spawnmesh.host.registration`) calls
+:meth:`HostRegistry.turn`: the turn becomes a Spawn ``ActorInvocation`` sent over one of the
+system's transports (a Connect stream session, or the host's own HostService), and the host's
+``ActorInvocationResponse`` becomes a :class:`Reply` (new state, value, workflow). A system with
+no live transport fails fast with :class:`HostUnavailable`; a transport that goes away fails the
+turns it carries. The runtime resets the state of every failed turn.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import outcome
+import trio
+
+from spawnmesh._version import __version__
+from spawnmesh.actors.context import Context, Reply
+from spawnmesh.actors.definition import Handler, Kind
+from spawnmesh.actors.runtime import _CURRENT  # the running turn: caller id and call chain
+from spawnmesh.clock import wall_ms
+from spawnmesh.errors import (
+    ActorFailed,
+    HostUnavailable,
+    InvalidArgument,
+    SpawnmeshError,
+    VersionMismatch,
+    from_wire,
+)
+from spawnmesh.host import registration
+from spawnmesh.host.convert import actor_id, any_or_none, from_any, pb_id, to_any
+from spawnmesh.host.gen import spawn
+from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
+from spawnmesh.host.gen.spawnmesh import v1
+from spawnmesh.host.registration import RegistrationInvalid
+from spawnmesh.ids import ActorId
+
+if TYPE_CHECKING:
+    from spawnmesh.actors.runtime import Runtime
+    from spawnmesh.host.bridge import Bridge
+
+log = logging.getLogger("spawnmesh.host")
+
+
+class Transport(Protocol):
+    """Carries turns to one host."""
+
+    def load(self) -> int:
+        """Turns in flight (the least loaded transport of a system is used)."""
+        ...
+
+    async def call(
+        self, inv: spawn.ActorInvocation, timeout_ms: int
+    ) -> spawn.ActorInvocationResponse:
+        """Run one turn on the host; raises a SpawnmeshError (HostUnavailable when lost)."""
+        ...
+
+    def close(self) -> None:
+        """Stop using this transport; turns in flight fail with HostUnavailable."""
+        ...
+
+
+class StreamSession:
+    """One host's Connect stream, trio side: turns out, results in, matched by id.
+
+    ``send`` enqueues a NodeMessage for the stream's writer and is called on the asyncio loop
+    (through the bridge); :meth:`deliver` and :meth:`close` are called in the trio thread."""
+
+    def __init__(self, bridge: Bridge, send: Callable[[v1.NodeMessage], None], peer: str) -> None:
+        self._bridge = bridge
+        self._send = send
+        self.peer = peer
+        self.system = ""
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, trio.lowlevel.Task] = {}
+
+    def __repr__(self) -> str:
+        return f"<stream session {self.system} from {self.peer}>"
+
+    def load(self) -> int:
+        return len(self._pending)
+
+    async def call(
+        self, inv: spawn.ActorInvocation, timeout_ms: int
+    ) -> spawn.ActorInvocationResponse:
+        if self.closed:
+            raise HostUnavailable(f"the host of {self.system} disconnected")
+        tid = next(self._ids)
+        self._pending[tid] = trio.lowlevel.current_task()
+        self._bridge.aio_soon(
+            self._send, v1.NodeMessage(turn=v1.Turn(id=tid, invocation=inv, timeout_ms=timeout_ms))
+        )
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if self._pending.pop(tid, None) is not None and not self.closed:
+                self._bridge.aio_soon(self._send, v1.NodeMessage(cancel=v1.CancelTurn(id=tid)))
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        result: v1.TurnResult = await trio.lowlevel.wait_task_rescheduled(abort)
+        if result.error is not None:
+            raise turn_error(inv, result.error)
+        if result.response is None:
+            raise InvalidArgument(f"the host answered turn {tid} with neither response nor error")
+        return result.response
+
+    def deliver(self, result: v1.TurnResult) -> None:
+        """A TurnResult arrived: wake the turn waiting for it (late ones are dropped)."""
+        task = self._pending.pop(result.id, None)
+        if task is not None:
+            trio.lowlevel.reschedule(task, outcome.Value(result))
+
+    def close(self) -> None:
+        self.closed = True
+        pending, self._pending = self._pending, {}
+        for task in pending.values():
+            trio.lowlevel.reschedule(
+                task,
+                outcome.Error(
+                    HostUnavailable(
+                        f"the host of {self.system} ({self.peer}) disconnected with the "
+                        "turn in flight"
+                    )
+                ),
+            )
+
+
+def turn_error(inv: spawn.ActorInvocation, err: v1.TurnError) -> SpawnmeshError:
+    """The error a TurnError stands for (a handler failure unless it names another code)."""
+    if err.code in ("", ActorFailed.code):
+        aid = inv.actor
+        who = f"{aid.system}/{aid.name}" if aid is not None else "?"
+        return ActorFailed(who, err.type or "HostError", err.message, err.traceback)
+    return from_wire({"code": err.code, "message": err.message})
+
+
+class HostSystem:
+    """One registered actor system and the transports that reach its host."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sessions: list[Transport] = []
+        self.callback: Transport | None = None
+        self.tags: dict[str, dict[str, str]] = {}
+        self.stateful: dict[str, bool] = {}
+
+    def pick(self) -> Transport:
+        """The least loaded live transport; HostUnavailable if none (fail fast)."""
+        if self.sessions:
+            return min(self.sessions, key=lambda s: s.load())
+        if self.callback is not None:
+            return self.callback
+        raise HostUnavailable(f"no host of actor system {self.name!r} is connected")
+
+
+CallbackFactory = Callable[[str], Transport]
+
+
+class HostRegistry:
+    """Registered host systems, their transports, and the turns of host actors."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        transport: str = "any",
+        callback_factory: CallbackFactory | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.transport = transport
+        self.callback_factory = callback_factory
+        self.systems: dict[str, HostSystem] = {}
+        self._inflight: dict[tuple[str, str], Any] = {}
+        """Host actors whose turn is on a host right now -> that turn (for nested calls)."""
+
+    # ------------------------------------------------------------------ registration
+
+    def is_host_actor(self, system: str, name: str) -> bool:
+        """Whether ``system/name`` is a definition registered by a host."""
+        hs = self.systems.get(system)
+        return hs is not None and name in hs.tags
+
+    async def register(
+        self, req: spawn.RegistrationRequest, session: StreamSession | None = None
+    ) -> spawn.RegistrationResponse:
+        """Validate and register a host's actor system (replacing an earlier registration);
+        with ``session``, attach that stream as a transport of the system."""
+        problem = registration.check_version(req.service_info)
+        if problem is not None:
+            raise VersionMismatch(problem[1])
+        extra: list[registration.Violation] = []
+        if req.host_address and self.transport == "stream":
+            extra.append(
+                (
+                    "host_address",
+                    "this node only sends turns over Connect streams (host.transport = stream)",
+                )
+            )
+        if not req.host_address and self.transport == "callback":
+            extra.append(
+                (
+                    "host_address",
+                    "this node only calls hosts back (host.transport = "
+                    "callback): give the address of your HostService",
+                )
+            )
+        try:
+            reg = registration.build(req, self._forward, self._taken)
+        except RegistrationInvalid as exc:
+            raise RegistrationInvalid(exc.violations + extra) from None
+        if extra:
+            raise RegistrationInvalid(extra)
+        hs = self.systems.get(reg.system)
+        if hs is None:
+            hs = self.systems[reg.system] = HostSystem(reg.system)
+        for adef in reg.defs:
+            self.runtime.register(adef, replace=True)
+            hs.tags[adef.name] = dict(adef.tags)
+            hs.stateful[adef.name] = adef.stateful
+        if reg.host_address and self.callback_factory is not None:
+            if hs.callback is not None:
+                hs.callback.close()
+            hs.callback = self.callback_factory(reg.host_address)
+        if session is not None:
+            session.system = reg.system
+            hs.sessions.append(session)
+        log.info(
+            "host registered actor system %s (%s) via %s: %s",
+            reg.system,
+            "callback " + reg.host_address if reg.host_address else "stream",
+            session.peer if session is not None else "Register",
+            ", ".join(registration.names(reg.defs)),
+        )
+        for adef in reg.defs:  # timers and channels work from the start, as for SDK actors
+            if adef.kind is Kind.NAMED and (adef.timers or adef.channels):
+                try:
+                    await self.runtime.ensure_active(ActorId(adef.system, adef.name))
+                except SpawnmeshError as exc:
+                    log.warning("could not activate %s/%s: %s", adef.system, adef.name, exc)
+        return spawn.RegistrationResponse(
+            status=spawn.RequestStatus(status=spawn.Status.OK, message="registered"),
+            proxy_info=spawn.ProxyInfo(
+                protocol_major_version=registration.PROTOCOL_MAJOR,
+                protocol_minor_version=registration.PROTOCOL_MINOR,
+                proxy_name="spawnmesh",
+                proxy_version=__version__,
+            ),
+        )
+
+    def _taken(self, system: str, name: str) -> bool:
+        return self.runtime.definition(system, name) is not None and not self.is_host_actor(
+            system, name
+        )
+
+    def detach(self, session: StreamSession) -> None:
+        """A stream ended: fail its turns in flight; its system stays registered (its actors
+        fail fast with HostUnavailable until a host attaches again)."""
+        session.close()
+        hs = self.systems.get(session.system)
+        if hs is not None and session in hs.sessions:
+            hs.sessions.remove(session)
+            log.warning(
+                "host of %s disconnected (%s); %d sessions left",
+                hs.name,
+                session.peer,
+                len(hs.sessions),
+            )
+
+    def close(self) -> None:
+        """Fail every transport (the host API is stopping)."""
+        for hs in self.systems.values():
+            for s in list(hs.sessions):
+                s.close()
+            hs.sessions.clear()
+            if hs.callback is not None:
+                hs.callback.close()
+                hs.callback = None
+
+    # ------------------------------------------------------------------ turns
+
+    def _forward(self, action: str) -> Handler:
+        async def handler(ctx: Context[Any], payload: Any) -> Reply:
+            return await self.turn(ctx, action, payload)
+
+        handler.__qualname__ = f"host_action[{action}]"
+        return handler
+
+    async def turn(self, ctx: Context[Any], action: str, payload: Any) -> Reply:
+        """Run one turn of a host actor on its host; returns the Reply the runtime commits."""
+        sid = ctx.self_id
+        hs = self.systems.get(sid.system)
+        if hs is None:
+            raise HostUnavailable(f"no host of actor system {sid.system!r} is registered")
+        transport = hs.pick()
+        defname = sid.parent or sid.name
+        caller = pb_id(ctx.caller)
+        state = any_or_none(ctx.state) if hs.stateful.get(defname, False) else None
+        value = to_any(payload)
+        inv = spawn.ActorInvocation(
+            actor=pb_id(sid),
+            action_name=action,
+            caller=caller,
+            current_context=spawn.Context(
+                state=state,
+                metadata=dict(ctx.metadata),
+                tags=hs.tags.get(defname, {}),
+                caller=caller,
+                self=pb_id(sid),
+            ),
+        )
+        if value is None:
+            inv.noop = spawn.Noop()
+        else:
+            inv.value = value
+        deadline = trio.current_effective_deadline()
+        timeout_ms = (
+            0
+            if deadline == math.inf
+            else max(1, math.ceil((deadline - trio.current_time()) * 1000))
+        )
+        key = sid.key
+        self._inflight[key] = _CURRENT.get()
+        try:
+            resp = await transport.call(inv, timeout_ms)
+        finally:
+            self._inflight.pop(key, None)
+        return self._reply(sid, resp)
+
+    def _reply(self, sid: ActorId, resp: spawn.ActorInvocationResponse) -> Reply:
+        reply = Reply(resp.value)
+        uc = resp.updated_context
+        if uc is not None and uc.state is not None:
+            reply.state = uc.state
+        wf = resp.workflow
+        if wf is not None:
+            for eff in wf.effects:
+                req = eff.request
+                if req is None:
+                    continue
+                target = actor_id(req.actor.id if req.actor else None, sid.system, req.register_ref)
+                delay = max(0, req.scheduled_to - wall_ms()) if req.scheduled_to else None
+                reply.effect(
+                    target,
+                    req.action_name,
+                    self._payload_for(target, req.action_name, req.value),
+                    metadata=dict(req.metadata) or None,
+                    delay_ms=delay,
+                )
+            if wf.broadcast is not None:
+                b = wf.broadcast
+                reply.broadcast(
+                    b.channel_group, from_any(b.value, None), action=b.action_name or None
+                )
+            route = wf.pipe or wf.forward
+            if route is not None:
+                if not route.actor or not route.action_name:
+                    raise InvalidArgument("a pipe or forward needs an actor and an action_name")
+                target = ActorId(sid.system, route.actor, route.register_ref or None)
+                if wf.pipe is not None:
+                    reply.value = self._payload_for(target, route.action_name, resp.value)
+                    reply.pipe(target, route.action_name)
+                else:
+                    reply.forward(target, route.action_name)
+        if resp.checkpoint:
+            reply.checkpoint = True
+        return reply
+
+    def _payload_for(self, target: ActorId, action: str, value: AnyMsg | None) -> Any:
+        """A payload for ``target``: host actors take the Any as is, SDK actors their
+        action's payload type."""
+        if self.is_host_actor(target.system, target.parent or target.name):
+            return value
+        adef = self.runtime.definition_for(target)
+        ad = adef.actions.get(action) if adef is not None else None
+        return from_any(value, ad.payload_type if ad is not None else None)
+
+    # ------------------------------------------------------------------ the host's calls
+
+    async def invoke(
+        self, req: spawn.InvocationRequest, timeout_ms: int | None
+    ) -> spawn.InvocationResponse:
+        """A host's (or any gRPC client's) InvocationRequest, run like any invocation."""
+        system = req.system.name if req.system is not None else ""
+        pid = req.actor.id if req.actor is not None else None
+        target = actor_id(pid, system, req.register_ref)
+        if not target.system:
+            raise InvalidArgument("the invocation names no actor system")
+        if not req.action_name:
+            raise InvalidArgument("the invocation names no action")
+        payload = self._payload_for(target, req.action_name, req.value)
+        metadata: Mapping[str, str] = dict(req.metadata)
+        turn = None
+        if req.caller is not None and req.caller.name:
+            turn = self._inflight.get((req.caller.system or target.system, req.caller.name))
+        if req.async_ or req.scheduled_to:
+            self.runtime.cast_nowait(
+                target,
+                req.action_name,
+                payload,
+                metadata=metadata,
+                at_epoch_ms=req.scheduled_to or None,
+                caller=actor_id(req.caller, target.system)
+                if turn is None and req.caller and req.caller.name
+                else None,
+            )
+            await trio.lowlevel.checkpoint()
+            value = None
+        else:
+            token = _CURRENT.set(turn) if turn is not None else None
+            try:
+                value = await self.runtime.invoke(
+                    target, req.action_name, payload, metadata=metadata, timeout_ms=timeout_ms
+                )
+            finally:
+                if token is not None:
+                    _CURRENT.reset(token)
+        resp = spawn.InvocationResponse(
+            status=spawn.RequestStatus(status=spawn.Status.OK),
+            system=spawn.actors.ActorSystem(name=target.system),
+            actor=spawn.actors.Actor(id=pb_id(target)),
+        )
+        out = to_any(value)
+        if out is None:
+            resp.noop = spawn.Noop()
+        else:
+            resp.value = out
+        return resp
+
+    async def spawn(self, req: spawn.SpawnRequest) -> spawn.SpawnResponse:
+        """Spawn each named instance of its UNNAMED template."""
+        for pid in req.actors:
+            aid = actor_id(pid)
+            if not aid.system or not aid.parent:
+                raise InvalidArgument(f"spawning {aid} needs a system and a parent template")
+            await self.runtime.spawn(aid.system, aid.name, aid.parent)
+        return spawn.SpawnResponse(status=spawn.RequestStatus(status=spawn.Status.OK))
