@@ -36,6 +36,7 @@ import trio
 from spawnmesh.actors.activation import Activation
 from spawnmesh.actors.context import _UNSET, Broadcast, Context, Reply
 from spawnmesh.actors.definition import STATE_ACTIONS, ActorDef, Kind, WriteThrough
+from spawnmesh.actors.routing import Routing
 from spawnmesh.actors.scheduler import Scheduler
 from spawnmesh.actors.writer import StateWriter
 from spawnmesh.clock import wall_ms
@@ -160,6 +161,10 @@ class Runtime:
             on_stale=self._drop,
         )
         self.scheduler = Scheduler()
+        self.router: Routing | None = None
+        """The mesh, when this node is part of a cluster (None: every actor is local)."""
+        self._moving: dict[Key, trio.Event] = {}
+        """Activations being handed off to their new owner (set when released)."""
         self._kept: dict[str, _Kept] = {}
         """Kept schedules known to this runtime (made here or recovered), until fired and
         deleted from the store: recovery skips them, so none fires twice from one node."""
@@ -225,8 +230,13 @@ class Runtime:
         run and they receive broadcasts from the start (as Spawn does at registration)."""
         for adef in list(self._defs.values()):
             if adef.kind is Kind.NAMED and (adef.timers or adef.channels):
+                aid = ActorId(adef.system, adef.name)
+                if aid.key in self._table:
+                    continue
                 try:
-                    await self.ensure_active(ActorId(adef.system, adef.name))
+                    if self.router is not None and self.router.remote_owner(aid, adef):
+                        continue  # its owner activates it
+                    await self.ensure_active(aid)
                 except SpawnmeshError as exc:
                     log.warning("could not activate %s/%s: %s", adef.system, adef.name, exc)
 
@@ -306,6 +316,14 @@ class Runtime:
             raise CallCycle(f"call cycle: {' -> '.join(names)}", names)
         act = self._table.get(key)
         if act is None:
+            router = self.router
+            if router is not None:
+                adef = self.definition_for(target) or await self.learn_template(target)
+                owner = router.remote_owner(target, adef)
+                if owner is not None:
+                    return await router.invoke_remote(
+                        owner, target, action, payload, metadata, caller, chain
+                    )
             act = await self._resolve(target)
         if act.busy:
             await self._wait_turn(act)
@@ -510,8 +528,15 @@ class Runtime:
         key = (target.system, target.name)
         act = self._table.get(key)
         if act is None:
-            act = self._resolve_now(target)
-            if act is None:  # needs a statestore lookup: resolve in a task
+            router = self.router
+            adef = self.definition_for(target)
+            if router is not None and adef is not None:
+                owner = router.remote_owner(target, adef)
+                if owner is not None:
+                    router.cast_remote(owner, target, action, payload, metadata, caller)
+                    return
+            act = None if adef is None or key in self._moving else self._resolve_now(target)
+            if act is None:  # needs a statestore lookup or a hand-off: resolve in a task
                 self._spawn_job(self._cast_slow, target, action, payload, metadata, caller)
                 return
         self._enqueue(act, _Job(action, payload, metadata, caller))
@@ -537,6 +562,13 @@ class Runtime:
         caller: ActorId | None,
     ) -> None:
         try:
+            router = self.router
+            if router is not None:
+                adef = self.definition_for(target) or await self.learn_template(target)
+                owner = router.remote_owner(target, adef)
+                if owner is not None:
+                    router.cast_remote(owner, target, action, payload, metadata, caller)
+                    return
             act = await self._resolve(target)
             self._enqueue(act, _Job(action, payload, metadata, caller))
         except SpawnmeshError as exc:
@@ -610,10 +642,11 @@ class Runtime:
             act.busy = True
             self._busy += 1
 
-    async def _wait_turn(self, act: Activation) -> None:
+    async def _wait_turn(self, act: Activation, *, check_room: bool = True) -> None:
         """Park in ``act``'s queue until the baton is handed over (FIFO). Cancellation (the
         caller's deadline) takes the caller out of the queue."""
-        self._check_room(act)
+        if check_room:
+            self._check_room(act)
         task = trio.lowlevel.current_task()
         if act.waiters is None:
             act.waiters = deque()
@@ -679,6 +712,9 @@ class Runtime:
                                     ActorId(target.system, target.name, template))
 
     async def _resolve(self, target: ActorId) -> Activation:
+        moving = self._moving.get((target.system, target.name))
+        if moving is not None:  # the old activation is still flushing: load after it
+            await moving.wait()
         act = self._resolve_now(target)
         if act is not None:
             return act
@@ -697,6 +733,22 @@ class Runtime:
                                    ActorId(target.system, target.name, stored.parent))
         self._apply_loaded(act, stored)
         return act
+
+    async def learn_template(self, target: ActorId) -> ActorDef:
+        """The definition of an unnamed instance known only by name: its stored row names
+        its template (ActorNotFound when nothing does)."""
+        stored = await self.store.load((target.system, target.name))
+        adef = self.definition_for(target)  # somebody may have learnt it meanwhile
+        if adef is not None:
+            return adef
+        if stored is None or not stored.parent:
+            raise ActorNotFound(
+                f"no actor {target.system}/{target.name}: not a registered actor, not a "
+                "spawned instance, and no stored state names its template"
+            )
+        tdef = self._template(target.system, stored.parent, target)
+        self._spawned[(target.system, target.name)] = stored.parent
+        return tdef
 
     def _template(self, system: str, template: str, target: ActorId) -> ActorDef:
         tdef = self._defs.get((system, template))
@@ -729,10 +781,17 @@ class Runtime:
         if (system, name) in self._defs:
             raise InvalidArgument(f"{system}/{name} is the name of a registered actor")
         self._spawned[(system, name)] = template
+        if self.router is not None:
+            owner = self.router.remote_owner(aid, self._defs[(system, template)])
+            if owner is not None:  # its owner must know it too (calls by name go there)
+                await self.router.spawn_remote(owner, aid)
+                return aid
         await trio.lowlevel.checkpoint()
         return aid
 
     async def _load(self, act: Activation) -> None:
+        if self.router is not None:
+            await self.router.before_load(act)
         stored = await self.store.load(act.key)
         if not act.loaded:
             self._apply_loaded(act, stored)
@@ -871,22 +930,43 @@ class Runtime:
         if act.adef.stateful and act.loaded:
             act.state = act.adef.codec.decode(act.blob)
 
-    def broadcast(self, system: str, b: Broadcast, *, caller: ActorId | None = None) -> int:
-        """Deliver a broadcast to every subscriber of its channel; returns deliveries queued.
-        Named subscribers always receive (activated if needed); unnamed instances receive
-        while active; a pool receives once."""
-        self.metrics.broadcasts_total += 1
+    def broadcast(
+        self,
+        system: str,
+        b: Broadcast,
+        *,
+        caller: ActorId | None = None,
+        unnamed_only: bool = False,
+    ) -> int:
+        """Deliver a broadcast to every subscriber of its channel; returns deliveries queued
+        from this node. Named subscribers always receive (activated where they are owned);
+        unnamed instances receive while active (on every member: the mesh fans the broadcast
+        out, and the copies it delivers are ``unnamed_only``); a pool receives once."""
+        if not unnamed_only:
+            self.metrics.broadcasts_total += 1
+            if self.router is not None:
+                self.router.broadcast_remote(system, b, caller)
         delivered = 0
         for adef in self._subscribers.get((system, b.channel), ()):
             action = b.action or adef.channels[b.channel]
             if adef.kind is Kind.UNNAMED:
                 keys = list(self._instances.get((adef.system, adef.name), ()))
                 targets: Iterable[ActorId] = [self._table[k].id for k in keys if k in self._table]
+            elif unnamed_only:
+                continue
             else:
                 targets = [ActorId(system, adef.name)]
+            payload = b.payload
+            if unnamed_only and targets:  # from a peer: builtins, typed per subscriber here
+                ad = adef.actions.get(action)
+                try:
+                    payload = convert(payload, ad.payload_type if ad is not None else None)
+                except SpawnmeshError as exc:
+                    log.warning("broadcast on %s to %s dropped: %s", b.channel, adef.name, exc)
+                    continue
             for target in targets:
                 try:
-                    self._cast(target, action, b.payload, None, caller)
+                    self._cast(target, action, payload, None, caller)
                     delivered += 1
                 except SpawnmeshError as exc:
                     log.warning("broadcast on %s to %s dropped: %s", b.channel, target, exc)
@@ -939,6 +1019,109 @@ class Runtime:
                 n += 1
             self._release(a)
         return n
+
+    # ------------------------------------------------------------------ the mesh
+
+    async def invoke_as(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+        chain: tuple[Key, ...],
+    ) -> Any:
+        """Run an invocation that arrived from a peer, on behalf of ``caller`` with the
+        call ``chain`` it carried (so cycles across nodes are still caught). Bounded by the
+        caller's cancel scopes (the peer layer applies the deadline the request carried)."""
+        if chain and caller is not None:
+            token = _CURRENT.set(_Turn(chain[-1], caller, chain[:-1]))
+        elif caller is not None:
+            token = _CURRENT.set(_Turn(caller.key, caller, ()))
+        else:
+            return await self.invoke(target, action, payload, metadata=metadata)
+        try:
+            return await self.invoke(target, action, payload, metadata=metadata)
+        finally:
+            _CURRENT.reset(token)
+
+    def pool_has_room(self, adef: ActorDef) -> bool:
+        """Whether a call to pool ``adef`` would find an idle (or not yet started) instance
+        here."""
+        members = self._pools.get((adef.system, adef.name), ())
+        return len(members) < adef.pool_size or any(not a.busy for a in members)
+
+    def owns(self, key: Key) -> bool:
+        """Whether ``key`` is activated here (and not being handed off)."""
+        return key in self._table
+
+    def hand_off(self, still_owned: Callable[[Activation], bool]) -> int:
+        """Stop taking new turns for every activation this node no longer owns: each one
+        finishes the turns already queued for it, flushes its state and is forgotten, in the
+        background. New invocations go to the new owner meanwhile (or, if ownership comes
+        back, wait here until the flush is done). Returns how many hand-offs started."""
+        n = 0
+        for act in list(self._table.values()):
+            if act.adef.kind is Kind.POOLED or still_owned(act):
+                continue
+            self._start_hand_off(act)
+            self._spawn_job(self._hand_off, act)
+            n += 1
+        return n
+
+    async def release(self, key: Key) -> bool:
+        """Hand ``key`` off now (its new owner asks before loading it); returns once its
+        state is flushed. False if it was not active here."""
+        act = self._table.get(key)
+        if act is not None and act.adef.kind is not Kind.POOLED:
+            self._start_hand_off(act)
+            await self._hand_off(act)
+            return True
+        moving = self._moving.get(key)
+        if moving is not None:
+            await moving.wait()
+            return True
+        await trio.lowlevel.checkpoint()
+        return False
+
+    def _start_hand_off(self, act: Activation) -> None:
+        del self._table[act.key]  # from here on, no new turn reaches this activation
+        self._moving[act.key] = trio.Event()
+
+    async def _hand_off(self, act: Activation) -> None:
+        """Take the baton after every queued turn, flush, forget (never hand the baton on)."""
+        done = self._moving[act.key]
+        try:
+            if act.busy:
+                await self._wait_turn(act, check_room=False)
+            else:
+                act.busy = True
+                self._busy += 1
+            try:
+                backoff = 0.05
+                while act.dirty_since != 0.0:
+                    errors = await self.writer.write_many([act])
+                    err = errors.get(act.key)
+                    if err is None or isinstance(err, StaleActivation):
+                        break  # durable, or fenced off by a newer owner's write
+                    log.warning("hand-off of %s: state not flushed yet (retrying): %s",
+                                act.id, err)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            finally:
+                self._busy -= 1
+                if self._closing and self._busy == 0:
+                    self._idle.set()
+            self._drop(act)
+            self.metrics.handoffs_total += 1
+        finally:
+            if self._moving.get(act.key) is done:
+                del self._moving[act.key]
+            done.set()
+
+    def handing_off(self) -> int:
+        """Hand-offs in progress."""
+        return len(self._moving)
 
     # ------------------------------------------------------------------ shutdown
 
