@@ -151,6 +151,7 @@ class PeerNode:
         tls: TlsConfig | None = None,
         limits: PeerLimits | None = None,
         rng: random.Random | None = None,
+        versions: tuple[int, int] = (m.PROTOCOL_VERSION_MIN, m.PROTOCOL_VERSION_MAX),
     ) -> None:
         self.node_id = node_id
         self.incarnation = incarnation
@@ -159,7 +160,8 @@ class PeerNode:
         self._handler = handler
         self._tls = tls
         self._hs_config = HandshakeConfig(
-            cluster, node_id, incarnation, keyring, limits.max_frame_bytes, limits.max_handlers
+            cluster, node_id, incarnation, keyring, limits.max_frame_bytes, limits.max_handlers,
+            versions[0], versions[1],
         )
         self._conn_limits = ConnLimits(
             max_frame_bytes=limits.max_frame_bytes,
