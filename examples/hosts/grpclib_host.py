@@ -27,11 +27,13 @@ import grpclib.server
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from spawnmesh.host.gen import spawn
+from spawnmesh.host.gen.google import rpc
 from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
 from spawnmesh.host.gen.message_pool import default_message_pool as pool
 from spawnmesh.host.gen.spawn import actors as pb
 from spawnmesh.host.gen.spawnmesh import v1
 from spawnmesh.host.gen.spawnmesh.tck.v1 import Cart, LineItem, Receipt, Seen, Value
+from spawnmesh.host.status import RichStatusCodec
 
 Turn = Callable[[spawn.ActorInvocation], Awaitable[spawn.ActorInvocationResponse]]
 
@@ -51,12 +53,18 @@ def unpack(value: AnyMsg | None, tp: Any) -> Any:
     return tp() if value is None or not value.value else tp.parse(value.value)
 
 
-def reply(inv: spawn.ActorInvocation, value: Any = None, state: Any = None,
-          workflow: spawn.Workflow | None = None, checkpoint: bool = False
-          ) -> spawn.ActorInvocationResponse:
+def reply(
+    inv: spawn.ActorInvocation,
+    value: Any = None,
+    state: Any = None,
+    workflow: spawn.Workflow | None = None,
+    checkpoint: bool = False,
+) -> spawn.ActorInvocationResponse:
     """A response: ``state`` None keeps the state; ``value`` None is a Noop."""
     resp = spawn.ActorInvocationResponse(
-        actor_name=inv.actor.name, actor_system=inv.actor.system, workflow=workflow,
+        actor_name=inv.actor.name,
+        actor_system=inv.actor.system,
+        workflow=workflow,
         checkpoint=checkpoint,
     )
     if state is not None:
@@ -74,8 +82,11 @@ def state_of(inv: spawn.ActorInvocation, tp: Any) -> Any:
 
 
 def effect(target: str, action: str, value: Any) -> spawn.SideEffect:
-    return spawn.SideEffect(request=spawn.InvocationRequest(
-        actor=pb.Actor(id=pb.ActorId(name=target)), action_name=action, value=pack(value)))
+    return spawn.SideEffect(
+        request=spawn.InvocationRequest(
+            actor=pb.Actor(id=pb.ActorId(name=target)), action_name=action, value=pack(value)
+        )
+    )
 
 
 async def counter(inv: spawn.ActorInvocation) -> spawn.ActorInvocationResponse:
@@ -91,25 +102,47 @@ async def counter(inv: spawn.ActorInvocation) -> spawn.ActorInvocationResponse:
         ctx = inv.current_context or spawn.Context()
         me = ctx.self or pb.ActorId()
         caller = f"{ctx.caller.system}/{ctx.caller.name}" if ctx.caller else ""
-        return reply(inv, Seen(self_system=me.system, self_name=me.name, caller=caller,
-                               metadata=dict(ctx.metadata), tags=dict(ctx.tags),
-                               had_state=ctx.state is not None,
-                               state_type_url=ctx.state.type_url if ctx.state else ""))
+        return reply(
+            inv,
+            Seen(
+                self_system=me.system,
+                self_name=me.name,
+                caller=caller,
+                metadata=dict(ctx.metadata),
+                tags=dict(ctx.tags),
+                had_state=ctx.state is not None,
+                state_type_url=ctx.state.type_url if ctx.state else "",
+            ),
+        )
     if a == "slow":
         await asyncio.sleep(arg.n / 1000)
         return reply(inv, Value(n=arg.n))
     if a == "effect":
-        return reply(inv, Value(n=arg.n), workflow=spawn.Workflow(
-            effects=[effect("sink", "add", Value(n=arg.n))]))
+        return reply(
+            inv,
+            Value(n=arg.n),
+            workflow=spawn.Workflow(effects=[effect("sink", "add", Value(n=arg.n))]),
+        )
     if a == "broadcast":
-        return reply(inv, Value(n=arg.n), workflow=spawn.Workflow(
-            broadcast=spawn.Broadcast(channel_group="tck-news", value=pack(Value(n=arg.n)))))
+        return reply(
+            inv,
+            Value(n=arg.n),
+            workflow=spawn.Workflow(
+                broadcast=spawn.Broadcast(channel_group="tck-news", value=pack(Value(n=arg.n)))
+            ),
+        )
     if a == "pipe":
-        return reply(inv, Value(n=arg.n * 10), workflow=spawn.Workflow(
-            pipe=spawn.Pipe(actor="echo", action_name="echo")))
+        return reply(
+            inv,
+            Value(n=arg.n * 10),
+            workflow=spawn.Workflow(pipe=spawn.Pipe(actor="echo", action_name="echo")),
+        )
     if a == "forward":
-        return reply(inv, None, workflow=spawn.Workflow(
-            forward=spawn.Forward(actor="echo", action_name="echo")))
+        return reply(
+            inv,
+            None,
+            workflow=spawn.Workflow(forward=spawn.Forward(actor="echo", action_name="echo")),
+        )
     if a == "checkpoint":
         return reply(inv, Value(n=arg.n), Value(n=arg.n), checkpoint=True)
     raise TckError(f"counter has no action {a}")
@@ -157,47 +190,81 @@ async def cart(inv: spawn.ActorInvocation) -> spawn.ActorInvocationResponse:
             raise TckError("cart is empty")
         st.checked_out = True
         total = sum(i.qty * i.price_cents for i in st.items)
-        return reply(inv, Receipt(cart=inv.actor.name, lines=len(st.items), total_cents=total),
-                     st)
+        return reply(inv, Receipt(cart=inv.actor.name, lines=len(st.items), total_cents=total), st)
     raise TckError(f"cart has no action {inv.action_name}")
 
 
-ACTORS: dict[str, Turn] = {"counter": counter, "sink": sink, "echo": echo, "ticker": ticker,
-                           "pool": pool_worker, "cart": cart}
+ACTORS: dict[str, Turn] = {
+    "counter": counter,
+    "sink": sink,
+    "echo": echo,
+    "ticker": ticker,
+    "pool": pool_worker,
+    "cart": cart,
+}
 
 
 def actor_system(name: str) -> pb.ActorSystem:
     """The registration of the tck system (see docs/host-protocol.md, "Conformance")."""
 
-    def actor(actor_name: str, actions: list[str], *, kind: pb.Kind = pb.Kind.NAMED,
-              stateful: bool = True, **extra: Any) -> pb.Actor:
+    def actor(
+        actor_name: str,
+        actions: list[str],
+        *,
+        kind: pb.Kind = pb.Kind.NAMED,
+        stateful: bool = True,
+        **extra: Any,
+    ) -> pb.Actor:
         return pb.Actor(
             id=pb.ActorId(name=actor_name, system=name),
-            settings=pb.ActorSettings(kind=kind, stateful=stateful,
-                                      snapshot_strategy=extra.get("snapshot"),
-                                      deactivation_strategy=extra.get("deactivation"),
-                                      max_pool_size=extra.get("pool", 0)),
+            settings=pb.ActorSettings(
+                kind=kind,
+                stateful=stateful,
+                snapshot_strategy=extra.get("snapshot"),
+                deactivation_strategy=extra.get("deactivation"),
+                max_pool_size=extra.get("pool", 0),
+            ),
             actions=[pb.Action(name=a) for a in actions],
             timer_actions=extra.get("timers", []),
-            metadata=pb.Metadata(channel_group=extra.get("channels", []),
-                                 tags=extra.get("tags", {})),
+            metadata=pb.Metadata(
+                channel_group=extra.get("channels", []), tags=extra.get("tags", {})
+            ),
         )
 
     actors = [
-        actor("counter", ["add", "fail", "whoami", "slow", "effect", "broadcast", "pipe",
-                          "forward", "checkpoint"], tags={"suite": "tck"},
-              snapshot=pb.ActorSnapshotStrategy(timeout=pb.TimeoutStrategy(timeout=60_000)),
-              deactivation=pb.ActorDeactivationStrategy(timeout=pb.TimeoutStrategy(timeout=400))),
-        actor("sink", ["add", "heard"], channels=[pb.Channel(topic="tck-news", action="heard")],
-              snapshot=pb.ActorSnapshotStrategy(write_through=pb.WriteThroughStrategy())),
+        actor(
+            "counter",
+            [
+                "add",
+                "fail",
+                "whoami",
+                "slow",
+                "effect",
+                "broadcast",
+                "pipe",
+                "forward",
+                "checkpoint",
+            ],
+            tags={"suite": "tck"},
+            snapshot=pb.ActorSnapshotStrategy(timeout=pb.TimeoutStrategy(timeout=60_000)),
+            deactivation=pb.ActorDeactivationStrategy(timeout=pb.TimeoutStrategy(timeout=400)),
+        ),
+        actor(
+            "sink",
+            ["add", "heard"],
+            channels=[pb.Channel(topic="tck-news", action="heard")],
+            snapshot=pb.ActorSnapshotStrategy(write_through=pb.WriteThroughStrategy()),
+        ),
         actor("echo", ["echo"], stateful=False),
-        actor("ticker", [], timers=[pb.FixedTimerAction(seconds=100,
-                                                        action=pb.Action(name="tick"))]),
+        actor(
+            "ticker", [], timers=[pb.FixedTimerAction(seconds=100, action=pb.Action(name="tick"))]
+        ),
         actor("pool", ["work"], kind=pb.Kind.POOLED, stateful=False, pool=2),
         actor("cart", ["add_item", "checkout"], kind=pb.Kind.UNNAMED),
     ]
-    return pb.ActorSystem(name=name, registry=pb.Registry(
-        actors={a.id.name: a for a in actors if a.id is not None}))
+    return pb.ActorSystem(
+        name=name, registry=pb.Registry(actors={a.id.name: a for a in actors if a.id is not None})
+    )
 
 
 async def run_turn(inv: spawn.ActorInvocation) -> spawn.ActorInvocationResponse:
@@ -214,22 +281,36 @@ async def run_turn(inv: spawn.ActorInvocation) -> spawn.ActorInvocationResponse:
 def registration(system: str, host_address: str = "") -> spawn.RegistrationRequest:
     return spawn.RegistrationRequest(
         service_info=spawn.ServiceInfo(
-            service_name=system, service_version="1.0", service_runtime=f"python {sys.version}",
-            support_library_name="grpclib-example-host", support_library_version="1.0",
-            protocol_major_version=1, protocol_minor_version=0),
-        actor_system=actor_system(system), host_address=host_address)
+            service_name=system,
+            service_version="1.0",
+            service_runtime=f"python {sys.version}",
+            support_library_name="grpclib-example-host",
+            support_library_version="1.0",
+            protocol_major_version=1,
+            protocol_minor_version=0,
+        ),
+        actor_system=actor_system(system),
+        host_address=host_address,
+    )
 
 
 def error_of(exc: BaseException) -> v1.TurnError:
-    return v1.TurnError(type=type(exc).__name__, message=str(exc),
-                        traceback="".join(traceback.format_exception(exc)))
+    return v1.TurnError(
+        type=type(exc).__name__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
 
 
 async def session(channel: grpclib.client.Channel, system: str, metadata: Any) -> None:
     """One Connect stream: register, then answer turns until the stream ends."""
-    async with channel.request("/spawnmesh.v1.NodeService/Connect",
-                               grpclib.const.Cardinality.STREAM_STREAM, v1.HostMessage,
-                               v1.NodeMessage, metadata=metadata) as stream:
+    async with channel.request(
+        "/spawnmesh.v1.NodeService/Connect",
+        grpclib.const.Cardinality.STREAM_STREAM,
+        v1.HostMessage,
+        v1.NodeMessage,
+        metadata=metadata,
+    ) as stream:
         await stream.send_message(v1.HostMessage(register=registration(system)))
         first = await stream.recv_message()
         if first is None or first.registered is None:
@@ -272,8 +353,17 @@ class HostService(v1.HostServiceBase):
     async def handle_turn(self, message: spawn.ActorInvocation) -> spawn.ActorInvocationResponse:
         try:
             return await run_turn(message)
-        except TckError as exc:
-            raise GRPCError(grpclib.const.Status.UNKNOWN, f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # UNKNOWN + ErrorInfo: the node reports ActorFailed
+            info = rpc.ErrorInfo(
+                reason="actor_failed",
+                domain="spawnmesh",
+                metadata={
+                    "error_type": type(exc).__name__,
+                    "error_message": str(exc),
+                    "traceback": "".join(traceback.format_exception(exc)),
+                },
+            )
+            raise GRPCError(grpclib.const.Status.UNKNOWN, str(exc), [info]) from exc
 
 
 async def main() -> None:
@@ -288,7 +378,7 @@ async def main() -> None:
     channel = grpclib.client.Channel(host, int(port))
     if args.serve:
         shost, _, sport = args.serve.rpartition(":")
-        server = grpclib.server.Server([HostService()])
+        server = grpclib.server.Server([HostService()], status_details_codec=RichStatusCodec())
         await server.start(shost, int(sport))
         bound = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         stub = v1.NodeServiceStub(channel, metadata=metadata)
@@ -303,8 +393,10 @@ async def main() -> None:
             print(f"stream lost ({exc}); reconnecting", flush=True)
         except GRPCError as exc:
             print(f"node refused: {exc.status.name}: {exc.message}", flush=True)
-            if exc.status in (grpclib.const.Status.UNAUTHENTICATED,
-                              grpclib.const.Status.INVALID_ARGUMENT):
+            if exc.status in (
+                grpclib.const.Status.UNAUTHENTICATED,
+                grpclib.const.Status.INVALID_ARGUMENT,
+            ):
                 raise SystemExit(2) from None
         await asyncio.sleep(0.2)
 

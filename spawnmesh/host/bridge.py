@@ -118,6 +118,10 @@ class _AioWaiter:
         self._task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
+        if self._cancelled:  # nobody waits: retrieve the outcome so asyncio does not warn
+            if not task.cancelled():
+                task.exception()
+            return
         self._bridge.trio_soon(self._wake, task)
 
     def _wake(self, task: asyncio.Task[Any]) -> None:

@@ -17,8 +17,9 @@ from spawnmesh.config import HostConfig
 from spawnmesh.errors import ActorFailed, HostUnavailable, InvocationTimeout, SpawnmeshError
 from spawnmesh.host.bridge import Bridge
 from spawnmesh.host.gen import spawn
+from spawnmesh.host.gen.google import rpc
 from spawnmesh.host.gen.spawnmesh import v1
-from spawnmesh.host.status import RichStatusCodec, error_from_status
+from spawnmesh.host.status import DOMAIN, RichStatusCodec, error_from_status
 
 
 class CallbackTransport:
@@ -82,13 +83,20 @@ class CallbackTransport:
 
 def _turn_error(inv: spawn.ActorInvocation, exc: GRPCError) -> SpawnmeshError:
     msg = exc.message or exc.status.name
+    details: Any = exc.details or ()
+    aid = inv.actor
+    who = f"{aid.system}/{aid.name}" if aid is not None else "?"
+    if any(isinstance(d, rpc.ErrorInfo) and d.domain == DOMAIN for d in details):
+        err = error_from_status(exc.status, msg, details)
+        if isinstance(err, ActorFailed) and not err.actor:
+            err = ActorFailed(
+                who, err.error_type or "HostError", err.error_message or msg, err.traceback_text
+            )
+        return err
     if exc.status is Status.UNKNOWN:
-        aid = inv.actor
-        who = f"{aid.system}/{aid.name}" if aid is not None else "?"
         return ActorFailed(who, "HostError", msg)
     if exc.status is Status.UNAVAILABLE:
         return HostUnavailable(msg)
     if exc.status is Status.DEADLINE_EXCEEDED:
         return InvocationTimeout(msg)
-    details: Any = exc.details or ()
     return error_from_status(exc.status, msg, details)
