@@ -256,6 +256,103 @@ def invoke(
 
 
 # --------------------------------------------------------------------------------------------
+# members, join, leave: the cluster as one running node sees it
+
+
+def _node_option(func: _F) -> _F:
+    """``--node URL`` (env SPAWNMESH_NODE), as ``invoke`` takes it."""
+    return click.option(
+        "--node",
+        metavar="URL",
+        envvar="SPAWNMESH_NODE",
+        default=DEFAULT_NODE_URL,
+        show_default=True,
+        help="Ops URL of a running node (env SPAWNMESH_NODE).",
+    )(func)
+
+
+def _node_call(node: str, method: str, path: str, body: object = None,
+               timeout_s: float = 30.0) -> dict[str, Any]:
+    """One JSON request to a node's ops API; any failure exits 1 with one line."""
+    node = node.rstrip("/")
+    if urllib.parse.urlsplit(node).scheme not in ("http", "https"):
+        _fail(f"error: --node must be an http:// or https:// URL, got {node!r}", EXIT_USAGE)
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        node + path, data=data, method=method,
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionRefusedError):
+            _fail(f"cannot connect to {node}: connection refused (is a node running there?)")
+        _fail(f"cannot reach {node}: {exc.reason}")
+    except (TimeoutError, OSError) as exc:
+        _fail(f"cannot talk to {node}: {exc}")
+    if status != 200:
+        _fail(_error_line(status, raw))
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        _fail(f"internal: {node}{path} answered 200 without a JSON object")
+    return reply
+
+
+@main.command(short_help="List the cluster members a node knows.")
+@_node_option
+@click.option("--json", "as_json", is_flag=True, help="Print the node's JSON reply.")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["alive", "suspect", "dead", "left"]),
+              help="Only members in this status (repeatable).")
+def members(node: str, as_json: bool, statuses: tuple[str, ...]) -> None:
+    """Print every member the node knows: name, gossip address, status, incarnation, tags."""
+    reply = _node_call(node, "GET", "/v1/members")
+    rows = [r for r in reply.get("members", []) if not statuses or r.get("status") in statuses]
+    if as_json:
+        _echo_json({**reply, "members": rows})
+        return
+    if not reply.get("enabled", True):
+        click.echo(f"clustering is off on {reply.get('self', 'this node')} "
+                   "(cluster.enabled=false)")
+        return
+    table = [("Node", "Address", "Status", "Incarnation", "Actors", "Tags")]
+    for r in rows:
+        tags = ",".join(f"{k}={v}" for k, v in sorted(r.get("tags", {}).items()))
+        table.append((str(r["name"]), str(r["address"]), str(r["status"]),
+                       str(r["incarnation"]), str(len(r.get("actor_types", []))), tags))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command(short_help="Make a node join a cluster through given members.")
+@click.argument("addrs", nargs=-1, required=True, metavar="HOST:PORT...")
+@_node_option
+def join(addrs: tuple[str, ...], node: str) -> None:
+    """Ask the node to join through the gossip addresses given (exit 1 if none answered)."""
+    reply = _node_call(node, "POST", "/v1/cluster/join", {"addrs": list(addrs)})
+    answered = int(reply.get("answered", 0))
+    click.echo(f"joined through {answered} of {len(addrs)} address(es)")
+    if answered == 0:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command(short_help="Make a node leave the cluster gracefully and exit.")
+@_node_option
+def leave(node: str) -> None:
+    """Ask the node to leave (the others mark it left at once, never dead), then drain and exit."""
+    reply = _node_call(node, "POST", "/v1/cluster/leave")
+    how = "left the cluster" if reply.get("left") else "leave news not fully spread in time"
+    click.echo(f"{how}; the node is shutting down")
+
+
+# --------------------------------------------------------------------------------------------
 # version, config
 
 

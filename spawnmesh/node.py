@@ -20,9 +20,13 @@ import trio
 from spawnmesh._version import __version__
 from spawnmesh.actors.definition import ActorDef
 from spawnmesh.actors.runtime import Runtime, RuntimeSettings
+from spawnmesh.cluster.addr import format_addr
+from spawnmesh.cluster.membership import Membership, MembershipSettings
+from spawnmesh.cluster.messages import NodeMeta
+from spawnmesh.cluster.state import Status
 from spawnmesh.codec import convert, to_builtins
 from spawnmesh.config import NodeConfig, load_config
-from spawnmesh.errors import ActionNotFound, ConfigError, SpawnmeshError
+from spawnmesh.errors import ActionNotFound, ConfigError, InvalidArgument, SpawnmeshError
 from spawnmesh.ids import ActorId
 from spawnmesh.ops.http import serve_ops
 from spawnmesh.ops.metrics import Metrics
@@ -83,6 +87,14 @@ class Node:
         self._store_ok = True
         self._drained: bool | None = None
         self.supervisor: Supervisor | None = None
+        self.membership: Membership | None = None
+        """Cluster membership (None while not started, or with cluster.enabled off)."""
+        self._cluster_settings = (
+            MembershipSettings.from_config(config.cluster) if config.cluster.enabled else None
+        )
+        self.stop_requested = trio.Event()
+        """Set when an operator asked this node to exit (``spawnmesh leave``)."""
+        self._nursery: trio.Nursery | None = None
         for item in systems:
             self.register(item)
 
@@ -133,14 +145,113 @@ class Node:
 
     def node_info(self) -> dict[str, object]:
         """Identity and a summary, for ``GET /v1/node``."""
+        m = self.membership
         return {
             "name": self.name,
             "version": __version__,
             "ops_port": self.ops_port,
             "ready": self.readiness()[0],
             "active_actors": self.runtime.active_count(),
-            "actors": sorted(f"{d.system}/{d.name}" for d in self.runtime.definitions()),
+            "actors": self._actor_types(),
+            "cluster": None if m is None else {
+                "name": m.settings.cluster,
+                "gossip_address": format_addr(m.addr),
+                "encrypted": m.settings.keyring is not None,
+                "live_members": len(m.live()),
+            },
         }
+
+    # ---------------------------------------------------------------- cluster (ops backend)
+
+    def cluster_members(self) -> dict[str, object]:
+        """``GET /v1/members``: every known member with its status, and the transport's
+        counters (empty list with clustering off)."""
+        m = self.membership
+        if m is None:
+            return {"enabled": False, "self": self.name, "members": []}
+        rows = []
+        for v in sorted(m.members(), key=lambda v: v.name):
+            meta = m.live().get(v.name) if v.status <= Status.SUSPECT else None
+            if meta is None:
+                meta = _decode_meta_or_none(v.meta)
+            rows.append({
+                "name": v.name,
+                "address": format_addr(v.addr),
+                "status": v.status.name.lower(),
+                "incarnation": v.incarnation,
+                "tags": dict(meta.tags) if meta else {},
+                "actor_types": list(meta.actor_types) if meta else [],
+                "peer_address": format_addr(meta.peer_addr) if meta else "",
+                "self": v.name == self.name,
+            })
+        return {
+            "enabled": True,
+            "cluster": m.settings.cluster,
+            "self": self.name,
+            "gossip_address": format_addr(m.addr),
+            "encrypted": m.settings.keyring is not None,
+            "members": rows,
+            "stats": m.stats(),
+        }
+
+    async def cluster_join(self, addrs: list[str]) -> dict[str, object]:
+        """``POST /v1/cluster/join``: push-pull with each address; how many answered."""
+        if self.membership is None:
+            raise InvalidArgument("clustering is off on this node (cluster.enabled=false)")
+        answered = await self.membership.join(addrs)
+        return {"answered": answered, "tried": len(addrs)}
+
+    async def cluster_leave(self) -> dict[str, object]:
+        """``POST /v1/cluster/leave``: leave the cluster gracefully, then exit (a node run by
+        ``spawnmesh run`` drains and stops; an embedded one only sets ``stop_requested``)."""
+        left = True
+        if self.membership is not None:
+            left = await self.membership.leave()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._request_stop)
+        return {"left": left, "shutting_down": True}
+
+    async def _request_stop(self) -> None:
+        await trio.sleep(0.1)  # let the HTTP reply go out before the node starts stopping
+        self.stop_requested.set()
+
+    def _actor_types(self) -> list[str]:
+        return sorted(f"{d.system}/{d.name}" for d in self.runtime.definitions())
+
+    def _node_meta(self) -> NodeMeta:
+        c = self.config.cluster
+        tags = dict(t.split("=", 1) for t in c.tags)
+        return NodeMeta(("", c.peer_port), self._actor_types(), tags=tags)
+
+    def _cluster_gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
+        m = self.membership
+        if m is None:
+            return []
+        st = m.stats()
+        out: list[tuple[str, str, dict[str, str], float]] = []
+        members = st["members"]
+        assert isinstance(members, dict)
+        for status, n in members.items():
+            out.append(("spawnmesh_cluster_members", "Known cluster members by status.",
+                        {"status": status}, n))
+        tr = m.transport.stats
+        for channel, sent, received in (
+            ("udp", tr.udp_sent_bytes, tr.udp_received_bytes),
+            ("tcp", tr.tcp_sent_bytes, tr.tcp_received_bytes),
+        ):
+            out.append(("spawnmesh_cluster_sent_bytes", "Gossip bytes sent since start "
+                        "(a running total).", {"channel": channel}, sent))
+            out.append(("spawnmesh_cluster_received_bytes", "Gossip bytes received since "
+                        "start (a running total).", {"channel": channel}, received))
+        for reason, n in tr.rejected.items():
+            out.append(("spawnmesh_cluster_rejected_packets", "Gossip packets rejected before "
+                        "the membership core since start, by reason.", {"reason": reason}, n))
+        swim = m.swim
+        out.append(("spawnmesh_cluster_health_score", "Lifeguard local health score (0 is "
+                    "healthy; timeouts are stretched by score + 1).", {}, swim.awareness.score))
+        out.append(("spawnmesh_cluster_incarnation", "This node's incarnation number.", {},
+                    swim.incarnation))
+        return out
 
     async def admin_invoke(
         self,
@@ -191,6 +302,11 @@ class Node:
             self._store_ok = False
             log.error("statestore unavailable at start: %s", exc)
         children = [ChildSpec(name, fn) for name, fn in self.runtime.services()]
+        if self._cluster_settings is not None:
+            self.membership = Membership(self.name, self._cluster_settings, self._node_meta())
+            await self.membership.open()
+            self.metrics.add_gauge_source(self._cluster_gauges)
+            children.append(ChildSpec("membership", self.membership.run))
         children.append(ChildSpec("ops-http", self._serve_ops))
         children.append(ChildSpec("store-health", self._watch_store))
         if self.config.host.enabled:  # imported here: grpclib only in nodes that serve hosts
@@ -201,6 +317,7 @@ class Node:
             children.append(ChildSpec("host-api", self.host_api.serve))
         self.supervisor = Supervisor("node", children)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.supervisor.run)
             await self.runtime.activate_eager()
             self.runtime.start_schedule_recovery()
@@ -221,11 +338,14 @@ class Node:
                 self._store_ok = await self.store.healthy()
 
     async def shutdown(self, grace_s: float | None = None) -> bool:
-        """Drain: refuse new invocations, finish turns, flush state. True if clean.
-        Idempotent: a second call returns the first one's result."""
+        """Leave the cluster (the others see ``left`` at once), then drain: refuse new
+        invocations, finish turns, flush state. True if clean. Idempotent: a second call
+        returns the first one's result."""
         if self._drained is not None:
             return self._drained
         self._ready = False
+        if self.membership is not None:
+            await self.membership.leave()
         grace = self.config.actors.shutdown_grace_ms / 1000 if grace_s is None else grace_s
         clean = await self.runtime.drain(grace)
         self._drained = clean
@@ -257,7 +377,9 @@ async def open_node(
     ``config`` defaults to the layered configuration (environment, file, defaults) with an
     in-memory store and an ephemeral ops port; leaving the block drains and flushes."""
     if config is None:
-        config = load_config(overrides={"statestore.url": "memory://", "ops.port": 0})
+        config = load_config(
+            overrides={"statestore.url": "memory://", "ops.port": 0, "cluster.gossip_port": 0}
+        )
     node = Node(config, systems, store or open_store(config, config.name or "embedded"))
     try:
         async with trio.open_nursery() as nursery:
@@ -275,6 +397,9 @@ async def open_node(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+    finally:
+        if node.membership is not None:
+            node.membership.close()  # after every task using the sockets has stopped
 
 
 def serve(*systems: ActorSystem, config: NodeConfig | None = None) -> int:
@@ -295,9 +420,21 @@ async def _serve_until_signal(config: NodeConfig, systems: Sequence[ActorSystem]
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config, *systems, store=store) as node:
             _announce(node, systems)
-            async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
-                break
+            async with trio.open_nursery() as waiting:
+
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        log.info("received %s: draining", signal.Signals(signum).name)
+                        break
+                    waiting.cancel_scope.cancel()
+
+                async def on_request() -> None:
+                    await node.stop_requested.wait()
+                    log.info("asked to leave: leaving and draining")
+                    waiting.cancel_scope.cancel()
+
+                waiting.start_soon(on_signal)
+                waiting.start_soon(on_request)
             clean = await node.shutdown()
     return 0 if clean else 1
 
@@ -310,6 +447,14 @@ def _announce(node: Node, systems: Sequence[ActorSystem]) -> None:
         f"  ops/admin   {url}  (/healthz /readyz /metrics)",
         f"  statestore  {_safe_url(node.config.statestore.url)}",
     ]
+    m = node.membership
+    if m is not None:
+        security = "encrypted" if m.settings.keyring is not None else "NOT encrypted"
+        joining = f", seeds {', '.join(m.settings.seeds)}" if m.settings.seeds else ""
+        if m.settings.dns_name:
+            joining += f", dns {m.settings.dns_name}"
+        lines.append(f"  cluster     {m.settings.cluster!r} gossip {format_addr(m.addr)} "
+                     f"({security}{joining})")
     for adef in node.runtime.definitions():
         actions = ", ".join(sorted(adef.actions))
         lines.append(f"  actor       {adef.system}/{adef.name} [{adef.kind.value}]: {actions}")
@@ -336,6 +481,16 @@ def _safe_url(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def _decode_meta_or_none(data: bytes) -> NodeMeta | None:
+    from spawnmesh.cluster.messages import decode_meta
+    from spawnmesh.errors import ProtocolError
+
+    try:
+        return decode_meta(data)
+    except ProtocolError:
+        return None
 
 
 def load_app(spec: str) -> list[ActorSystem]:

@@ -16,8 +16,12 @@ NodeFactory = Callable[..., AbstractAsyncContextManager[Node]]
 
 
 def test_config(**overrides: Any) -> NodeConfig:
-    """A config for embedded test nodes: memory store, ephemeral port, no environment."""
-    values: dict[str, Any] = {"statestore.url": "memory://", "ops.port": 0, "name": "test-node"}
+    """A config for embedded test nodes: memory store, ephemeral ops and gossip ports (each
+    test node is a cluster of one unless a test joins it), no environment."""
+    values: dict[str, Any] = {
+        "statestore.url": "memory://", "ops.port": 0, "name": "test-node",
+        "cluster.gossip_port": 0,
+    }
     values.update(overrides)
     return load_config(overrides=values, env={})
 

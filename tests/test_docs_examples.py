@@ -91,6 +91,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without SPAWNMESH_* settings (examples use the defaults)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPAWNMESH_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["SPAWNMESH_CLUSTER_GOSSIP_PORT"] = "0"  # examples run side by side: no fixed port
     env.update(extra)
     return env
 

@@ -26,6 +26,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import trio
 
 from spawnmesh.cluster import config as presets
@@ -138,20 +139,15 @@ class Membership:
         self,
         name: str,
         settings: MembershipSettings,
-        meta: NodeMeta,
+        meta: NodeMeta,  # a peer_addr host of "" means this node's advertised gossip host
         *,
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
-        self._meta = meta
-        self._meta_bytes = encode_meta(meta)
-        if len(self._meta_bytes) > settings.swim.meta_max_bytes:
-            raise ConfigError(
-                "cluster",
-                f"this node's metadata is {len(self._meta_bytes)} bytes, more than "
-                f"{settings.swim.meta_max_bytes} (too many actor types or tags)",
-            )
+        self.addr: Addr = ("", 0)
+        """This node's advertised gossip address (known after :meth:`open`)."""
+        self._meta, self._meta_bytes = self._encode(meta)
         self._rng = rng or random.Random()
         self.transport = Transport(
             PacketSealer(settings.cluster, settings.keyring),
@@ -163,8 +159,6 @@ class Membership:
             settings.advertise_port or settings.port,
             nameserver=settings.dns_nameserver,
         )
-        self.addr: Addr = ("", 0)
-        """This node's advertised gossip address (known after :meth:`open`)."""
         self._swim: Swim | None = None
         self._subscribers: list[Callable[[MemberEvent], None]] = []
         self._version = 0
@@ -194,6 +188,7 @@ class Membership:
             first = self.addr == ("", 0)
             bound = await self.transport.bind(host, self.transport.bound[1] or s.port)
             self.addr = (self._advertise_host(bound[0]), s.advertise_port or bound[1])
+            self._meta, self._meta_bytes = self._encode(self._meta)
             if first and s.keyring is None:
                 log.warning(
                     "cluster gossip on %s is neither encrypted nor authenticated (no cluster "
@@ -360,10 +355,23 @@ class Membership:
 
     async def update_meta(self, meta: NodeMeta) -> None:
         """Publish new metadata for this node (spread as alive news at a higher incarnation)."""
-        data = encode_meta(meta)
+        meta, data = self._encode(meta)
         await self._apply(self.swim.update_meta(data, _now_ms()))
         self._meta, self._meta_bytes = meta, data
         self._bump()
+
+    def _encode(self, meta: NodeMeta) -> tuple[NodeMeta, bytes]:
+        """A peer address without a host gets this node's advertised host."""
+        if not meta.peer_addr[0] and self.addr[0]:
+            meta = msgspec.structs.replace(meta, peer_addr=(self.addr[0], meta.peer_addr[1]))
+        data = encode_meta(meta)
+        if len(data) > self.settings.swim.meta_max_bytes:
+            raise ConfigError(
+                "cluster",
+                f"this node's metadata is {len(data)} bytes, more than "
+                f"{self.settings.swim.meta_max_bytes} (too many actor types or tags)",
+            )
+        return meta, data
 
     @property
     def meta(self) -> NodeMeta:

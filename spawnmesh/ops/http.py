@@ -12,6 +12,9 @@ Routes::
     GET  /readyz                                           readiness  (200 / 503)
     GET  /metrics                                          Prometheus text format 0.0.4
     GET  /v1/node                                          node info (JSON)
+    GET  /v1/members                                       cluster members and gossip counters
+    POST /v1/cluster/join      {"addrs": ["host:port"]}    join through these members
+    POST /v1/cluster/leave                                 leave the cluster, then exit
     POST /v1/systems/{system}/actors/{actor}/actions/{action}   invoke an actor (JSON)
 """
 
@@ -120,6 +123,18 @@ class OpsBackend(Protocol):
         """Invoke ``action`` on ``actor``; returns a JSON-able value or raises SpawnmeshError."""
         ...
 
+    def cluster_members(self) -> dict[str, object]:
+        """A JSON-able member list and gossip counters, served by ``GET /v1/members``."""
+        ...
+
+    async def cluster_join(self, addrs: list[str]) -> dict[str, object]:
+        """Join the cluster through ``host:port`` addresses; JSON-able outcome."""
+        ...
+
+    async def cluster_leave(self) -> dict[str, object]:
+        """Leave the cluster gracefully, then stop the node; JSON-able outcome."""
+        ...
+
 
 @dataclass(slots=True)
 class _Response:
@@ -205,6 +220,22 @@ def _parse_invoke_body(raw: bytes) -> _InvokeRequest:
     )
 
 
+def _parse_join_body(raw: bytes) -> list[str]:
+    """``{"addrs": ["host:port", ...]}`` (at least one, at most 256)."""
+    try:
+        body = json.loads(raw or b"{}", parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise _BadRequest(f"body is not valid JSON: {e}") from None
+    addrs = body.get("addrs") if isinstance(body, dict) else None
+    if (
+        not isinstance(addrs, list)
+        or not 0 < len(addrs) <= 256
+        or not all(isinstance(a, str) and a.strip() for a in addrs)
+    ):
+        raise _BadRequest('body must be {"addrs": ["host:port", ...]} (1 to 256 addresses)')
+    return addrs
+
+
 def _split_path(target: bytes) -> list[str]:
     """Split an origin-form target into URL-decoded path segments (the query is ignored)."""
     path = target.split(b"?", 1)[0].split(b"#", 1)[0]
@@ -252,6 +283,18 @@ class _Router:
             case ["v1", "node"]:
                 return _allow(method, read) or _Response(
                     200, _json_bytes(self._backend.node_info())
+                )
+            case ["v1", "members"]:
+                return _allow(method, read) or _Response(
+                    200, _json_bytes(self._backend.cluster_members())
+                )
+            case ["v1", "cluster", "join"]:
+                return _allow(method, ("POST",)) or _Response(
+                    200, _json_bytes(await self._backend.cluster_join(_parse_join_body(body)))
+                )
+            case ["v1", "cluster", "leave"]:
+                return _allow(method, ("POST",)) or _Response(
+                    200, _json_bytes(await self._backend.cluster_leave())
                 )
             case ["v1", "systems", system, "actors", actor, "actions", action] if (
                 system and actor and action
