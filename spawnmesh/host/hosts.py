@@ -76,6 +76,7 @@ class StreamSession:
         self._send = send
         self.peer = peer
         self.system = ""
+        self.node = ""
         self.closed = False
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.lowlevel.Task] = {}
@@ -104,7 +105,7 @@ class StreamSession:
 
         result: v1.TurnResult = await trio.lowlevel.wait_task_rescheduled(abort)
         if result.error is not None:
-            raise turn_error(inv, result.error)
+            raise turn_error(inv, result.error, self.node)
         if result.response is None:
             raise InvalidArgument(f"the host answered turn {tid} with neither response nor error")
         return result.response
@@ -130,12 +131,12 @@ class StreamSession:
             )
 
 
-def turn_error(inv: spawn.ActorInvocation, err: v1.TurnError) -> SpawnmeshError:
+def turn_error(inv: spawn.ActorInvocation, err: v1.TurnError, node: str = "") -> SpawnmeshError:
     """The error a TurnError stands for (a handler failure unless it names another code)."""
     if err.code in ("", ActorFailed.code):
         aid = inv.actor
         who = f"{aid.system}/{aid.name}" if aid is not None else "?"
-        return ActorFailed(who, err.type or "HostError", err.message, err.traceback)
+        return ActorFailed(who, err.type or "HostError", err.message, err.traceback, node)
     return from_wire({"code": err.code, "message": err.message})
 
 
@@ -228,6 +229,7 @@ class HostRegistry:
             hs.callback = self.callback_factory(reg.host_address)
         if session is not None:
             session.system = reg.system
+            session.node = self.runtime.node_id
             hs.sessions.append(session)
         log.info(
             "host registered actor system %s (%s) via %s: %s",
