@@ -100,6 +100,7 @@ async def open_host_harness(
             "ops.port": 0,
             "host.enabled": True,
             "host.port": 0,
+            "cluster.enabled": False,  # one node: no gossip port to collide on
             "actors.sweep_interval_ms": 100,
             **(overrides or {}),
         },
