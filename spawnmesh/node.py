@@ -26,7 +26,15 @@ from spawnmesh.cluster.messages import NodeMeta
 from spawnmesh.cluster.state import Status
 from spawnmesh.codec import convert, to_builtins
 from spawnmesh.config import NodeConfig, load_config
-from spawnmesh.errors import ActionNotFound, ConfigError, InvalidArgument, SpawnmeshError
+from spawnmesh.errors import (
+    ActionNotFound,
+    ConfigError,
+    InvalidArgument,
+    NodeShuttingDown,
+    SpawnmeshError,
+)
+from spawnmesh.mesh.router import Router
+from spawnmesh.clock import wall_ms
 from spawnmesh.ids import ActorId
 from spawnmesh.ops.http import serve_ops
 from spawnmesh.ops.metrics import Metrics
@@ -35,6 +43,7 @@ from spawnmesh.statestore.base import StateStore
 from spawnmesh.statestore.memory import MemoryStateStore
 from spawnmesh.supervisor import ChildSpec, Supervisor
 from spawnmesh.system import ActorSystem
+from spawnmesh.wire.peer import PeerNode
 
 log = logging.getLogger("spawnmesh.node")
 
@@ -89,6 +98,10 @@ class Node:
         self.supervisor: Supervisor | None = None
         self.membership: Membership | None = None
         """Cluster membership (None while not started, or with cluster.enabled off)."""
+        self.peers: PeerNode | None = None
+        """The peer-wire server and client (with clustering on, once started)."""
+        self.router: Router | None = None
+        """The mesh router (with clustering on, once started)."""
         self._cluster_settings = (
             MembershipSettings.from_config(config.cluster) if config.cluster.enabled else None
         )
@@ -170,8 +183,9 @@ class Node:
         if m is None:
             return {"enabled": False, "self": self.name, "members": []}
         rows = []
+        live = m.live()
         for v in sorted(m.members(), key=lambda v: v.name):
-            meta = m.live().get(v.name) if v.status <= Status.SUSPECT else None
+            meta = live.get(v.name) if v.status <= Status.SUSPECT else None
             if meta is None:
                 meta = _decode_meta_or_none(v.meta)
             rows.append({
@@ -218,10 +232,12 @@ class Node:
     def _actor_types(self) -> list[str]:
         return sorted(f"{d.system}/{d.name}" for d in self.runtime.definitions())
 
-    def _node_meta(self) -> NodeMeta:
+    def _node_meta(self, peer_port: int) -> NodeMeta:
         c = self.config.cluster
         tags = dict(t.split("=", 1) for t in c.tags)
-        return NodeMeta(("", c.peer_port), self._actor_types(), tags=tags)
+        if self.ops_port:  # lets the CLI reach every member's ops endpoints
+            tags.setdefault("ops", f"{self.config.ops.host}:{self.ops_port}")
+        return NodeMeta(("", peer_port), self._actor_types(), tags=tags)
 
     def _cluster_gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
         m = self.membership
@@ -302,11 +318,6 @@ class Node:
             self._store_ok = False
             log.error("statestore unavailable at start: %s", exc)
         children = [ChildSpec(name, fn) for name, fn in self.runtime.services()]
-        if self._cluster_settings is not None:
-            self.membership = Membership(self.name, self._cluster_settings, self._node_meta())
-            await self.membership.open()
-            self.metrics.add_gauge_source(self._cluster_gauges)
-            children.append(ChildSpec("membership", self.membership.run))
         children.append(ChildSpec("ops-http", self._serve_ops))
         children.append(ChildSpec("store-health", self._watch_store))
         if self.config.host.enabled:  # imported here: grpclib only in nodes that serve hosts
@@ -319,10 +330,39 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.supervisor.run)
+            if self._cluster_settings is not None:
+                await self._start_mesh(self.supervisor, self._cluster_settings)
             await self.runtime.activate_eager()
             self.runtime.start_schedule_recovery()
             self._ready = True
             task_status.started()
+
+    async def _start_mesh(self, sup: Supervisor, settings: MembershipSettings) -> None:
+        """Peer wire first (its port goes into this node's metadata), then membership, then
+        the router that follows it; each a supervised child."""
+        c = self.config.cluster
+        self.peers = peers = PeerNode(
+            self.name, wall_ms(), settings.cluster, self._peer_request,
+            keyring=settings.keyring,
+        )
+        self.router = Router(
+            self.runtime, peers, self.metrics, self.name,
+            default_timeout_s=self.config.actors.default_timeout_ms / 1000,
+        )
+        port = await sup.start_child(ChildSpec("peer-wire", _serve_at(peers, c.bind_host,
+                                                                       c.peer_port)))
+        self.membership = Membership(self.name, settings, self._node_meta(port))
+        await self.membership.open()
+        self.metrics.add_gauge_source(self._cluster_gauges)
+        await sup.start_child(ChildSpec("membership", self.membership.run))
+        await sup.start_child(ChildSpec("router", _follow(self.router, self.membership)))
+        self.runtime.router = self.router
+
+    async def _peer_request(self, req: Any, origin: str) -> bytes | None:
+        router = self.router
+        if router is None:  # pragma: no cover - the handler is only reachable once started
+            raise NodeShuttingDown(f"node {self.name} is not routing yet")
+        return await router.handle(req, origin)
 
     async def _serve_ops(self, *, task_status: trio.TaskStatus[None]) -> None:
         port = self.ops_port or self.config.ops.port
@@ -351,6 +391,20 @@ class Node:
         self._drained = clean
         log.info("node %s drained (%s)", self.name, "clean" if clean else "with losses")
         return clean
+
+
+def _serve_at(peers: PeerNode, host: str, port: int) -> Any:
+    async def serve(*, task_status: trio.TaskStatus[int]) -> None:
+        await peers.serve(host, port, task_status=task_status)
+
+    return serve
+
+
+def _follow(router: Router, membership: Membership) -> Any:
+    async def run(*, task_status: trio.TaskStatus[None]) -> None:
+        await router.run(membership, task_status=task_status)
+
+    return run
 
 
 class _PortStatus:

@@ -100,13 +100,20 @@ class Discovery:
         """Every address the sources give now (deduplicated, in source order)."""
         out: list[Addr] = []
         for seed in self.seeds:
-            out.extend(await resolve_host_port(seed, self.default_port))
+            try:
+                out.extend(await resolve_host_port(seed, self.default_port))
+            except InvalidArgument as exc:  # e.g. no port, and no gossip port to assume
+                log.warning("discovery: skipping seed %s", exc)
         if self.dns_name:
             if self.dns_name.startswith("_"):
                 out.extend(await self.resolve_srv(self.dns_name))
             else:
-                host, port = parse_host_port(self.dns_name, self.default_port or 1)
-                out.extend((ip, port) for ip in await self.resolve_ips(host))
+                try:
+                    host, port = parse_host_port(self.dns_name, self.default_port)
+                except InvalidArgument as exc:
+                    log.warning("discovery: skipping DNS name %s", exc)
+                else:
+                    out.extend((ip, port) for ip in await self.resolve_ips(host))
         seen: set[Addr] = set()
         unique = []
         for addr in out:

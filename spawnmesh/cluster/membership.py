@@ -188,6 +188,8 @@ class Membership:
             first = self.addr == ("", 0)
             bound = await self.transport.bind(host, self.transport.bound[1] or s.port)
             self.addr = (self._advertise_host(bound[0]), s.advertise_port or bound[1])
+            if not self.discovery.default_port:  # ephemeral port: assume peers use ours
+                self.discovery.default_port = self.addr[1]
             self._meta, self._meta_bytes = self._encode(self._meta)
             if first and s.keyring is None:
                 log.warning(
@@ -322,6 +324,8 @@ class Membership:
 
     async def join(self, addrs: Sequence[str]) -> int:
         """Join through ``host:port`` addresses (names resolved); how many answered."""
+        if self.swim.leaving:
+            raise InvalidArgument(f"{self.name} has left the cluster; restart it to rejoin")
         default = self.settings.advertise_port or self.settings.port or self.addr[1]
         resolved: list[Addr] = []
         for text in addrs:
