@@ -370,7 +370,7 @@ class Connection:
                 w.scope = None
                 if w.req is not None:  # cancelled in the handler: deadline or Cancel
                     cancelled = w.req
-                    w.req = None
+                    w.req = req = None
                     del self._running[cancelled.id]
                     if not w.cancelled_by_peer:
                         self._finish(cancelled, m.Error(cancelled.id, InvocationTimeout(
@@ -503,6 +503,7 @@ class Connection:
                 continue
             quiet += interval
             if quiet >= self._limits.idle_timeout_s:
+                self._broken = True  # a dead peer: no point lingering for its close
                 self._lose(PeerUnavailable(
                     f"node {self.peer_id} sent nothing for {quiet:.1f} s (ping timeout)"
                 ))

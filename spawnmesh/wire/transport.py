@@ -112,7 +112,8 @@ class Transport:
                     await trio.lowlevel.wait_writable(sock)
 
     def shutdown_write(self) -> None:
-        """Half-close: the peer reads end of stream after our last byte."""
+        """Half-close: the peer reads end of stream after our last byte (under TLS: a TCP
+        end of stream without close_notify, which the peer's reader takes as the end)."""
         self.sock.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
@@ -141,9 +142,6 @@ class TlsTransport(Transport):
 
     async def send_all(self, data: bytes | bytearray) -> None:
         await self.stream.send_all(data)
-
-    def shutdown_write(self) -> None:
-        pass  # TLS has no half-close; the peer closes on its own after a drain or Reject
 
 
 def _detach(stream: trio.SocketStream) -> socket.socket:
