@@ -6,7 +6,7 @@ join and a leave move, and last one JSON line. Times are CPU time of this proces
 runs); other work on the machine still makes them noisy (shared caches), so compare figures
 within one run.
 
-    python bench/placement.py [--quick]
+    python bench/placement.py [--quick] [--sets N] [--vnodes 256,768,1024]
 """
 
 from __future__ import annotations
@@ -75,11 +75,15 @@ def per_lookup_ns(fn: object, keys: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer member sets and vnode counts")
+    ap.add_argument("--sets", type=int, help="random member sets per cell (default 5)")
+    ap.add_argument("--vnodes", help="comma-separated vnode counts for the trade-off table")
     args = ap.parse_args()
     rng = random.Random(7)
     keys = [f"user-{rng.getrandbits(48):012x}" for _ in range(KEYS)]
-    sets = 2 if args.quick else 5
+    sets = args.sets or (2 if args.quick else 5)
     vnode_counts = [128, 512, DEFAULT_VNODES] if args.quick else [64, 128, 256, 512, 1024, 2048]
+    if args.vnodes:
+        vnode_counts = [int(v) for v in args.vnodes.split(",")]
     print(f"python {platform.python_version()}, {KEYS:,} keys, {sets} member sets per cell; "
           "other load on the machine makes times noisy")  # fmt: skip
 
