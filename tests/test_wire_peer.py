@@ -223,6 +223,18 @@ async def test_the_callers_deadline_reaches_the_handler() -> None:
         assert msgspec.msgpack.decode(no_deadline) is None  # type: ignore[arg-type]
 
 
+async def test_a_caller_whose_deadline_passed_sends_nothing() -> None:
+    h = Handler()
+    a, b = node("a"), node("b", h)
+    async with serving(a, b) as (_, pb):
+        assert await a.request("b", ("127.0.0.1", pb), req("echo", b"1")) == b"1"
+        with trio.CancelScope(deadline=trio.current_time() - 1) as scope:
+            await a.request("b", ("127.0.0.1", pb), req("echo", b"2"))
+        assert scope.cancelled_caught
+        assert await a.request("b", ("127.0.0.1", pb), req("echo", b"3")) == b"3"
+        assert [r.payload for r in h.seen] == [b"1", b"3"]
+
+
 async def test_cancelling_the_caller_cancels_the_remote_handler() -> None:
     h = Handler()
     a, b = node("a"), node("b", h)

@@ -169,6 +169,15 @@ class Connection:
         Raises the peer's rebuilt error, ``Overloaded`` when ``max_in_flight`` requests are
         already waiting, ``FrameTooLarge`` if the request exceeds the peer's frame limit, or
         ``PeerUnavailable`` if the connection is lost first."""
+        deadline = trio.current_effective_deadline()
+        if deadline == _INF:
+            req.deadline_ms = None
+        else:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:  # the schedule point turns the passed deadline into Cancelled
+                await trio.lowlevel.checkpoint()
+                remaining = 0.0
+            req.deadline_ms = math.ceil(remaining * 1000)
         if not self._open or self._got_goaway:
             raise PeerUnavailable(f"connection to node {self.peer_id} is closing")
         pending = self._pending
@@ -179,15 +188,6 @@ class Connection:
         rid = self._next_id
         self._next_id = rid + 1
         req.id = rid
-        deadline = trio.current_effective_deadline()
-        if deadline == _INF:
-            req.deadline_ms = None
-        else:
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                remaining = 0.0
-            req.deadline_ms = math.ceil(remaining * 1000)
         self._send(req, not pending)
         pending[rid] = _current_task()
 

@@ -206,6 +206,13 @@ class PeerNode:
         """Connections not yet closed (including draining ones)."""
         return len(self._all)
 
+    def disconnect(self, peer_id: str, reason: str = "") -> None:
+        """Drop every connection to ``peer_id`` now (e.g. membership declared it dead): its
+        requests in flight fail at once with ``PeerUnavailable``."""
+        for conn in [c for c in self._all if c.peer_id == peer_id]:
+            conn.abort(PeerUnavailable(f"node {peer_id} disconnected{': ' if reason else ''}"
+                                       f"{reason}"))
+
     async def serve(
         self,
         host: str = "127.0.0.1",
@@ -222,9 +229,7 @@ class PeerNode:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                with self._accept_scope:
-                    for listener in listeners:
-                        nursery.start_soon(self._accept_loop, listener)
+                nursery.start_soon(self._accept_all, listeners)
                 self.port = listeners[0].socket.getsockname()[1]
                 task_status.started(self.port)
                 await self._stop.wait()
@@ -234,8 +239,6 @@ class PeerNode:
             self._nursery = None
             for listener in listeners:
                 listener.socket.close()
-            for conn in list(self._all):
-                conn.abort(PeerUnavailable(f"node {self.node_id} stopped"))
             self._stopped.set()
 
     async def close(self) -> None:
@@ -248,7 +251,7 @@ class PeerNode:
         self._closing = True
         self._accept_scope.cancel()
         for listener in self._listeners:
-            listener.socket.close()
+            await listener.aclose()
         for conn in list(self._all):
             conn.go_away("shutting_down", f"node {self.node_id} is shutting down")
         with trio.move_on_after(self.limits.drain_timeout_ms / 1000):
@@ -351,6 +354,12 @@ class PeerNode:
         return PeerUnavailable(f"cannot connect to node {peer_id} at {addr}: {exc}")
 
     # ------------------------------------------------------------------ accepting
+
+    async def _accept_all(self, listeners: list[trio.SocketListener]) -> None:
+        with self._accept_scope:  # close() cancels accepting, not the connections
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener)
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         while True:
