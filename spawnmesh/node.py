@@ -447,9 +447,13 @@ async def open_node(
                     await node.store.aclose()
     except BaseExceptionGroup as group:
         # The services never raise groups (the supervisor escalates one error), so a group
-        # with one member carries the caller's own exception: give it back unwrapped.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        # with one member carries the caller's own exception (or a start-up error, possibly
+        # through nested nurseries): give it back unwrapped.
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if inner is not group:
+            raise inner from None
         raise
     finally:
         if node.membership is not None:
