@@ -188,3 +188,33 @@ def test_non_loopback_gossip_without_a_key_refuses_to_start(tmp_path: Path) -> N
         gone.stderr
     )
     assert gone.stdout == ""
+
+
+def test_gossip_port_in_use_exits_2_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    from tests.e2e import CLI, clean_env
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    with taken:
+        port = taken.getsockname()[1]
+        argv = [
+            *CLI,
+            "run",
+            "--ops-port",
+            "0",
+            "--statestore",
+            "memory://",
+            "--set",
+            f"cluster.gossip_port={port}",
+        ]
+        proc = spawn_process(argv, tmp_path, clean_env())
+        with killing(proc):
+            gone = proc.wait_exit(20)
+    assert gone.returncode == 2, gone
+    errors = [x for x in gone.stderr.splitlines() if x.startswith("spawnmesh: error: ")]
+    assert len(errors) == 1 and "cluster.gossip_port" in errors[0] and str(port) in errors[0], (
+        gone.stderr
+    )
+    assert "Traceback" not in gone.stderr
