@@ -9,7 +9,9 @@ child process (this file with ``--serve raw|wire``) the server. Figures:
   bytes a frame);
 * ``wire_pipelined_per_s``: 64 callers in flight over the one connection;
 * ``wire_seq_ratio`` = wire_seq_per_s / raw_trio_rtt_per_s (both medians over the same rounds,
-  raw and wire interleaved so that background load hits both alike).
+  raw and wire interleaved so that background load hits both alike);
+* ``raw_trio_rtt_p50_us`` and ``wire_seq_p50_ratio`` = raw p50 / wire p50 latency: the same
+  comparison, far less sensitive to other processes stealing the CPU than a mean rate.
 
 The end-to-end figures of the issue (``remote_seq_*``, ``remote_pipelined_invokes_per_s``
 through a 3-node cluster of ``spawnmesh run``) need the router; they get a function each here
@@ -92,8 +94,8 @@ class Server:
 # ---------------------------------------------------------------- figures (client side)
 
 
-async def raw_trio_rtt(port: int, n: int) -> float:
-    """Sequential 200-byte round trips per second over plain trio streams."""
+async def raw_trio_rtt(port: int, n: int) -> tuple[float, float, float]:
+    """(round trips/s, p50 us, p99 us): sequential 200-byte round trips over plain trio."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     size = len(FRAME)
 
@@ -105,12 +107,16 @@ async def raw_trio_rtt(port: int, n: int) -> float:
 
     for _ in range(min(n, 2000)):
         await once()
+    lat: list[float] = []
     t0 = perf()
     for _ in range(n):
+        s = perf()
         await once()
+        lat.append(perf() - s)
     dt = perf() - t0
     await stream.aclose()
-    return n / dt
+    lat.sort()
+    return n / dt, lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
 
 
 def request() -> Request:
@@ -183,7 +189,7 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
 
     raw_s, wire_s = Server("raw", key), Server("wire", key)
-    raw: list[float] = []
+    raw: list[tuple[float, float, float]] = []
     seq: list[tuple[float, float, float]] = []
     pipe: list[float] = []
     try:
@@ -199,20 +205,24 @@ def main() -> None:
         raw_s.stop()
         wire_s.stop()
 
-    raw_per_s = statistics.median(raw)
+    raw_per_s = statistics.median(r[0] for r in raw)
+    raw_p50 = statistics.median(r[1] for r in raw)
     seq_per_s = statistics.median(s[0] for s in seq)
     figures = {
         "raw_trio_rtt_per_s": round(raw_per_s),
+        "raw_trio_rtt_p50_us": round(raw_p50, 1),
         "wire_seq_per_s": round(seq_per_s),
         "wire_seq_p50_us": round(statistics.median(s[1] for s in seq), 1),
         "wire_seq_p99_us": round(statistics.median(s[2] for s in seq), 1),
         "wire_pipelined_per_s": round(statistics.median(pipe)),
         "wire_seq_ratio": round(seq_per_s / raw_per_s, 3),
+        "wire_seq_p50_ratio": round(raw_p50 / statistics.median(s[1] for s in seq), 3),
     }
     print(f"python {platform.python_version()}, trio {trio.__version__}, {os.cpu_count()} cpus, "
           f"{rounds} round(s), medians")
     for i in range(len(raw)):
-        print(f"  round {i + 1}: raw {raw[i]:,.0f}/s  wire seq {seq[i][0]:,.0f}/s "
+        print(f"  round {i + 1}: raw {raw[i][0]:,.0f}/s (p50 {raw[i][1]:.0f} us)  "
+              f"wire seq {seq[i][0]:,.0f}/s "
               f"(p50 {seq[i][1]:.0f} us, p99 {seq[i][2]:.0f} us)  pipelined {pipe[i]:,.0f}/s")
     for name, value in figures.items():
         print(f"{name:>24}: {value:,}")

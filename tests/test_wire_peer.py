@@ -50,6 +50,7 @@ class Handler:
         self.seen: list[m.Request] = []
         self.cancelled: list[int] = []
         self.release = trio.Event()
+        self.gates = [trio.Event() for _ in range(20)]
         self.started = 0
 
     async def __call__(self, req: m.Request, origin: str) -> bytes | None:
@@ -65,6 +66,10 @@ class Handler:
         if action == "deadline":
             d = trio.current_effective_deadline()
             return msgspec.msgpack.encode(None if d == math.inf else d - trio.current_time())
+        if action == "gate":
+            self.started += 1
+            await self.gates[int(req.payload)].wait()
+            return req.payload
         if action == "block":
             self.started += 1
             try:
@@ -179,22 +184,24 @@ async def test_requests_flow_both_ways_over_one_connection() -> None:
 
 
 async def test_pipelined_requests_complete_out_of_order_and_match_their_replies() -> None:
-    a, b = node("a"), node("b")
+    h = Handler()
+    a, b = node("a"), node("b", h)
     done: list[int] = []
     async with serving(a, b) as (_, pb):
 
         async def one(i: int) -> None:
-            delay = (20 - i) * 0.01  # later requests finish first
-            got = await a.request("b", ("127.0.0.1", pb), req("sleep", str(delay).encode()))
-            assert got == str(delay).encode()
+            got = await a.request("b", ("127.0.0.1", pb), req("gate", str(i).encode()))
+            assert got == str(i).encode()
             done.append(i)
 
         async with trio.open_nursery() as nursery:
             for i in range(20):
                 nursery.start_soon(one, i)
-                await trio.lowlevel.checkpoint()
-        assert sorted(done) == list(range(20))
-        assert done != sorted(done)
+            await eventually(lambda: h.started == 20)  # all 20 in flight at once
+            for i in reversed(range(20)):  # answer them in reverse order, one by one
+                h.gates[i].set()
+                await eventually(lambda: len(done) == 20 - i)  # noqa: B023
+        assert done == list(reversed(range(20)))
         assert a.stats.dials == 1 and a.open_connections == 1
 
 
