@@ -20,6 +20,7 @@ import trio
 from spawnmesh._version import __version__
 from spawnmesh.actors.definition import ActorDef
 from spawnmesh.actors.runtime import Runtime, RuntimeSettings
+from spawnmesh.clock import wall_ms
 from spawnmesh.cluster.addr import format_addr
 from spawnmesh.cluster.membership import Membership, MembershipSettings
 from spawnmesh.cluster.messages import NodeMeta
@@ -33,9 +34,8 @@ from spawnmesh.errors import (
     NodeShuttingDown,
     SpawnmeshError,
 )
-from spawnmesh.mesh.router import Router
-from spawnmesh.clock import wall_ms
 from spawnmesh.ids import ActorId
+from spawnmesh.mesh.router import Router
 from spawnmesh.ops.http import serve_ops
 from spawnmesh.ops.metrics import Metrics
 from spawnmesh.refs import ActorRef
@@ -235,9 +235,8 @@ class Node:
     def _node_meta(self, peer_port: int) -> NodeMeta:
         c = self.config.cluster
         tags = dict(t.split("=", 1) for t in c.tags)
-        if self.ops_port:  # lets the CLI reach every member's ops endpoints
-            tags.setdefault("ops", f"{self.config.ops.host}:{self.ops_port}")
-        return NodeMeta(("", peer_port), self._actor_types(), tags=tags)
+        ops = f"{self.config.ops.host}:{self.ops_port}" if self.ops_port else ""
+        return NodeMeta(("", peer_port), self._actor_types(), tags=tags, ops_addr=ops)
 
     def _cluster_gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
         m = self.membership
@@ -349,9 +348,9 @@ class Node:
             self.runtime, peers, self.metrics, self.name,
             default_timeout_s=self.config.actors.default_timeout_ms / 1000,
         )
-        port = await sup.start_child(ChildSpec("peer-wire", _serve_at(peers, c.bind_host,
-                                                                       c.peer_port)))
-        self.membership = Membership(self.name, settings, self._node_meta(port))
+        await sup.start_child(ChildSpec("peer-wire", _serve_at(peers, c.bind_host, c.peer_port)))
+        assert peers.port is not None
+        self.membership = Membership(self.name, settings, self._node_meta(peers.port))
         await self.membership.open()
         self.metrics.add_gauge_source(self._cluster_gauges)
         await sup.start_child(ChildSpec("membership", self.membership.run))
@@ -386,8 +385,12 @@ class Node:
         self._ready = False
         if self.membership is not None:
             await self.membership.leave()
+            if self.router is not None:  # hand every actor off now, not at the next view poll
+                self.router.update_view(self.membership.live())
         grace = self.config.actors.shutdown_grace_ms / 1000 if grace_s is None else grace_s
         clean = await self.runtime.drain(grace)
+        if self.peers is not None:  # after the drain: peers' calls were forwarded meanwhile
+            await self.peers.close()
         self._drained = clean
         log.info("node %s drained (%s)", self.name, "clean" if clean else "with losses")
         return clean
@@ -396,6 +399,7 @@ class Node:
 def _serve_at(peers: PeerNode, host: str, port: int) -> Any:
     async def serve(*, task_status: trio.TaskStatus[int]) -> None:
         await peers.serve(host, port, task_status=task_status)
+        await trio.sleep_forever()  # closed by shutdown: not an exit to restart from
 
     return serve
 
@@ -432,7 +436,8 @@ async def open_node(
     in-memory store and an ephemeral ops port; leaving the block drains and flushes."""
     if config is None:
         config = load_config(
-            overrides={"statestore.url": "memory://", "ops.port": 0, "cluster.gossip_port": 0}
+            overrides={"statestore.url": "memory://", "ops.port": 0, "cluster.gossip_port": 0,
+                       "cluster.peer_port": 0}
         )
     node = Node(config, systems, store or open_store(config, config.name or "embedded"))
     try:

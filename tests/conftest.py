@@ -20,7 +20,7 @@ def test_config(**overrides: Any) -> NodeConfig:
     test node is a cluster of one unless a test joins it), no environment."""
     values: dict[str, Any] = {
         "statestore.url": "memory://", "ops.port": 0, "name": "test-node",
-        "cluster.gossip_port": 0,
+        "cluster.gossip_port": 0, "cluster.peer_port": 0,
     }
     values.update(overrides)
     return load_config(overrides=values, env={})

@@ -90,6 +90,7 @@ def clean_env(extra: Mapping[str, str] | None = None, *, key: str | None = None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPAWNMESH_", "SPAWN_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env["SPAWNMESH_CLUSTER_GOSSIP_PORT"] = "0"  # tests run side by side: no fixed gossip port
+    env["SPAWNMESH_CLUSTER_PEER_PORT"] = "0"  # nor peer port
     if key is not None:
         env["SPAWNMESH_STATESTORE_KEY"] = key
     if extra:

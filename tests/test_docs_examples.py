@@ -92,6 +92,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPAWNMESH_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["SPAWNMESH_CLUSTER_GOSSIP_PORT"] = "0"  # examples run side by side: no fixed port
+    env["SPAWNMESH_CLUSTER_PEER_PORT"] = "0"
     env.update(extra)
     return env
 

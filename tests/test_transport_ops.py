@@ -51,7 +51,9 @@ async def test_join_members_and_leave_over_http(make_node: NodeFactory) -> None:
         assert set(rows) == {"a", "b"} and listed["self"] == "b"
         assert rows["a"]["status"] == "alive" and rows["a"]["tags"] == {"zone": "z1"}
         assert rows["a"]["actor_types"] == ["demo/echo"]
-        assert rows["a"]["peer_address"] == "127.0.0.1:7947" and rows["b"]["self"] is True
+        assert a.peers is not None
+        assert rows["a"]["peer_address"] == f"127.0.0.1:{a.peers.port}"
+        assert rows["b"]["self"] is True
         assert listed["stats"]["transport"]["sent_bytes"] > 0
 
         for bad in ({}, {"addrs": []}, {"addrs": "x:1"}, {"addrs": [1]}):

@@ -1038,8 +1038,15 @@ class Runtime:
             token = _CURRENT.set(_Turn(chain[-1], caller, chain[:-1]))
         elif caller is not None:
             token = _CURRENT.set(_Turn(caller.key, caller, ()))
-        else:
-            return await self.invoke(target, action, payload, metadata=metadata)
+        else:  # accepted even while draining: a peer's call must not fail on a leaving node
+            t0 = trio.current_time()
+            try:
+                value = await self._invoke(target, action, payload, metadata, None, ())
+            except SpawnmeshError as exc:
+                self.metrics.observe_invocation(exc.code, trio.current_time() - t0)
+                raise
+            self.metrics.observe_invocation("ok", trio.current_time() - t0)
+            return value
         try:
             return await self.invoke(target, action, payload, metadata=metadata)
         finally:
@@ -1138,7 +1145,9 @@ class Runtime:
             self._idle.set()
         with trio.move_on_at(deadline):
             await self._idle.wait()
-        finished = self._busy == 0
+            while self._moving:  # hand-offs started by leaving the cluster: flushed, too
+                await next(iter(self._moving.values())).wait()
+        finished = self._busy == 0 and not self._moving
         if not finished:
             log.warning("%d actors still busy after the shutdown grace period", self._busy)
         with trio.move_on_at(deadline + grace_s) as scope:

@@ -137,6 +137,8 @@ class NodeMeta(msgspec.Struct, array_like=True, frozen=True):
     protocol_min: int = 1
     protocol_max: int = 1
     tags: dict[str, str] = {}
+    ops_addr: str = ""
+    """``host:port`` of the member's ops HTTP endpoints (for operators' tools), if known."""
 
 
 _DECODE_ERRORS = (

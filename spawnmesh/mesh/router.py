@@ -131,7 +131,8 @@ class Router:
         moving = self.runtime.hand_off(self._still_owned)
         if moving:
             log.info("placement %s: handing off %d actors", new.version, moving)
-        if self._nursery is not None:  # actors with timers/channels now owned here
+        if self._nursery is not None and self.node_id in self._addrs:
+            # actors with timers or channels that this node owns now
             self._nursery.start_soon(self.runtime.activate_eager)
         return True
 

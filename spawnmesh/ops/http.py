@@ -52,6 +52,8 @@ JSON_CONTENT_TYPE: Final = "application/json"
 
 GRPC_TO_HTTP: Final[dict[str, int]] = {
     "NOT_FOUND": 404,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
     "INVALID_ARGUMENT": 400,
     "UNIMPLEMENTED": 404,
     "DEADLINE_EXCEEDED": 504,
