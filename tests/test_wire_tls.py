@@ -163,3 +163,38 @@ async def test_a_server_certificate_from_another_ca_is_rejected(
     async with serving(a, mallory) as (_, pm):
         with pytest.raises(AuthenticationFailed, match="TLS"):
             await a.request("mallory", ("127.0.0.1", pm), request())
+
+
+async def test_a_drain_over_tls_delivers_the_last_replies(pki: dict[str, TlsConfig]) -> None:
+    release = trio.Event()
+
+    async def slow(req: Request, origin: str) -> bytes | None:
+        await release.wait()
+        return req.payload
+
+    a = node("a", pki["a"])
+    b = PeerNode("b", 1, "c", slow, tls=pki["b"], limits=LIMITS)
+    got: list[bytes | None] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve, "127.0.0.1", 0)
+        pb = await nursery.start(b.serve, "127.0.0.1", 0)
+
+        async def call(i: int) -> None:
+            got.append(await a.request("b", ("127.0.0.1", pb), request(b"%d" % i)))
+
+        async with trio.open_nursery() as callers:
+            for i in range(10):
+                callers.start_soon(call, i)
+            with trio.fail_after(10):
+                while (conn := b.connection("a")) is None or conn.handling < 10:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            callers.start_soon(b.close)
+            with trio.fail_after(10):
+                while a.connection("b") is not None:  # noqa: ASYNC110 - GoAway arrived
+                    await trio.sleep(0.01)
+            release.set()
+        assert sorted(got) == sorted(b"%d" % i for i in range(10))  # type: ignore[type-var]
+        with trio.fail_after(10):
+            while a.open_connections:  # noqa: ASYNC110 - closed cleanly by both sides
+                await trio.sleep(0.01)
+        await a.close()
