@@ -80,7 +80,9 @@ class Server:
     def __init__(self, kind: str, key: str) -> None:
         env = dict(os.environ, BENCH_KEY=key)
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind], stdout=subprocess.PIPE, text=True,
+            [sys.executable, __file__, "--serve", kind],
+            stdout=subprocess.PIPE,
+            text=True,
             env=env,
         )
         assert self.proc.stdout is not None
@@ -218,12 +220,16 @@ def main() -> None:
         "wire_seq_ratio": round(seq_per_s / raw_per_s, 3),
         "wire_seq_p50_ratio": round(raw_p50 / statistics.median(s[1] for s in seq), 3),
     }
-    print(f"python {platform.python_version()}, trio {trio.__version__}, {os.cpu_count()} cpus, "
-          f"{rounds} round(s), medians")
+    print(
+        f"python {platform.python_version()}, trio {trio.__version__}, {os.cpu_count()} cpus, "
+        f"{rounds} round(s), medians"
+    )
     for i in range(len(raw)):
-        print(f"  round {i + 1}: raw {raw[i][0]:,.0f}/s (p50 {raw[i][1]:.0f} us)  "
-              f"wire seq {seq[i][0]:,.0f}/s "
-              f"(p50 {seq[i][1]:.0f} us, p99 {seq[i][2]:.0f} us)  pipelined {pipe[i]:,.0f}/s")
+        print(
+            f"  round {i + 1}: raw {raw[i][0]:,.0f}/s (p50 {raw[i][1]:.0f} us)  "
+            f"wire seq {seq[i][0]:,.0f}/s "
+            f"(p50 {seq[i][1]:.0f} us, p99 {seq[i][2]:.0f} us)  pipelined {pipe[i]:,.0f}/s"
+        )
     for name, value in figures.items():
         print(f"{name:>24}: {value:,}")
     print(json.dumps(figures))

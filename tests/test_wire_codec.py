@@ -119,10 +119,21 @@ boxed = st.fixed_dictionaries(
 )
 
 MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
-    m.Hello: st.builds(m.Hello, st.integers(0, 65535), st.integers(0, 65535), names, names,
-                       u63, nonces, names, u63, u63),
-    m.Welcome: st.builds(m.Welcome, st.integers(0, 65535), names, names, u63, nonces, names,
-                         u63, u63),
+    m.Hello: st.builds(
+        m.Hello,
+        st.integers(0, 65535),
+        st.integers(0, 65535),
+        names,
+        names,
+        u63,
+        nonces,
+        names,
+        u63,
+        u63,
+    ),
+    m.Welcome: st.builds(
+        m.Welcome, st.integers(0, 65535), names, names, u63, nonces, names, u63, u63
+    ),
     m.Proof: st.builds(m.Proof, names, st.binary(max_size=256)),
     m.Ready: st.builds(m.Ready),
     m.Reject: st.builds(m.Reject, names, names),
@@ -130,10 +141,20 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     m.Ping: st.builds(m.Ping, u63),
     m.Pong: st.builds(m.Pong, u63),
     m.Request: st.builds(
-        m.Request, u63, names, names, st.none() | names, names, st.binary(max_size=100),
-        st.dictionaries(names, names, max_size=3), st.none() | actor_ids,
-        st.lists(st.tuples(names, names), max_size=3), st.none() | u63,
-        st.sampled_from(list(m.Kind)), u63, st.integers(0, 255),
+        m.Request,
+        u63,
+        names,
+        names,
+        st.none() | names,
+        names,
+        st.binary(max_size=100),
+        st.dictionaries(names, names, max_size=3),
+        st.none() | actor_ids,
+        st.lists(st.tuples(names, names), max_size=3),
+        st.none() | u63,
+        st.sampled_from(list(m.Kind)),
+        u63,
+        st.integers(0, 255),
     ),
     m.Reply: st.builds(m.Reply, u63, st.none() | st.binary(max_size=100)),
     m.Error: st.builds(m.Error, u63, boxed, names),
@@ -154,23 +175,49 @@ def test_every_message_round_trips(msg: m.Message) -> None:
 def test_type_codes_are_pinned() -> None:
     """Append-only: a renumbered or reused code breaks every deployed peer."""
     assert {c: t.__name__ for c, t in m.MESSAGE_TYPES.items()} == {
-        1: "Hello", 2: "Welcome", 3: "Proof", 4: "Ready", 5: "Reject", 6: "GoAway",
-        7: "Ping", 8: "Pong", 9: "Request", 10: "Reply", 11: "Error", 12: "Cancel",
+        1: "Hello",
+        2: "Welcome",
+        3: "Proof",
+        4: "Ready",
+        5: "Reject",
+        6: "GoAway",
+        7: "Ping",
+        8: "Pong",
+        9: "Request",
+        10: "Reply",
+        11: "Error",
+        12: "Cancel",
     }
     for code, tp in m.MESSAGE_TYPES.items():
         assert tp.__struct_config__.tag == code
     kinds = {k.name: k.value for k in m.Kind}
     assert list(kinds.values()) == list(range(len(kinds)))  # dense, append-only
     assert {n: v for n, v in kinds.items() if v < 7} == {
-        "CALL": 0, "CAST": 1, "DELAYED": 2, "SCHEDULED": 3, "RELEASE": 4, "BROADCAST": 5,
+        "CALL": 0,
+        "CAST": 1,
+        "DELAYED": 2,
+        "SCHEDULED": 3,
+        "RELEASE": 4,
+        "BROADCAST": 5,
         "SPAWN": 6,
     }
 
 
 def test_request_field_order_is_pinned() -> None:
     assert m.Request.__struct_fields__ == (
-        "id", "system", "name", "parent", "action", "payload", "metadata", "caller", "chain",
-        "deadline_ms", "kind", "when_ms", "hops",
+        "id",
+        "system",
+        "name",
+        "parent",
+        "action",
+        "payload",
+        "metadata",
+        "caller",
+        "chain",
+        "deadline_ms",
+        "kind",
+        "when_ms",
+        "hops",
     )
 
 
@@ -216,7 +263,11 @@ def test_any_body_decodes_skips_or_raises_protocol_error(body: bytes) -> None:
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | names
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | names
     | st.binary(max_size=20),
     lambda inner: st.lists(inner, max_size=6) | st.dictionaries(names, inner, max_size=4),
     max_leaves=12,

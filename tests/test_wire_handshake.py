@@ -34,8 +34,15 @@ def ring(*keys: tuple[str, bytes]) -> Keyring:
     return Keyring(list(keys))
 
 
-def cfg(node: str, keyring: Keyring | None = None, *, cluster: str = "c", lo: int = 1,
-        hi: int = 1, incarnation: int = 7) -> HandshakeConfig:
+def cfg(
+    node: str,
+    keyring: Keyring | None = None,
+    *,
+    cluster: str = "c",
+    lo: int = 1,
+    hi: int = 1,
+    incarnation: int = 7,
+) -> HandshakeConfig:
     return HandshakeConfig(cluster, node, incarnation, keyring, version_min=lo, version_max=hi)
 
 
@@ -49,8 +56,9 @@ class Outcome:
         self.server_error: SpawnmeshError | None = None
 
 
-def pump(client: ClientHandshake, server: ServerHandshake,
-         tamper: tuple[int, int, int] | None = None) -> Outcome:
+def pump(
+    client: ClientHandshake, server: ServerHandshake, tamper: tuple[int, int, int] | None = None
+) -> Outcome:
     """Carry frames between the two ends, including a Reject after a failure (as the shell
     does). ``tamper=(frame_index, byte_index, xor)`` corrupts one frame in flight."""
     out = Outcome(client, server)
@@ -94,8 +102,9 @@ def pump(client: ClientHandshake, server: ServerHandshake,
     return out
 
 
-def handshake(client_cfg: HandshakeConfig, server_cfg: HandshakeConfig,
-              expect: str | None = "b", **kw: object) -> Outcome:
+def handshake(
+    client_cfg: HandshakeConfig, server_cfg: HandshakeConfig, expect: str | None = "b", **kw: object
+) -> Outcome:
     client = ClientHandshake(client_cfg, os.urandom(32), expect)
     server = ServerHandshake(server_cfg, os.urandom(32))
     return pump(client, server, **kw)  # type: ignore[arg-type]
@@ -135,8 +144,9 @@ def test_unknown_key_id_fails_on_both_sides() -> None:
 @pytest.mark.parametrize("keyed", ["client", "server"])
 def test_a_key_on_one_side_only_fails_on_both(keyed: str) -> None:
     k = ring(("k1", K1))
-    o = handshake(cfg("a", k if keyed == "client" else None),
-                  cfg("b", k if keyed == "server" else None))
+    o = handshake(
+        cfg("a", k if keyed == "client" else None), cfg("b", k if keyed == "server" else None)
+    )
     assert isinstance(o.client_error, AuthenticationFailed)
     assert isinstance(o.server_error, AuthenticationFailed)
 

@@ -32,8 +32,9 @@ from spawnmesh.wire.handshake import ClientHandshake, HandshakeConfig
 from spawnmesh.wire.peer import PeerLimits, PeerNode
 
 KEY = Keyring([("k1", os.urandom(32))])
-FAST_LIMITS = PeerLimits(backoff_initial_ms=20, backoff_max_ms=200, connect_timeout_ms=5000,
-                         drain_timeout_ms=3000)
+FAST_LIMITS = PeerLimits(
+    backoff_initial_ms=20, backoff_max_ms=200, connect_timeout_ms=5000, drain_timeout_ms=3000
+)
 
 
 async def eventually(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -106,8 +107,9 @@ async def serving(*nodes: PeerNode) -> AsyncIterator[list[int]]:
 def node(name: str, handler: Handler | None = None, **kw: Any) -> PeerNode:
     kw.setdefault("keyring", KEY)
     kw.setdefault("limits", FAST_LIMITS)
-    return PeerNode(name, kw.pop("incarnation", 1), kw.pop("cluster", "c"),
-                    handler or Handler(), **kw)
+    return PeerNode(
+        name, kw.pop("incarnation", 1), kw.pop("cluster", "c"), handler or Handler(), **kw
+    )
 
 
 class RawPeer:
@@ -119,8 +121,14 @@ class RawPeer:
         self.bodies: list[bytes] = []
 
     @classmethod
-    async def connect(cls, port: int, *, node_id: str = "raw", keyring: Keyring | None = KEY,
-                      handshake: bool = True) -> RawPeer:
+    async def connect(
+        cls,
+        port: int,
+        *,
+        node_id: str = "raw",
+        keyring: Keyring | None = KEY,
+        handshake: bool = True,
+    ) -> RawPeer:
         peer = cls(await trio.open_tcp_stream("127.0.0.1", port))
         if handshake:
             machine = ClientHandshake(HandshakeConfig("c", node_id, 1, keyring), os.urandom(32))
@@ -209,9 +217,21 @@ async def test_request_fields_arrive_intact() -> None:
     h = Handler()
     a, b = node("a"), node("b", h)
     async with serving(a, b) as (_, pb):
-        sent = m.Request(0, "sys", "inst-1", "tmpl", "echo", b"\x81\xa1k\x01",
-                         {"trace": "t1"}, ActorId("sys", "caller"), [("sys", "caller")],
-                         None, m.Kind.SCHEDULED, 1_700_000_000_000, 1)
+        sent = m.Request(
+            0,
+            "sys",
+            "inst-1",
+            "tmpl",
+            "echo",
+            b"\x81\xa1k\x01",
+            {"trace": "t1"},
+            ActorId("sys", "caller"),
+            [("sys", "caller")],
+            None,
+            m.Kind.SCHEDULED,
+            1_700_000_000_000,
+            1,
+        )
         assert await a.request("b", ("127.0.0.1", pb), sent) == b"\x81\xa1k\x01"
         got = h.seen[-1]
         assert got == sent  # id and deadline_ms were set on ``sent`` by request()
@@ -448,7 +468,8 @@ async def test_the_server_answers_overloaded_beyond_its_handler_limit() -> None:
         h.release.set()
         replies = [await raw.next(), await raw.next()]
         assert sorted(replies, key=lambda r: r.id) == [  # type: ignore[union-attr]
-            m.Reply(1, b"released"), m.Reply(2, b"released")
+            m.Reply(1, b"released"),
+            m.Reply(2, b"released"),
         ]
         await raw.close()
 

@@ -61,8 +61,14 @@ async def test_in_flight_requests_fail_retryably_when_the_peer_is_killed() -> No
         async def nothing(req: Request, origin: str) -> bytes | None:
             return None
 
-        client = PeerNode("caller", 1, "c", nothing, keyring=key,
-                          limits=PeerLimits(backoff_initial_ms=1000, backoff_max_ms=1000))
+        client = PeerNode(
+            "caller",
+            1,
+            "c",
+            nothing,
+            keyring=key,
+            limits=PeerLimits(backoff_initial_ms=1000, backoff_max_ms=1000),
+        )
         errors: list[SpawnmeshError] = []
 
         async def call() -> None:
@@ -73,8 +79,10 @@ async def test_in_flight_requests_fail_retryably_when_the_peer_is_killed() -> No
 
         async with trio.open_nursery() as nursery:
             await nursery.start(client.serve, "127.0.0.1", 0)
-            assert await client.request("victim", addr, Request(0, "s", "n", None, "echo",
-                                                                b"alive")) == b"alive"
+            assert (
+                await client.request("victim", addr, Request(0, "s", "n", None, "echo", b"alive"))
+                == b"alive"
+            )
             async with trio.open_nursery() as callers:
                 for _ in range(5):
                     callers.start_soon(call)

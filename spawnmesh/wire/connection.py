@@ -182,9 +182,7 @@ class Connection:
             raise PeerUnavailable(f"connection to node {self.peer_id} is closing")
         pending = self._pending
         if len(pending) >= self._max_in_flight:
-            raise Overloaded(
-                f"{len(pending)} requests already in flight to node {self.peer_id}"
-            )
+            raise Overloaded(f"{len(pending)} requests already in flight to node {self.peer_id}")
         rid = self._next_id
         self._next_id = rid + 1
         req.id = rid
@@ -229,14 +227,16 @@ class Connection:
                         await self._reader()
                     except ProtocolError as exc:
                         self._reject = exc
-                        self._lose(PeerUnavailable(
-                            f"protocol error on the connection to node {self.peer_id}: {exc}"
-                        ))
+                        self._lose(
+                            PeerUnavailable(
+                                f"protocol error on the connection to node {self.peer_id}: {exc}"
+                            )
+                        )
                     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         self._broken = True
-                        self._lose(PeerUnavailable(
-                            f"connection to node {self.peer_id} lost: {exc!r}"
-                        ))
+                        self._lose(
+                            PeerUnavailable(f"connection to node {self.peer_id} lost: {exc!r}")
+                        )
                 self._open = False
                 self._fail_pending()
                 if self._reject is not None:
@@ -328,10 +328,17 @@ class Connection:
             self._n_workers += 1
             self._nursery.start_soon(self._worker, req)
         else:
-            self._answer(m.Error(req.id, Overloaded(
-                f"node {self.node_id} is running {len(self._running)} requests from "
-                f"{self.peer_id} (max {self._limits.max_handlers})"
-            ).to_wire(), self.node_id), False)
+            self._answer(
+                m.Error(
+                    req.id,
+                    Overloaded(
+                        f"node {self.node_id} is running {len(self._running)} requests from "
+                        f"{self.peer_id} (max {self._limits.max_handlers})"
+                    ).to_wire(),
+                    self.node_id,
+                ),
+                False,
+            )
 
     async def _worker(self, first: m.Request) -> None:
         """Run peer requests one after another until idle too long or the connection ends.
@@ -373,14 +380,18 @@ class Connection:
                     w.req = req = None
                     del self._running[cancelled.id]
                     if not w.cancelled_by_peer:
-                        self._finish(cancelled, m.Error(cancelled.id, InvocationTimeout(
-                            f"{cancelled.system}/{cancelled.name}.{cancelled.action}: deadline "
-                            f"of {cancelled.deadline_ms} ms passed on node {self.node_id}"
-                        ).to_wire(), self.node_id))
+                        self._finish(cancelled, self._timed_out(cancelled))
                     elif not self._open:
                         self._check_drained()
         finally:
             self._n_workers -= 1
+
+    def _timed_out(self, req: m.Request) -> m.Error:
+        err = InvocationTimeout(
+            f"{req.system}/{req.name}.{req.action}: deadline of {req.deadline_ms} ms passed "
+            f"on node {self.node_id}"
+        )
+        return m.Error(req.id, err.to_wire(), self.node_id)
 
     async def _run_one(self, w: _Worker, req: m.Request, scope: trio.CancelScope) -> None:
         """Run the handler for ``req`` inside ``scope`` and send its answer."""
@@ -398,7 +409,8 @@ class Connection:
         except Exception as exc:
             log.exception("peer request handler failed (request from %s)", self.peer_id)
             answer = m.Error(
-                req.id, {"code": "internal", "message": f"{type(exc).__name__}: {exc}"},
+                req.id,
+                {"code": "internal", "message": f"{type(exc).__name__}: {exc}"},
                 self.node_id,
             )
         w.req = None
@@ -504,9 +516,11 @@ class Connection:
             quiet += interval
             if quiet >= self._limits.idle_timeout_s:
                 self._broken = True  # a dead peer: no point lingering for its close
-                self._lose(PeerUnavailable(
-                    f"node {self.peer_id} sent nothing for {quiet:.1f} s (ping timeout)"
-                ))
+                self._lose(
+                    PeerUnavailable(
+                        f"node {self.peer_id} sent nothing for {quiet:.1f} s (ping timeout)"
+                    )
+                )
                 return
             if self._writer_stop:
                 return

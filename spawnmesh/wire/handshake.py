@@ -194,9 +194,17 @@ class ClientHandshake(_Machine):
         """The first frame body: Hello."""
         c = self.config
         self._hello = m.encode(
-            m.Hello(c.version_min, c.version_max, c.cluster, c.node_id, c.incarnation,
-                    self.nonce, c.keyring.newest_id if c.keyring else "",
-                    c.max_frame_bytes, c.max_in_flight)
+            m.Hello(
+                c.version_min,
+                c.version_max,
+                c.cluster,
+                c.node_id,
+                c.incarnation,
+                self.nonce,
+                c.keyring.newest_id if c.keyring else "",
+                c.max_frame_bytes,
+                c.max_in_flight,
+            )
         )
         return [self._hello]
 
@@ -210,8 +218,14 @@ class ClientHandshake(_Machine):
             return self._on_proof(body, self._welcome)
         self._decode(body, m.Ready)
         w = self._welcome
-        self.session = Session(w.version, w.node_id, w.incarnation, w.max_frame_bytes,
-                               w.max_in_flight, self._peer_key_id)
+        self.session = Session(
+            w.version,
+            w.node_id,
+            w.incarnation,
+            w.max_frame_bytes,
+            w.max_in_flight,
+            self._peer_key_id,
+        )
         return []
 
     def _on_welcome(self, body: bytes) -> list[bytes]:
@@ -269,8 +283,7 @@ class ServerHandshake(_Machine):
             try:
                 if h.cluster != c.cluster:
                     raise ClusterMismatch(
-                        f"peer {h.node_id} is in cluster {h.cluster!r}, this node in "
-                        f"{c.cluster!r}"
+                        f"peer {h.node_id} is in cluster {h.cluster!r}, this node in {c.cluster!r}"
                     )
                 if h.version_min > h.version_max:
                     raise ProtocolError(
@@ -285,9 +298,16 @@ class ServerHandshake(_Machine):
                 raise self._fail(exc) from None
             self._hello = h
             welcome = m.encode(
-                m.Welcome(version, c.cluster, c.node_id, c.incarnation, self.nonce,
-                          c.keyring.newest_id if c.keyring else "", c.max_frame_bytes,
-                          c.max_in_flight)
+                m.Welcome(
+                    version,
+                    c.cluster,
+                    c.node_id,
+                    c.incarnation,
+                    self.nonce,
+                    c.keyring.newest_id if c.keyring else "",
+                    c.max_frame_bytes,
+                    c.max_in_flight,
+                )
             )
             self._version = version
             self._digest = transcript(bytes(body), welcome)
@@ -298,6 +318,12 @@ class ServerHandshake(_Machine):
             check_proof(c.keyring, proof, b"client", self._digest, h.node_id)
         except SpawnmeshError as exc:
             raise self._fail(exc) from None
-        self.session = Session(self._version, h.node_id, h.incarnation, h.max_frame_bytes,
-                               h.max_in_flight, proof.key_id)
+        self.session = Session(
+            self._version,
+            h.node_id,
+            h.incarnation,
+            h.max_frame_bytes,
+            h.max_in_flight,
+            proof.key_id,
+        )
         return [m.encode(m.Ready())]

@@ -164,7 +164,17 @@ class Cancel(msgspec.Struct, array_like=True, tag=12):
 
 
 Message = (
-    Hello | Welcome | Proof | Ready | Reject | GoAway | Ping | Pong | Request | Reply | Error
+    Hello
+    | Welcome
+    | Proof
+    | Ready
+    | Reject
+    | GoAway
+    | Ping
+    | Pong
+    | Request
+    | Reply
+    | Error
     | Cancel
 )
 """Every message this version knows."""

@@ -160,8 +160,14 @@ class PeerNode:
         self._handler = handler
         self._tls = tls
         self._hs_config = HandshakeConfig(
-            cluster, node_id, incarnation, keyring, limits.max_frame_bytes, limits.max_handlers,
-            versions[0], versions[1],
+            cluster,
+            node_id,
+            incarnation,
+            keyring,
+            limits.max_frame_bytes,
+            limits.max_handlers,
+            versions[0],
+            versions[1],
         )
         self._conn_limits = ConnLimits(
             max_frame_bytes=limits.max_frame_bytes,
@@ -210,8 +216,9 @@ class PeerNode:
         """Drop every connection to ``peer_id`` now (e.g. membership declared it dead): its
         requests in flight fail at once with ``PeerUnavailable``."""
         for conn in [c for c in self._all if c.peer_id == peer_id]:
-            conn.abort(PeerUnavailable(f"node {peer_id} disconnected{': ' if reason else ''}"
-                                       f"{reason}"))
+            conn.abort(
+                PeerUnavailable(f"node {peer_id} disconnected{': ' if reason else ''}{reason}")
+            )
 
     async def serve(
         self,
@@ -285,8 +292,9 @@ class PeerNode:
             now = trio.current_time()
             if back is not None and back.error is not None and now < back.retry_at:
                 raise _again(
-                    back.error, f"node {peer_id} unreachable (next dial in "
-                    f"{(back.retry_at - now) * 1000:.0f} ms): "
+                    back.error,
+                    f"node {peer_id} unreachable (next dial in "
+                    f"{(back.retry_at - now) * 1000:.0f} ms): ",
                 )
             dial = _Dial()
             self._dials[peer_id] = dial
@@ -374,8 +382,10 @@ class PeerNode:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return
             if self._handshaking >= self.limits.max_handshakes or self._nursery is None:
-                self._warn.warning("handshakes", "peer listener: too many handshakes at once; "
-                                   "closing a new connection")
+                self._warn.warning(
+                    "handshakes",
+                    "peer listener: too many handshakes at once; closing a new connection",
+                )
                 await stream.aclose()
                 continue
             self.stats.accepted += 1
@@ -452,8 +462,14 @@ class PeerNode:
         self, transport: Transport, decoder: FrameDecoder, session: Session, *, dialer: str
     ) -> Connection:
         conn = Connection(
-            transport, decoder, session, node_id=self.node_id, dialer=dialer,
-            handler=self._handler, limits=self._conn_limits, on_closed=self._closed_conn,
+            transport,
+            decoder,
+            session,
+            node_id=self.node_id,
+            dialer=dialer,
+            handler=self._handler,
+            limits=self._conn_limits,
+            on_closed=self._closed_conn,
         )
         self._all.add(conn)
         self._all_closed = trio.Event()

@@ -129,8 +129,9 @@ class TlsTransport(Transport):
 
     direct = False
 
-    def __init__(self, sock: socket.socket, stream: trio.SSLStream[trio.SocketStream],
-                 recv_bytes: int) -> None:
+    def __init__(
+        self, sock: socket.socket, stream: trio.SSLStream[trio.SocketStream], recv_bytes: int
+    ) -> None:
         super().__init__(sock, recv_bytes)
         self.stream = stream
 
@@ -187,9 +188,7 @@ async def connect(host: str, port: int, tls: TlsConfig | None, recv_bytes: int) 
     return await _wrap(_detach(stream), tls, False, host, recv_bytes)
 
 
-async def accept(
-    stream: trio.SocketStream, tls: TlsConfig | None, recv_bytes: int
-) -> Transport:
+async def accept(stream: trio.SocketStream, tls: TlsConfig | None, recv_bytes: int) -> Transport:
     """Take over an accepted connection, then TLS if configured."""
     return await _wrap(_detach(stream), tls, True, "", recv_bytes)
 
