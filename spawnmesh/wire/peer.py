@@ -271,9 +271,10 @@ class PeerNode:
     ) -> bytes | None:
         """Send ``req`` to node ``peer_id`` at ``addr`` (dialed if there is no connection yet)
         and return the reply payload. ``req.id`` and ``req.deadline_ms`` are set here, the
-        latter from the caller's effective deadline. Errors: the peer's rebuilt error,
-        ``PeerUnavailable`` (retryable: cannot connect, or lost with the request in flight),
-        ``Overloaded``, ``FrameTooLarge``, or the handshake's typed errors."""
+        latter from the caller's effective deadline; the frame is encoded before anything else
+        can run, so one Request may be sent to several peers concurrently. Errors: the peer's
+        rebuilt error, ``PeerUnavailable`` (retryable: cannot connect, or lost with the request
+        in flight), ``Overloaded``, ``FrameTooLarge``, or the handshake's typed errors."""
         conn = self._conns.get(peer_id)
         if conn is None or not conn.usable:
             conn = await self._connection_for(peer_id, addr)
