@@ -151,6 +151,11 @@ class Context(Generic[S]):
         return ActorRef(self._runtime, ActorId(system or self.self_id.system, name, parent))
 
     @property
+    def node_id(self) -> str:
+        """The node running this turn (in a cluster: the actor's current owner)."""
+        return self._runtime.node_id
+
+    @property
     def self_ref(self) -> ActorRef:
         """A reference to this actor (a synchronous self-call is a CallCycle; cast instead)."""
         from spawnmesh.refs import ActorRef
