@@ -59,6 +59,19 @@ def _payload_type(fn: Callable[..., Any], skip: int) -> Any:
     return hints.get(params[1].name)
 
 
+def _reply_type(fn: Callable[..., Any]) -> Any:
+    """The annotated return type if it describes the reply value (not a Reply, None or Any)."""
+    try:
+        hint = typing.get_type_hints(fn).get("return")
+    except Exception:
+        return None
+    if hint is None or hint is type(None) or hint is Any:
+        return None
+    from spawnmesh.actors.context import Reply
+
+    return None if hint is Reply else hint
+
+
 def _as_handler(fn: Callable[..., Any], *, takes_payload: bool, has_default: bool) -> Handler:
     """Normalise a user function to ``async (ctx, payload) -> result``; a payload parameter
     with a default gets its default when the caller sends no payload (None)."""
@@ -139,7 +152,8 @@ class ActorBuilder:
             raise DefinitionError(f"actor {adef.system}/{adef.name}: action {name!r} twice")
         takes = _takes_payload(fn, skip)
         handler = _as_handler(fn, takes_payload=takes, has_default=_payload_has_default(fn, skip))
-        adef.actions[name] = ActionDef(name, handler, _payload_type(fn, skip) if takes else None)
+        adef.actions[name] = ActionDef(name, handler, _payload_type(fn, skip) if takes else None,
+                                       _reply_type(fn))
         if timer_ms is not None:
             adef.timers.append(TimerDef(name, timer_ms))
 

@@ -38,6 +38,10 @@ class Counter:
         return ctx.state.value
 
     @action
+    async def snapshot(self, ctx: Context[Count]) -> Count:
+        return ctx.state
+
+    @action
     async def where(self, ctx: Context[Count]) -> str:
         return ctx.node_id
 
@@ -138,6 +142,8 @@ async def test_every_node_reaches_the_one_owner() -> None:
             assert len(owners(nodes, name)) == 1, name
             where = {await ref(n, name).invoke("where") for n in nodes}
             assert where == set(owners(nodes, name))
+        remote = next(n for n in nodes if owners(nodes, "k0") != [n.name])
+        assert await ref(remote, "k0").invoke("snapshot") == Count(expected["k0"])  # typed
         spread = {owners(nodes, f"k{i}")[0] for i in range(60)}
         assert spread == {"a", "b", "c"}  # 60 keys over 3 members: each owns some
         assert sum(n.metrics.remote_invocations_total for n in nodes) > 0

@@ -58,6 +58,9 @@ class ActionDef:
     name: str
     fn: Handler
     payload_type: Any = None
+    reply_type: Any = None
+    """The annotated return type, when it is a plain value type: a reply that crossed the
+    wire (as builtins) is converted back to it for the caller."""
 
 
 @dataclass(frozen=True, slots=True)

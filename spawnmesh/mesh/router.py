@@ -82,6 +82,18 @@ def decode_value(data: bytes | None, typ: Any = None) -> Any:
     return value if typ is None else convert(value, typ)
 
 
+def decode_reply(data: bytes | None, typ: Any) -> Any:
+    """A reply value, typed like the action's annotation when it converts (else builtins:
+    the caller may run other code than the owner during an upgrade)."""
+    value = decode_value(data)
+    if typ is None or value is None:
+        return value
+    try:
+        return convert(value, typ)
+    except SpawnmeshError:
+        return value
+
+
 class Router:
     """Routing of one node (implements the runtime's ``Routing`` protocol)."""
 
@@ -260,7 +272,7 @@ class Router:
             else:
                 adef = self.runtime.definition_for(target)
                 ad = adef.actions.get(action) if adef is not None else None
-                return decode_value(reply, getattr(ad, "reply_type", None))
+                return decode_reply(reply, ad.reply_type if ad is not None else None)
             finally:
                 n = self._in_flight[owner] - 1
                 if n:
