@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -271,12 +271,26 @@ def _node_option(func: _F) -> _F:
     )(func)
 
 
+class _CallFailed(Exception):
+    """A request to a node's ops API failed; the message is the one line to print."""
+
+
 def _node_call(node: str, method: str, path: str, body: object = None,
                timeout_s: float = 30.0) -> dict[str, Any]:
     """One JSON request to a node's ops API; any failure exits 1 with one line."""
     node = node.rstrip("/")
     if urllib.parse.urlsplit(node).scheme not in ("http", "https"):
         _fail(f"error: --node must be an http:// or https:// URL, got {node!r}", EXIT_USAGE)
+    try:
+        return _node_request(node, method, path, body, timeout_s)
+    except _CallFailed as exc:
+        _fail(str(exc))
+
+
+def _node_request(node: str, method: str, path: str, body: object = None,
+                  timeout_s: float = 30.0) -> dict[str, Any]:
+    """One JSON request to a node's ops API (``node`` without a trailing slash); raises
+    ``_CallFailed`` with a one-line message on any failure."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         node + path, data=data, method=method,
@@ -289,19 +303,28 @@ def _node_call(node: str, method: str, path: str, body: object = None,
         status, raw = exc.code, exc.read()
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ConnectionRefusedError):
-            _fail(f"cannot connect to {node}: connection refused (is a node running there?)")
-        _fail(f"cannot reach {node}: {exc.reason}")
+            raise _CallFailed(
+                f"cannot connect to {node}: connection refused (is a node running there?)"
+            ) from None
+        raise _CallFailed(f"cannot reach {node}: {exc.reason}") from None
     except (TimeoutError, OSError) as exc:
-        _fail(f"cannot talk to {node}: {exc}")
+        raise _CallFailed(f"cannot talk to {node}: {exc}") from None
     if status != 200:
-        _fail(_error_line(status, raw))
+        raise _CallFailed(_error_line(status, raw))
     try:
         reply = json.loads(raw)
     except ValueError:
         reply = None
     if not isinstance(reply, dict):
-        _fail(f"internal: {node}{path} answered 200 without a JSON object")
+        raise _CallFailed(f"internal: {node}{path} answered 200 without a JSON object")
     return reply
+
+
+def _print_table(table: Sequence[Sequence[str]]) -> None:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 @main.command(short_help="List the cluster members a node knows.")
@@ -326,9 +349,7 @@ def members(node: str, as_json: bool, statuses: tuple[str, ...]) -> None:
         tags = ",".join(f"{k}={v}" for k, v in sorted(r.get("tags", {}).items()))
         table.append((str(r["name"]), str(r["address"]), str(r["status"]),
                        str(r["incarnation"]), str(len(r.get("actor_types", []))), tags))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(table)
 
 
 @main.command(short_help="Make a node join a cluster through given members.")
@@ -350,6 +371,110 @@ def leave(node: str) -> None:
     reply = _node_call(node, "POST", "/v1/cluster/leave")
     how = "left the cluster" if reply.get("left") else "leave news not fully spread in time"
     click.echo(f"{how}; the node is shutting down")
+
+
+# --------------------------------------------------------------------------------------------
+# actors, placement: where actors live
+
+
+def _ops_url(address: str, like: str) -> str:
+    """``http://host:port`` for a member's ops address, with the scheme of ``like``."""
+    scheme = urllib.parse.urlsplit(like).scheme or "http"
+    return f"{scheme}://{address}"
+
+
+@main.command(short_help="List the actors active on a node (or on every member).")
+@_node_option
+@click.option("--all", "every", is_flag=True,
+              help="Every live member's actors (ops addresses from the node's member list).")
+@click.option("--limit", type=click.IntRange(min=1, max=100_000), default=1000,
+              show_default=True, help="At most this many actors per node (most recent first).")
+@click.option("--json", "as_json", is_flag=True, help="Print the nodes' JSON replies.")
+def actors(node: str, every: bool, limit: int, as_json: bool) -> None:
+    """Print the actors active on the node: system, name, parent, revision, queued turns, idle
+    time; and actors being handed off. With --all, every live member's (exit 1 if a member
+    did not answer; the others are still printed)."""
+    node = node.rstrip("/")
+    path = f"/v1/actors?limit={limit}"
+    urls = [node]
+    if every:
+        reply = _node_call(node, "GET", "/v1/members")
+        if reply.get("enabled", True):
+            rows = [r for r in reply.get("members", [])
+                    if r.get("status") in ("alive", "suspect")]
+            urls = []
+            for r in sorted(rows, key=lambda r: str(r.get("name"))):
+                if r.get("self"):
+                    urls.append(node)
+                elif r.get("ops_address"):
+                    urls.append(_ops_url(str(r["ops_address"]), node))
+                else:
+                    click.echo(f"spawnmesh: member {r.get('name')} advertises no ops address",
+                               err=True)
+    replies: list[dict[str, Any]] = []
+    failed = 0
+    for url in urls:
+        if url is node:
+            replies.append(_node_call(url, "GET", path))
+            continue
+        try:
+            replies.append(_node_request(url, "GET", path))
+        except _CallFailed as exc:
+            failed += 1
+            click.echo(f"spawnmesh: {exc}", err=True)
+    if as_json:
+        _echo_json(replies if every else replies[0])
+    else:
+        table: list[tuple[str, ...]] = [
+            ("Node", "System", "Name", "Parent", "Revision", "Queued", "Idle")
+        ]
+        notes = []
+        for r in replies:
+            for a in r.get("actors", []):
+                idle = a.get("idle_s")
+                table.append((str(r.get("node")), str(a["system"]), str(a["name"]),
+                              str(a.get("parent") or "-"), str(a.get("revision")),
+                              str(a.get("queued")), "-" if idle is None else f"{idle:.1f}s"))
+            for h in r.get("handing_off", []):
+                table.append((str(r.get("node")), str(h["system"]), str(h["name"]), "-", "-",
+                              "-", "handing off"))
+            if r.get("truncated"):
+                notes.append(f"{r.get('node')}: {r.get('active')} active, "
+                             f"{len(r.get('actors', []))} shown (--limit)")
+        _print_table(table)
+        for note in notes:
+            click.echo(note)
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command(short_help="Name the node that owns an actor.")
+@click.argument("system")
+@click.argument("actor")
+@click.option("--parent", metavar="TEMPLATE", help="The template of an unnamed actor.")
+@_node_option
+@click.option("--json", "as_json", is_flag=True, help="Print the node's JSON reply.")
+def placement(system: str, actor: str, parent: str | None, node: str, as_json: bool) -> None:
+    """Print which node owns ACTOR of SYSTEM in the node's view of the cluster, with the
+    placement version (equal on nodes that agree) and the members hosting its type."""
+    path = "/v1/placement/" + "/".join(urllib.parse.quote(p, safe="") for p in (system, actor))
+    if parent:
+        path += "?" + urllib.parse.urlencode({"parent": parent})
+    reply = _node_call(node, "GET", path)
+    if as_json:
+        _echo_json(reply)
+        return
+    owner = reply.get("owner")
+    if owner is None:
+        click.echo(f"{system}/{actor}: pooled; calls spread over "
+                   f"{', '.join(reply.get('members', [])) or 'no member'}")
+    else:
+        where = reply.get("owner_ops_address")
+        click.echo(f"{system}/{actor}: owner {owner}" + (f" (ops {where})" if where else ""))
+    click.echo(f"type {reply.get('type')} hosted by {', '.join(reply.get('members', []))}")
+    here = " (active there)" if reply.get("active_here") else ""
+    click.echo(f"placement {reply.get('placement_version') or '-'} as seen by "
+               f"{reply.get('node')}{here}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import trio
 
 from spawnmesh._version import __version__
-from spawnmesh.actors.definition import ActorDef
+from spawnmesh.actors.definition import ActorDef, Kind
 from spawnmesh.actors.runtime import Runtime, RuntimeSettings
 from spawnmesh.clock import wall_ms
 from spawnmesh.cluster.addr import format_addr
@@ -35,7 +36,7 @@ from spawnmesh.errors import (
     SpawnmeshError,
 )
 from spawnmesh.ids import ActorId
-from spawnmesh.mesh.router import Router
+from spawnmesh.mesh.router import Router, actor_type
 from spawnmesh.ops.http import serve_ops
 from spawnmesh.ops.metrics import Metrics
 from spawnmesh.refs import ActorRef
@@ -196,6 +197,7 @@ class Node:
                 "tags": dict(meta.tags) if meta else {},
                 "actor_types": list(meta.actor_types) if meta else [],
                 "peer_address": format_addr(meta.peer_addr) if meta else "",
+                "ops_address": _ops_address(meta.ops_addr, v.addr[0]) if meta else "",
                 "self": v.name == self.name,
             })
         return {
@@ -224,6 +226,62 @@ class Node:
         if self._nursery is not None:
             self._nursery.start_soon(self._request_stop)
         return {"left": left, "shutting_down": True}
+
+    def actors_list(self, limit: int) -> dict[str, object]:
+        """``GET /v1/actors``: up to ``limit`` actors active here (most recently used first)
+        and the keys being handed off to their new owner."""
+        acts = self.runtime.activations()
+        now = trio.current_time()
+        rows = [{
+            "system": a.id.system,
+            "name": a.id.name,
+            "parent": a.id.parent,
+            "type": f"{a.adef.system}/{a.adef.name}",
+            "kind": a.adef.kind.value,
+            "revision": a.revision,
+            "queued": a.queued(),
+            "busy": a.busy,
+            "dirty": a.dirty_since != 0.0,
+            "idle_s": round(now - a.last_used, 3) if a.loaded else None,
+        } for a in heapq.nlargest(limit, acts, key=lambda a: a.last_used)]
+        return {
+            "node": self.name,
+            "active": self.runtime.active_count(),
+            "truncated": self.runtime.active_count() > limit,
+            "actors": rows,
+            "handing_off": [{"system": s, "name": n} for s, n in self.runtime.moving_keys()],
+        }
+
+    async def placement_of(self, system: str, actor: str, parent: str | None) -> dict[str, object]:
+        """``GET /v1/placement/{system}/{actor}``: the owner of an actor under this node's
+        view of the cluster (this node when clustering is off)."""
+        target = ActorId(system, actor, parent)
+        adef = self.runtime.definition_for(target) or await self.runtime.learn_template(target)
+        t = actor_type(adef)
+        router, m = self.router, self.membership
+        if router is None or m is None:
+            members, version, view = [self.name], None, None
+            owner: str | None = self.name
+            ops = {self.name: f"{self.config.ops.host}:{self.ops_port}"}
+        else:
+            p = router.placement
+            members, version, view = list(p.members(t)), p.version, router.view_version
+            owner = None if adef.kind is Kind.POOLED else p.owner(t, actor)
+            ops = {n: _ops_address(meta.ops_addr, meta.peer_addr[0])
+                   for n, meta in m.live().items()}
+        return {
+            "node": self.name,
+            "system": system,
+            "actor": actor,
+            "type": t,
+            "kind": adef.kind.value,
+            "owner": owner,
+            "owner_ops_address": ops.get(owner, "") if owner else "",
+            "active_here": self.runtime.owns((system, actor)),
+            "placement_version": version,
+            "view_version": view,
+            "members": members,
+        }
 
     async def _request_stop(self) -> None:
         await trio.sleep(0.1)  # let the HTTP reply go out before the node starts stopping
@@ -544,6 +602,17 @@ def _safe_url(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def _ops_address(ops_addr: str, gossip_host: str) -> str:
+    """A member's ops ``host:port`` as others can reach it: a wildcard bind host (0.0.0.0,
+    ::, empty) is replaced by the member's gossip host."""
+    if not ops_addr:
+        return ""
+    host, _, port = ops_addr.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        return format_addr((gossip_host, int(port)))
+    return ops_addr
 
 
 def _decode_meta_or_none(data: bytes) -> NodeMeta | None:

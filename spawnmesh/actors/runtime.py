@@ -1130,6 +1130,10 @@ class Runtime:
         """Hand-offs in progress."""
         return len(self._moving)
 
+    def moving_keys(self) -> list[Key]:
+        """The actors being handed off right now (for operators: ``GET /v1/actors``)."""
+        return list(self._moving)
+
     # ------------------------------------------------------------------ shutdown
 
     def stop_accepting(self) -> None:

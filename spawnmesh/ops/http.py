@@ -13,6 +13,8 @@ Routes::
     GET  /metrics                                          Prometheus text format 0.0.4
     GET  /v1/node                                          node info (JSON)
     GET  /v1/members                                       cluster members and gossip counters
+    GET  /v1/actors?limit=N                                actors active on this node
+    GET  /v1/placement/{system}/{actor}?parent=T           the owner of an actor in this view
     POST /v1/cluster/join      {"addrs": ["host:port"]}    join through these members
     POST /v1/cluster/leave                                 leave the cluster, then exit
     POST /v1/systems/{system}/actors/{actor}/actions/{action}   invoke an actor (JSON)
@@ -28,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final, Protocol
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qs, unquote_to_bytes
 
 import h11
 import trio
@@ -77,6 +79,11 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 _ACCEPT_BACKOFF_SECONDS: Final = 0.1
+
+ACTORS_LIMIT_DEFAULT: Final = 1000
+"""Rows ``GET /v1/actors`` returns unless ``?limit=`` says otherwise."""
+ACTORS_LIMIT_MAX: Final = 100_000
+"""The largest ``?limit=`` accepted (the reply stays a few MB at most)."""
 
 _INVOKE_FIELDS: Final = frozenset(
     {"payload", "metadata", "timeout_ms", "async", "delay_ms", "parent"}
@@ -135,6 +142,17 @@ class OpsBackend(Protocol):
 
     async def cluster_leave(self) -> dict[str, object]:
         """Leave the cluster gracefully, then stop the node; JSON-able outcome."""
+        ...
+
+    def actors_list(self, limit: int) -> dict[str, object]:
+        """Up to ``limit`` actors active on this node and hand-offs in progress (JSON-able)."""
+        ...
+
+    async def placement_of(
+        self, system: str, actor: str, parent: str | None
+    ) -> dict[str, object]:
+        """Who owns ``actor`` in this node's view, the placement version and the members
+        hosting its type (JSON-able)."""
         ...
 
 
@@ -249,6 +267,27 @@ def _split_path(target: bytes) -> list[str]:
         raise _BadRequest("path is not valid percent-encoded UTF-8") from None
 
 
+def _query(target: bytes) -> dict[str, str]:
+    """The query string of ``target`` as a dict (last value wins); 400 if it is not UTF-8."""
+    _, sep, query = target.split(b"#", 1)[0].partition(b"?")
+    if not sep:
+        return {}
+    try:
+        parsed = parse_qs(query.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise _BadRequest("query string is not valid percent-encoded UTF-8") from None
+    return {k: v[-1] for k, v in parsed.items()}
+
+
+def _limit(query: dict[str, str]) -> int:
+    raw = query.get("limit")
+    if raw is None:
+        return ACTORS_LIMIT_DEFAULT
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= ACTORS_LIMIT_MAX:
+        raise _BadRequest(f"limit must be an integer from 1 to {ACTORS_LIMIT_MAX}")
+    return int(raw)
+
+
 class _Router:
     """Maps a request to the backend; knows nothing about sockets or HTTP framing."""
 
@@ -289,6 +328,17 @@ class _Router:
             case ["v1", "members"]:
                 return _allow(method, read) or _Response(
                     200, _json_bytes(self._backend.cluster_members())
+                )
+            case ["v1", "actors"]:
+                return _allow(method, read) or _Response(
+                    200, _json_bytes(self._backend.actors_list(_limit(_query(target))))
+                )
+            case ["v1", "placement", system, actor] if system and actor:
+                if (denied := _allow(method, read)) is not None:
+                    return denied
+                parent = _query(target).get("parent") or None
+                return _Response(
+                    200, _json_bytes(await self._backend.placement_of(system, actor, parent))
                 )
             case ["v1", "cluster", "join"]:
                 return _allow(method, ("POST",)) or _Response(
