@@ -27,6 +27,10 @@ COUNTER_ATTRS = [
     "timers_fired_total",
     "scheduled_fired_total",
     "broadcasts_total",
+    "handoffs_total",
+    "remote_invocations_total",
+    "forwarded_invocations_total",
+    "not_owner_retries_total",
 ]
 
 HIST = "spawnmesh_invocation_duration_seconds"

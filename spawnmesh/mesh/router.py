@@ -267,7 +267,7 @@ class Router:
             try:
                 reply = await self.peers.request(owner, self._addr(owner), req)
             except (NotOwner, PeerUnavailable, NoOwner) as exc:
-                self.metrics.not_owner_total += 1
+                self.metrics.not_owner_retries_total += 1
                 log.debug("%s.%s via %s: %s (re-routing)", target, action, owner, exc)
             else:
                 adef = self.runtime.definition_for(target)
@@ -312,7 +312,7 @@ class Router:
                     await self.peers.request(owner, self._addr(owner), req)
                     return
                 except (NotOwner, PeerUnavailable, NoOwner) as exc:
-                    self.metrics.not_owner_total += 1
+                    self.metrics.not_owner_retries_total += 1
                     log.debug("cast %s.%s via %s: %s (re-routing)", target, req.action, owner,
                               exc)
                 except SpawnmeshError as exc:
@@ -412,7 +412,7 @@ class Router:
         if owner != self.node_id:
             if req.hops >= MAX_HOPS:
                 raise NotOwner(f"{target}: owned by {owner} in this node's view", owner)
-            self.metrics.forwarded_total += 1
+            self.metrics.forwarded_invocations_total += 1
             fwd = msgspec.structs.replace(req, hops=req.hops + 1)
             return await self.peers.request(owner, self._addr(owner), fwd)
         if kind is m.Kind.SPAWN:

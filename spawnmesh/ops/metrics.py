@@ -121,12 +121,12 @@ _COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
         "Invocations and casts sent to the owning node over the peer wire.",
     ),
     (
-        "forwarded_total",
+        "forwarded_invocations_total",
         "spawnmesh_forwarded_invocations",
         "Invocations received for an actor this node does not own, forwarded to its owner.",
     ),
     (
-        "not_owner_total",
+        "not_owner_retries_total",
         "spawnmesh_not_owner_retries",
         "Remote invocations retried because ownership moved (NotOwner or a lost peer).",
     ),
@@ -167,11 +167,11 @@ class Metrics:
         "_warned",
         "activations_total",
         "broadcasts_total",
-        "forwarded_total",
+        "forwarded_invocations_total",
         "gauge_source_errors_total",
         "handoffs_total",
         "node",
-        "not_owner_total",
+        "not_owner_retries_total",
         "overloaded_total",
         "passivations_total",
         "remote_invocations_total",
@@ -204,8 +204,8 @@ class Metrics:
         self.broadcasts_total = 0
         self.handoffs_total = 0
         self.remote_invocations_total = 0
-        self.forwarded_total = 0
-        self.not_owner_total = 0
+        self.forwarded_invocations_total = 0
+        self.not_owner_retries_total = 0
         self.gauge_source_errors_total = 0
         self._gauge_sources: list[GaugeSource] = []
         self._warned: set[str] = set()  # invalid samples already logged (log once, not per scrape)
