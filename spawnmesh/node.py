@@ -430,9 +430,10 @@ class Node:
         task_status.started()
         while True:
             await trio.sleep(2.0)
+            ok = False  # a check that does not answer within 5 s counts as down
             with trio.move_on_after(5.0):
-                self._store_ok = False
-                self._store_ok = await self.store.healthy()
+                ok = await self.store.healthy()
+            self._store_ok = ok
 
     async def shutdown(self, grace_s: float | None = None) -> bool:
         """Leave the cluster (the others see ``left`` at once), then drain: refuse new
