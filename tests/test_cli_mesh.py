@@ -82,8 +82,7 @@ async def test_actors_and_placement_endpoints() -> None:
                 status, body = await get(node, f"/v1/placement/mesh/{name}?parent=counter")
                 assert status == 200, body
                 assert body["owner"] == where[name] == owners(nodes, name)[0], body
-                assert body["owner_ops_address"] == members[node.name][where[name]][
-                    "ops_address"]
+                assert body["owner_ops_address"] == members[node.name][where[name]]["ops_address"]
                 assert body["active_here"] is (node.name == where[name])
                 assert body["members"] == ["a", "b", "c"]
                 assert body["type"] == "mesh/counter" and body["node"] == node.name
@@ -106,8 +105,10 @@ async def test_actors_and_placement_endpoints() -> None:
         assert status == 400
         with trio.fail_after(10):
             reply = await trio.to_thread.run_sync(
-                lambda: run_cli("invoke", "--node", url(nodes[2]), "mesh", "k0", "where",
-                                "--parent", "counter"))
+                lambda: run_cli(
+                    "invoke", "--node", url(nodes[2]), "mesh", "k0", "where", "--parent", "counter"
+                )
+            )
         assert reply.ok().json() == where["k0"]
 
 
@@ -125,22 +126,45 @@ async def test_cli_actors_placement_and_invoke_through_every_node() -> None:
         assert seen == owner
 
         table = (await cli("actors", "--node", url(nodes[0]))).ok().stdout.splitlines()
-        assert table[0].split() == ["Node", "System", "Name", "Parent", "Revision", "Queued",
-                                    "Idle"]
+        assert table[0].split() == [
+            "Node",
+            "System",
+            "Name",
+            "Parent",
+            "Revision",
+            "Queued",
+            "Idle",
+        ]
         assert sorted(line.split()[2] for line in table[1:]) == sorted(
-            n for n in names if owner[n] == "a")
+            n for n in names if owner[n] == "a"
+        )
         assert all(line.split()[:2] == ["a", "mesh"] for line in table[1:])
 
         name = names[5]
-        text = (await cli("placement", "mesh", name, "--parent", "counter", "--node",
-                          url(nodes[2]))).ok().stdout
+        text = (
+            (await cli("placement", "mesh", name, "--parent", "counter", "--node", url(nodes[2])))
+            .ok()
+            .stdout
+        )
         o = next(n for n in nodes if n.name == owner[name])
         assert f"mesh/{name}: owner {owner[name]} (ops 127.0.0.1:{o.ops_port})" in text, text
         assert "hosted by a, b, c" in text
 
         for node in nodes:  # invoke works against any node of the cluster
-            result = (await cli("invoke", "--node", url(node), "mesh", name, "add", "--data",
-                                "1", "--parent", "counter")).ok()
+            result = (
+                await cli(
+                    "invoke",
+                    "--node",
+                    url(node),
+                    "mesh",
+                    name,
+                    "add",
+                    "--data",
+                    "1",
+                    "--parent",
+                    "counter",
+                )
+            ).ok()
             expected[name] += 1
             assert result.json() == expected[name]
         assert await ref(nodes[0], name).invoke("add", 0) == expected[name]
@@ -168,12 +192,22 @@ def test_actors_all_reports_a_member_that_does_not_answer() -> None:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     port = server.server_address[1]
-    served["/v1/members"] = json.dumps({"enabled": True, "members": [
-        {"name": "a", "status": "alive", "self": True, "ops_address": f"127.0.0.1:{port}"},
-        {"name": "b", "status": "alive", "self": False, "ops_address": f"127.0.0.1:{dead_port}"},
-        {"name": "c", "status": "dead", "self": False, "ops_address": "127.0.0.1:9"},
-        {"name": "d", "status": "suspect", "self": False, "ops_address": ""},
-    ]}).encode()
+    served["/v1/members"] = json.dumps(
+        {
+            "enabled": True,
+            "members": [
+                {"name": "a", "status": "alive", "self": True, "ops_address": f"127.0.0.1:{port}"},
+                {
+                    "name": "b",
+                    "status": "alive",
+                    "self": False,
+                    "ops_address": f"127.0.0.1:{dead_port}",
+                },
+                {"name": "c", "status": "dead", "self": False, "ops_address": "127.0.0.1:9"},
+                {"name": "d", "status": "suspect", "self": False, "ops_address": ""},
+            ],
+        }
+    ).encode()
     served["/v1/actors"] = json.dumps({"node": "a", "active": 1, "truncated": False,
         "actors": [{"system": "s", "name": "x", "parent": None, "revision": 3, "queued": 0,
                     "idle_s": 1.25}],
@@ -188,8 +222,7 @@ def test_actors_all_reports_a_member_that_does_not_answer() -> None:
         thread.join()
     assert result.returncode == 1, result
     assert result.stdout.splitlines()[1].split() == ["a", "s", "x", "-", "3", "0", "1.2s"]
-    assert result.stdout.splitlines()[2].split() == ["a", "s", "y", "-", "-", "-", "handing",
-                                                     "off"]
+    assert result.stdout.splitlines()[2].split() == ["a", "s", "y", "-", "-", "-", "handing", "off"]
     assert len(result.stdout.splitlines()) == 3, result  # c is dead: not asked
     assert f"cannot connect to http://127.0.0.1:{dead_port}" in result.stderr, result
     assert "member d advertises no ops address" in result.stderr, result
