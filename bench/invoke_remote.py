@@ -7,9 +7,11 @@ child process (this file with ``--serve raw|wire``) the server. Figures:
 * ``wire_seq_per_s``, ``wire_seq_p50_us``, ``wire_seq_p99_us``: one caller, sequential
   requests through ``spawnmesh.wire.PeerNode`` to an echo handler (150-byte payload, about 200
   bytes a frame);
-* ``wire_pipelined_per_s``: 64 callers in flight over the one connection;
-* ``wire_seq_ratio`` = wire_seq_per_s / raw_trio_rtt_per_s (both medians over the same rounds,
-  raw and wire interleaved so that background load hits both alike);
+* ``wire_pipelined_per_s``: 64 callers in flight over the one connection, and the CPU time
+  each process spent per request meanwhile (``wire_pipelined_client_cpu_us``,
+  ``wire_pipelined_server_cpu_us``: the layer's capacity, whatever other processes take);
+* ``wire_seq_ratio`` = wire_seq_per_s / raw_trio_rtt_per_s (medians over the rounds; within a
+  round raw and wire alternate in blocks of 250 calls, so background load hits both alike);
 * ``raw_trio_rtt_p50_us`` and ``wire_seq_p50_ratio`` = raw p50 / wire p50 latency: the same
   comparison, far less sensitive to other processes stealing the CPU than a mean rate.
 
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import trio
 
@@ -96,53 +99,81 @@ class Server:
 # ---------------------------------------------------------------- figures (client side)
 
 
-async def raw_trio_rtt(port: int, n: int) -> tuple[float, float, float]:
-    """(round trips/s, p50 us, p99 us): sequential 200-byte round trips over plain trio."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    size = len(FRAME)
+class RawClient:
+    """The raw baseline: a plain trio stream to the echo server, one 200-byte frame at a time."""
 
-    async def once() -> None:
-        await stream.send_all(FRAME)
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    @classmethod
+    async def open(cls, port: int) -> RawClient:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def round_trip(self) -> None:
+        await self.stream.send_all(FRAME)
         got = 0
-        while got < size:
-            got += len(await stream.receive_some(65536))
-
-    for _ in range(min(n, 2000)):
-        await once()
-    lat: list[float] = []
-    t0 = perf()
-    for _ in range(n):
-        s = perf()
-        await once()
-        lat.append(perf() - s)
-    dt = perf() - t0
-    await stream.aclose()
-    lat.sort()
-    return n / dt, lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+        while got < len(FRAME):
+            got += len(await self.stream.receive_some(65536))
 
 
 def request() -> Request:
     return Request(0, "bench", "echo", None, "echo", PAYLOAD)
 
 
-async def wire_seq(node: PeerNode, port: int, n: int) -> tuple[float, float, float]:
-    """(requests/s, p50 us, p99 us) for one sequential caller."""
+def wire_call(node: PeerNode, port: int) -> Callable[[], Awaitable[object]]:
+    """One sequential request through the peer layer to the echo server."""
     addr = ("127.0.0.1", port)
-    for _ in range(min(n, 2000)):
-        await node.request("server", addr, request())
-    lat: list[float] = []
-    t0 = perf()
-    for _ in range(n):
-        s = perf()
-        await node.request("server", addr, request())
-        lat.append(perf() - s)
-    dt = perf() - t0
-    lat.sort()
-    return n / dt, lat[len(lat) // 2] * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+    return lambda: node.request("server", addr, request())
 
 
-async def wire_pipelined(node: PeerNode, port: int, n: int) -> float:
-    """Requests/s with ``IN_FLIGHT`` callers sharing the connection."""
+Seq = tuple[float, float, float]
+"""(calls/s, p50 us, p99 us)"""
+
+
+async def interleaved(
+    calls: dict[str, Callable[[], Awaitable[object]]], n: int, block: int = 250
+) -> dict[str, Seq]:
+    """Sequential figures for several kinds of call measured in alternating blocks of
+    ``block`` calls, so a burst of load from other processes hits each kind alike (the
+    ratios then compare like with like). ``raw_trio_rtt`` and ``wire_seq`` come from here;
+    the end-to-end ``remote_seq`` joins as one more entry."""
+    for call in calls.values():  # warm up
+        for _ in range(min(n, 2000)):
+            await call()
+    lat: dict[str, list[float]] = {name: [] for name in calls}
+    spent = dict.fromkeys(calls, 0.0)
+    for _ in range(max(1, n // block)):
+        for name, call in calls.items():
+            out = lat[name]
+            t0 = perf()
+            for _ in range(block):
+                s = perf()
+                await call()
+                out.append(perf() - s)
+            spent[name] += perf() - t0
+    figures = {}
+    for name, values in lat.items():
+        values.sort()
+        figures[name] = (
+            len(values) / spent[name],
+            values[len(values) // 2] * 1e6,
+            values[int(len(values) * 0.99)] * 1e6,
+        )
+    return figures
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wire_pipelined(
+    node: PeerNode, port: int, n: int, server_pid: int
+) -> tuple[float, float, float]:
+    """(requests/s, client CPU us/request, server CPU us/request) with ``IN_FLIGHT`` callers
+    sharing the connection. CPU per request does not depend on how much CPU other processes
+    leave us, so it shows the layer's capacity on a busy machine."""
     addr = ("127.0.0.1", port)
     per = n // IN_FLIGHT
 
@@ -153,11 +184,15 @@ async def wire_pipelined(node: PeerNode, port: int, n: int) -> float:
     async with trio.open_nursery() as nursery:  # warm up
         for _ in range(IN_FLIGHT):
             nursery.start_soon(caller)
+    c0, s0 = cpu_s(os.getpid()), cpu_s(server_pid)
     t0 = perf()
     async with trio.open_nursery() as nursery:
         for _ in range(IN_FLIGHT):
             nursery.start_soon(caller)
-    return per * IN_FLIGHT / (perf() - t0)
+    dt = perf() - t0
+    done = per * IN_FLIGHT
+    c1, s1 = cpu_s(os.getpid()), cpu_s(server_pid)
+    return done / dt, (c1 - c0) / done * 1e6, (s1 - s0) / done * 1e6
 
 
 async def with_client(key: str, fn: Callable[[PeerNode], Awaitable[None]]) -> None:
@@ -191,16 +226,20 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
 
     raw_s, wire_s = Server("raw", key), Server("wire", key)
-    raw: list[tuple[float, float, float]] = []
-    seq: list[tuple[float, float, float]] = []
-    pipe: list[float] = []
+    raw: list[Seq] = []
+    seq: list[Seq] = []
+    pipe: list[tuple[float, float, float]] = []
     try:
 
         async def run(node: PeerNode) -> None:
+            raw_client = await RawClient.open(raw_s.port)
+            calls = {"raw": raw_client.round_trip, "wire": wire_call(node, wire_s.port)}
             for _ in range(rounds):
-                raw.append(await raw_trio_rtt(raw_s.port, n_seq))
-                seq.append(await wire_seq(node, wire_s.port, n_seq))
-                pipe.append(await wire_pipelined(node, wire_s.port, n_pipe))
+                figures = await interleaved(calls, n_seq)
+                raw.append(figures["raw"])
+                seq.append(figures["wire"])
+                pipe.append(await wire_pipelined(node, wire_s.port, n_pipe, wire_s.proc.pid))
+            await raw_client.stream.aclose()
 
         trio.run(with_client, key, run)
     finally:
@@ -216,7 +255,9 @@ def main() -> None:
         "wire_seq_per_s": round(seq_per_s),
         "wire_seq_p50_us": round(statistics.median(s[1] for s in seq), 1),
         "wire_seq_p99_us": round(statistics.median(s[2] for s in seq), 1),
-        "wire_pipelined_per_s": round(statistics.median(pipe)),
+        "wire_pipelined_per_s": round(statistics.median(p[0] for p in pipe)),
+        "wire_pipelined_client_cpu_us": round(statistics.median(p[1] for p in pipe), 1),
+        "wire_pipelined_server_cpu_us": round(statistics.median(p[2] for p in pipe), 1),
         "wire_seq_ratio": round(seq_per_s / raw_per_s, 3),
         "wire_seq_p50_ratio": round(raw_p50 / statistics.median(s[1] for s in seq), 3),
     }
@@ -228,10 +269,11 @@ def main() -> None:
         print(
             f"  round {i + 1}: raw {raw[i][0]:,.0f}/s (p50 {raw[i][1]:.0f} us)  "
             f"wire seq {seq[i][0]:,.0f}/s "
-            f"(p50 {seq[i][1]:.0f} us, p99 {seq[i][2]:.0f} us)  pipelined {pipe[i]:,.0f}/s"
+            f"(p50 {seq[i][1]:.0f} us, p99 {seq[i][2]:.0f} us)  pipelined {pipe[i][0]:,.0f}/s "
+            f"(CPU/request: client {pipe[i][1]:.1f} us, server {pipe[i][2]:.1f} us)"
         )
     for name, value in figures.items():
-        print(f"{name:>24}: {value:,}")
+        print(f"{name:>28}: {value:,}")
     print(json.dumps(figures))
 
 
