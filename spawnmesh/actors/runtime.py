@@ -1067,13 +1067,22 @@ class Runtime:
         finishes the turns already queued for it, flushes its state and is forgotten, in the
         background. New invocations go to the new owner meanwhile (or, if ownership comes
         back, wait here until the flush is done). Returns how many hand-offs started."""
+        idle: list[Activation] = []
         n = 0
         for act in list(self._table.values()):
             if act.adef.kind is Kind.POOLED or still_owned(act):
                 continue
             self._start_hand_off(act)
-            self._spawn_job(self._hand_off, act)
             n += 1
+            if act.busy:  # after the turns queued for it
+                self._spawn_job(self._hand_off, act)
+            else:  # the baton is free: take it now, flush with the others in few batches
+                act.busy = True
+                self._busy += 1
+                idle.append(act)
+        step = self.settings.write_batch_max
+        for i in range(0, len(idle), step):
+            self._spawn_job(self._flush_and_forget, idle[i : i + step])
         return n
 
     async def release(self, key: Key) -> bool:
@@ -1096,35 +1105,49 @@ class Runtime:
         self._moving[act.key] = trio.Event()
 
     async def _hand_off(self, act: Activation) -> None:
-        """Take the baton after every queued turn, flush, forget (never hand the baton on)."""
-        done = self._moving[act.key]
+        """Take the baton after every queued turn, then flush and forget."""
         try:
             if act.busy:
                 await self._wait_turn(act, check_room=False)
             else:
                 act.busy = True
                 self._busy += 1
-            try:
-                backoff = 0.05
-                while act.dirty_since != 0.0:
-                    errors = await self.writer.write_many([act])
-                    err = errors.get(act.key)
-                    if err is None or isinstance(err, StaleActivation):
-                        break  # durable, or fenced off by a newer owner's write
-                    log.warning("hand-off of %s: state not flushed yet (retrying): %s",
-                                act.id, err)
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-            finally:
-                self._busy -= 1
-                if self._closing and self._busy == 0:
-                    self._idle.set()
+        except BaseException:
+            self._forgotten([act])
+            raise
+        await self._flush_and_forget([act])
+
+    async def _flush_and_forget(self, acts: list[Activation]) -> None:
+        """Flush activations being handed off (their batons held) and forget them; the baton
+        is never handed on. Retries while the store is unavailable: the state is committed."""
+        try:
+            backoff = 0.05
+            while True:
+                dirty = [a for a in acts if a.dirty_since != 0.0]
+                if not dirty:
+                    break
+                errors = await self.writer.write_many(dirty)
+                # durable, or fenced off by a newer owner's write (StaleActivation): done
+                failed = [e for e in errors.values() if not isinstance(e, StaleActivation)]
+                if not failed:
+                    break
+                log.warning("hand-off: %d actor states not flushed yet (retrying): %s",
+                            len(failed), failed[0])
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        finally:
+            self._busy -= len(acts)
+            if self._closing and self._busy == 0:
+                self._idle.set()
+            self._forgotten(acts)
+
+    def _forgotten(self, acts: list[Activation]) -> None:
+        for act in acts:
             self._drop(act)
             self.metrics.handoffs_total += 1
-        finally:
-            if self._moving.get(act.key) is done:
-                del self._moving[act.key]
-            done.set()
+            done = self._moving.pop(act.key, None)
+            if done is not None:
+                done.set()
 
     def handing_off(self) -> int:
         """Hand-offs in progress."""
