@@ -351,6 +351,19 @@ async def test_garbage_before_the_handshake_is_refused_and_logged(
         assert await a.request("b", ("127.0.0.1", pb), req("echo", b"fine")) == b"fine"
 
 
+async def test_unauthenticated_connections_are_bounded() -> None:
+    a, b = node("a"), node("b", limits=PeerLimits(max_handshakes=2))
+    async with serving(a, b) as (_, pb):
+        idle = [await RawPeer.connect(pb, handshake=False) for _ in range(2)]
+        await eventually(lambda: b.stats.accepted == 2)
+        third = await RawPeer.connect(pb, handshake=False)
+        assert await third.next() is None  # closed at once
+        for raw in idle:
+            await raw.close()
+        await eventually(lambda: b.stats.handshake_failures == 2)
+        assert await a.request("b", ("127.0.0.1", pb), req("echo", b"in")) == b"in"
+
+
 async def test_garbage_after_the_handshake_gets_a_reject_and_fails_only_that_connection() -> None:
     a, b = node("a"), node("b")
     async with serving(a, b) as (_, pb):
@@ -505,6 +518,28 @@ async def test_a_peer_that_goes_away_fails_in_flight_requests_retryably() -> Non
         assert a.connected_peers == []
         with pytest.raises(PeerUnavailable):  # refused now
             await a.request("b", ("127.0.0.1", pb), req("echo"))
+
+
+async def test_disconnect_fails_in_flight_requests_at_once() -> None:
+    h = Handler()
+    a, b = node("a"), node("b", h)
+    errors: list[SpawnmeshError] = []
+
+    async def call(port: int) -> None:
+        try:
+            await a.request("b", ("127.0.0.1", port), req("block"))
+        except SpawnmeshError as exc:
+            errors.append(exc)
+
+    async with serving(a, b) as (_, pb):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, pb)
+            await eventually(lambda: h.started == 1)
+            a.disconnect("b", "declared dead")
+        assert len(errors) == 1 and isinstance(errors[0], PeerUnavailable)
+        assert "declared dead" in str(errors[0])
+        await eventually(lambda: h.cancelled != [])  # b saw the connection go: handler cancelled
+        assert await a.request("b", ("127.0.0.1", pb), req("echo", b"again")) == b"again"
 
 
 async def test_close_drains_in_flight_requests_then_refuses_new_ones() -> None:

@@ -390,10 +390,10 @@ class PeerNode:
                 await stream.aclose()
                 continue
             self.stats.accepted += 1
+            self._handshaking += 1  # counted from here, so a burst cannot pass the check
             self._nursery.start_soon(self._inbound, stream)
 
     async def _inbound(self, stream: trio.SocketStream) -> None:
-        self._handshaking += 1
         transport: Transport | None = None
         where = "?"
         try:
@@ -473,7 +473,8 @@ class PeerNode:
             on_closed=self._closed_conn,
         )
         self._all.add(conn)
-        self._all_closed = trio.Event()
+        if self._all_closed.is_set():  # keep the pending one: close() may be waiting on it
+            self._all_closed = trio.Event()
         if self._closing:
             conn.go_away("shutting_down", f"node {self.node_id} is shutting down")
             return conn
