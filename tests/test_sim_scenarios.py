@@ -31,7 +31,7 @@ def test_crash_detected_by_all_within_bound(seed: int) -> None:
 @pytest.mark.parametrize("seed", [21, 22])
 def test_five_percent_loss_no_false_deaths(seed: int) -> None:
     # TCP fallback off so that only UDP ping / ping-req / refutation keep members alive.
-    rep = run_scenario("loss", seed, 50, duration_ms=10 * 60_000, tcp_ping=False)
+    rep = run_scenario("loss", seed, 50, duration_ms=5 * 60_000, tcp_ping=False)
     assert not rep.violations, ok(rep)
     assert rep.false_dead == 0, ok(rep)
     assert rep.false_suspect > 0, ok(rep)  # loss did cause suspicions, all refuted
@@ -50,26 +50,36 @@ def test_partition_heals_to_agreement(scenario: str) -> None:
 
 
 def test_starved_node_lifeguard_reduces_false_positives() -> None:
-    on = [run_scenario("starve", s, 30) for s in (41, 42, 43)]
-    off = [run_scenario("starve", s, 30, lifeguard=False) for s in (41, 42, 43)]
+    # One node runs only every 2 s: with Lifeguard it refutes every suspicion in time (buddy
+    # rule, the accuser told at once) and never accuses others (its stalls are discounted).
+    on = [run_scenario("starve", s, 30) for s in (41, 42)]
+    off = [run_scenario("starve", s, 30, lifeguard=False) for s in (41, 42)]
     detail = "\n".join(ok(r) for r in on + off)
+    assert sum(r.false_dead for r in on) == 0, detail
+    assert sum(r.false_dead for r in off) >= 20, detail
     assert sum(r.false_suspect for r in on) < sum(r.false_suspect for r in off), detail
-    assert sum(r.false_dead for r in on) <= sum(r.false_dead for r in off), detail
-    on_own = sum(r.notes["starved_probe_failures"] for r in on)
-    off_own = sum(r.notes["starved_probe_failures"] for r in off)
-    assert on_own * 5 < off_own, detail  # the slow node mostly stops accusing others
+    assert sum(r.notes["starved_probe_failures"] for r in on) == 0, detail
+    assert sum(r.notes["starved_probe_failures"] for r in off) >= 50, detail
     assert all(r.notes["starved_score"] > 0 for r in on), detail
 
 
-def test_several_starved_nodes_lifeguard_fewer_false_deaths() -> None:
-    on = [run_scenario("starve-many", s, 50, duration_ms=120_000) for s in (1, 2, 3)]
-    off = [run_scenario("starve-many", s, 50, 120_000, lifeguard=False) for s in (1, 2, 3)]
-    detail = "\n".join(ok(r) for r in on + off)
-    assert sum(r.false_dead for r in on) < sum(r.false_dead for r in off), detail
-    assert sum(r.false_suspect for r in on) * 2 < sum(r.false_suspect for r in off), detail
-    assert sum(r.notes["starved_probe_failures"] for r in on) < sum(
-        r.notes["starved_probe_failures"] for r in off
-    ), detail
+def test_five_percent_starved_lifeguard_twenty_times_fewer_false_deaths() -> None:
+    # The benchmark's case at 40 nodes: 2 nodes run only every second. Lifeguard off kills
+    # them (and some healthy ones in the storm); on, nobody dies.
+    on = run_scenario("starve-frac", 1, 40)
+    off = run_scenario("starve-frac", 1, 40, lifeguard=False)
+    detail = ok(on) + "\n" + ok(off)
+    assert off.false_dead >= 5 and on.false_dead * 20 <= off.false_dead, detail
+    assert off.notes["false_dead_about_starved"] > 0, detail
+
+
+def test_detection_at_20_nodes_within_4_s() -> None:
+    # The bound for real processes is 5 s at n = 20; the core keeps a margin.
+    rep = run_scenario("detect", 1, 20, duration_ms=400_000)
+    assert not rep.violations, ok(rep)
+    assert len(rep.samples) >= 19, ok(rep)
+    assert simmod.percentile(rep.samples, 0.5) <= 3_000, ok(rep)
+    assert max(rep.samples) <= 4_000, ok(rep)
 
 
 def test_graceful_leave_is_left_everywhere_never_dead() -> None:

@@ -35,8 +35,10 @@ step = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(step, max_size=40), st.integers(0, 2**32))
 @example(  # found in CI: a leave and a rejoin of one member in one packet
-    [("msg", [m.Alive("c", 0, ADDRS[0], b"")]),
-     ("msg", [m.Left("c", 0), m.Alive("c", 1, ADDRS[0], b"")])],
+    [
+        ("msg", [m.Alive("c", 0, ADDRS[0], b"")]),
+        ("msg", [m.Left("c", 0), m.Alive("c", 1, ADDRS[0], b"")]),
+    ],
     0,
 )
 def test_views_only_move_forward(steps: list[tuple[str, object]], seed: int) -> None:

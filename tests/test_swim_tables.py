@@ -132,19 +132,22 @@ def test_suspicion_confirmations_are_independent() -> None:
 
 def test_config_suspicion_formulas() -> None:
     c = cfgmod.lan()
-    assert c.suspicion_min_ms(1) == 4_000  # log10 floored at 1
-    assert c.suspicion_min_ms(100) == 8_000
-    assert c.suspicion_max_ms(100) == 48_000
-    assert c.suspicion_confirmations(100) == 2
-    assert c.suspicion_confirmations(3) == 0  # n - 2 < k
+    assert c.suspicion_min_ms(1) == 1_000  # log10 floored at 1
+    assert c.suspicion_min_ms(20) == 1_301
+    assert c.suspicion_min_ms(100) == 2_000
+    assert c.suspicion_max_ms(100) == 12_000
+    assert c.suspicion_confirmations(100) == 3  # k is its own knob, not suspicion_mult - 2
+    assert c.suspicion_confirmations(4) == 2  # at most n - 2 members can confirm
+    assert c.suspicion_confirmations(2) == 0
     assert c.replace(lifeguard=False).suspicion_confirmations(100) == 0
+    assert c.stall_tolerance_ms() == 250
     assert c.retransmit_limit(1) == 4
     assert c.retransmit_limit(9) == 4
     assert c.retransmit_limit(10) == 8
     assert c.retransmit_limit(1000) == 16
     assert c.push_pull_scaled_ms(32) == 30_000
-    assert c.push_pull_scaled_ms(64) == 60_000
-    assert c.push_pull_scaled_ms(1000) == 180_000
+    assert c.push_pull_scaled_ms(64) == 60_000  # x ceil(n / 32): rows per second stay constant
+    assert c.push_pull_scaled_ms(1000) == 30_000 * 32
 
 
 # -- awareness ----------------------------------------------------------------------------
@@ -232,13 +235,17 @@ def test_queue_properties(ops: list[tuple[str, int]], limit: int, budget: int) -
 def test_presets_mirror_memberlist() -> None:
     lan, wan, local = cfgmod.lan(), cfgmod.wan(), cfgmod.local()
     assert (lan.probe_interval_ms, lan.probe_timeout_ms, lan.indirect_checks) == (1000, 500, 3)
-    assert (lan.retransmit_mult, lan.suspicion_mult, lan.suspicion_max_timeout_mult) == (4, 4, 6)
+    assert (lan.retransmit_mult, lan.suspicion_max_timeout_mult) == (4, 6)
+    assert (lan.suspicion_mult, lan.suspicion_k) == (1, 3)  # spawnmesh's tuning (memberlist: 4, 2)
     assert (lan.push_pull_interval_ms, lan.awareness_max_multiplier) == (30_000, 8)
     assert (lan.gossip_interval_ms, lan.gossip_nodes, lan.udp_buffer_bytes) == (200, 3, 1400)
     assert (wan.probe_interval_ms, wan.probe_timeout_ms, wan.suspicion_mult) == (5000, 3000, 6)
     assert (wan.gossip_nodes, wan.gossip_interval_ms, wan.push_pull_interval_ms) == (4, 500, 60_000)
     assert (local.probe_timeout_ms, local.indirect_checks, local.retransmit_mult) == (200, 1, 2)
     assert (local.suspicion_mult, local.gossip_interval_ms) == (3, 100)
+    # memberlist's k = suspicion_mult - 2 where the preset was not re-tuned
+    assert (wan.suspicion_k, local.suspicion_k) == (4, 1)
+    assert lan.ring_probe and wan.ring_probe and local.ring_probe
 
 
 def test_config_validation() -> None:

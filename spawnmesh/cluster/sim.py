@@ -27,6 +27,8 @@ from spawnmesh.cluster.state import Status
 from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, Swim, TcpKind
 
 _DELIVER, _WAKE, _TCP, _ACTION = 0, 1, 2, 3
+STARVE_MS = 1_000
+"""How often a CPU-starved node runs in ``starve-frac`` (ms): it answers up to this late."""
 _NEVER = 1 << 62
 _LIVE_KINDS = frozenset({EventKind.JOIN, EventKind.ALIVE, EventKind.UPDATE, EventKind.SUSPECT})
 
@@ -76,12 +78,17 @@ class SimReport:
     sim_ms: int = 0
     wall_s: float = 0.0
     datagrams: int = 0
+    udp_bytes: int = 0
+    tcp_bytes: int = 0
+    """Bytes of completed TCP exchanges (request + reply; refused connections carry none)."""
     false_dead: int = 0
     false_suspect: int = 0
     detect_max_ms: int = -1
     converged_ms: int = -1
     violations: list[str] = field(default_factory=list)
     notes: dict[str, float] = field(default_factory=dict)
+    samples: list[int] = field(default_factory=list)
+    """Per-event measurements of the scenario (``detect``: ms from a crash until all knew)."""
 
     def replay_command(self) -> str:
         """The one-line command that replays this run."""
@@ -101,6 +108,7 @@ class SimReport:
             f"{self.scenario} n={self.nodes} seed={self.seed} lifeguard={self.lifeguard}"
             f" sim={self.sim_ms / 1000:g}s wall={self.wall_s:.2f}s"
             f" speed={speed:,.0f} node-s/s datagrams={self.datagrams}"
+            f" udp_bytes={self.udp_bytes} tcp_bytes={self.tcp_bytes}"
             f" false_dead={self.false_dead} false_suspect={self.false_suspect}"
             f" detect_max_ms={self.detect_max_ms} converged_ms={self.converged_ms}"
             f" {notes} violations={len(self.violations)}"
@@ -144,6 +152,10 @@ class Sim:
         self.crashed_at: dict[str, int] = {}
         self.detected: dict[tuple[str, int], int] = {}
         self.datagrams = 0
+        self.udp_bytes = 0
+        self.tcp_bytes = 0
+        self.false_dead_kinds = {"about_starved": 0, "by_starved": 0, "healthy": 0}
+        """False deaths split by who was starved: the subject, else the observer, else neither."""
         self.trace: Callable[[str], None] | None = None
         """If set, receives one readable line per membership event and per fault."""
         self.trace_member: str | None = None
@@ -213,7 +225,7 @@ class Sim:
 
     def _reschedule(self, node: SimNode, now: int) -> None:
         d = node.swim.next_deadline_ms()
-        if d <= now:
+        if d <= now or node.inbox:  # a starved node reads its inbox at its next run
             d = now + 1
         every = node.starve_every_ms
         if every:
@@ -279,6 +291,7 @@ class Sim:
         reply, out = node.swim.serve_tcp(src_addr, data, t)
         self._handle(node, out)
         src = self.nodes[src_idx]
+        self.tcp_bytes += len(data) + (0 if reply is None else len(reply))
         if reply is not None and self._open(node.idx, src_idx):
             self._push(
                 t + self._delay(node.idx, src_idx), _DELIVER, src_idx, (src.gen, node.addr, reply)
@@ -303,6 +316,7 @@ class Sim:
             src = node.idx
             for addr, data in out.datagrams:
                 self.datagrams += 1
+                self.udp_bytes += len(data)
                 dst = by_addr.get(addr)
                 if dst is None or not self._open(src, dst.idx):
                     continue
@@ -360,6 +374,13 @@ class Sim:
             if kind is EventKind.DEAD:
                 if self._is_up(subject):
                     self.false_dead += 1
+                    kinds = self.false_dead_kinds
+                    if subject.starve_every_ms:
+                        kinds["about_starved"] += 1
+                    elif node.starve_every_ms:
+                        kinds["by_starved"] += 1
+                    else:
+                        kinds["healthy"] += 1
                     if len(self.false_dead_samples) < 5:
                         self.false_dead_samples.append(f"t={self.now} {node.name} -> {name}")
                 elif subject.leaving:
@@ -498,6 +519,8 @@ class Sim:
             sim_ms=self.now,
             wall_s=wall_s,
             datagrams=self.datagrams,
+            udp_bytes=self.udp_bytes,
+            tcp_bytes=self.tcp_bytes,
             false_dead=self.false_dead,
             false_suspect=self.false_suspect,
             violations=list(self.violations),
@@ -614,6 +637,83 @@ def _scenario_starve_many(sim: Sim, duration_ms: int) -> SimReport:
     sim.run(duration_ms)
     rep = sim.report("starve-many", 0)
     rep.notes["starved_probe_failures"] = sum(sim.nodes[i].swim.stats.probe_failures for i in slow)
+    return rep
+
+
+def _scenario_starve_frac(sim: Sim, duration_ms: int) -> SimReport:
+    """5 % of the nodes (at least one) run only every ``STARVE_MS`` from t = 5 s on; false
+    deaths are split by direction (about a starved node, by one, or between healthy ones)."""
+    n = len(sim.nodes)
+    slow = _pick(sim, max(1, n // 20))
+    for i in slow:
+        sim.at(5_000, partial(sim.starve, i, STARVE_MS))
+    sim.run(duration_ms)
+    rep = sim.report("starve-frac", 0)
+    rep.notes.update({f"false_dead_{k}": v for k, v in sim.false_dead_kinds.items()})
+    rep.notes["starved"] = len(slow)
+    rep.notes["starved_probe_failures"] = sum(sim.nodes[i].swim.stats.probe_failures for i in slow)
+    return rep
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile of ``values`` (``q`` in 0..1); -1 when empty."""
+    if not values:
+        return -1
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _scenario_detect(sim: Sim, duration_ms: int) -> SimReport:
+    """Repeated crashes: every 20 probe periods (20 s on lan) from t = 5 s, ``max(1, n // 200)``
+    random live nodes crash and restart 15 periods later. A sample is the time from a crash
+    until every node that stayed up had the victim dead; a victim someone still holds live
+    when it restarts is a violation."""
+    n = len(sim.nodes)
+    rng = random.Random(f"{sim.seed}:detect")
+    per = max(1, n // 200)
+    period = 20 * sim.config.probe_interval_ms
+    wait = 15 * sim.config.probe_interval_ms
+    samples: list[int] = []
+    missed: list[str] = []
+
+    def crash_round() -> None:
+        up = [x.idx for x in sim.nodes if sim._is_up(x)]
+        victims = rng.sample(up, min(per, len(up) - 2))
+        observers = [i for i in up if i not in victims]
+        for v in victims:
+            sim.crash(v)
+        sim.at(sim.now + wait, partial(finish, victims, observers))
+
+    def finish(victims: list[int], observers: list[int]) -> None:
+        live = [i for i in observers if sim._is_up(sim.nodes[i])]
+        for v in victims:
+            name = sim.nodes[v].name
+            times = [sim.detected.get((name, o)) for o in live]
+            for o in range(n):
+                sim.detected.pop((name, o), None)
+            if any(t is None for t in times):
+                missed.append(f"t={sim.now} {name}")
+            else:
+                samples.append(max(t for t in times if t is not None))
+            sim.restart(v, live[:3])
+
+    t = 5_000
+    while t + wait <= max(duration_ms, period):
+        sim.at(t, crash_round)
+        t += period
+    sim.run(t)
+    rep = sim.report("detect", 0)
+    rep.samples = samples
+    rep.notes.update(
+        crashes=len(samples) + len(missed),
+        detect_p50_ms=percentile(samples, 0.5),
+        detect_p99_ms=percentile(samples, 0.99),
+        detect_max_ms=max(samples, default=-1),
+    )
+    if missed:
+        rep.violations.append(f"{len(missed)} crashes not seen by all in {wait} ms: {missed[:5]}")
+    if sim.false_dead:
+        rep.violations.append(f"{sim.false_dead} false deaths: {sim.false_dead_samples}")
     return rep
 
 
@@ -753,6 +853,8 @@ SCENARIOS: dict[str, Callable[[Sim, int], SimReport]] = {
     "clog": _scenario_clog,
     "starve": _scenario_starve,
     "starve-many": _scenario_starve_many,
+    "starve-frac": _scenario_starve_frac,
+    "detect": _scenario_detect,
     "leave": _scenario_leave,
     "restart": _scenario_restart,
     "join": _scenario_join,
@@ -785,6 +887,8 @@ def run_scenario(
     rep.wall_s = (clock.wall_ms() - start) / 1000
     rep.sim_ms = sim.now
     rep.datagrams = sim.datagrams
+    rep.udp_bytes = sim.udp_bytes
+    rep.tcp_bytes = sim.tcp_bytes
     rep.false_dead = sim.false_dead
     rep.false_suspect = sim.false_suspect
     rep.notes.setdefault("max_incarnation", max(x.swim.incarnation for x in sim.nodes))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import heapq
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spawnmesh.cluster import messages as m
@@ -30,10 +29,13 @@ from spawnmesh.cluster.state import (
     decide,
 )
 from spawnmesh.cluster.suspicion import Suspicion
+from spawnmesh.cluster.targets import Targets
 from spawnmesh.errors import ConfigError, ProtocolError
 
 _HEADER_RESERVE = m.packet_overhead(70000)
 _FOREVER = 1 << 62
+_News = m.Alive | m.Suspect | m.Dead | m.Left
+_NEWS = (m.Alive, m.Suspect, m.Dead, m.Left)
 
 
 class EventKind(enum.Enum):
@@ -97,6 +99,10 @@ class SwimStats:
     suspicions_started: int = 0
     deaths_declared: int = 0
     malformed: int = 0
+    stalls: int = 0
+    """Calls that came more than ``stall_tolerance_ms`` after the core's deadline (Lifeguard)."""
+    confirmations_sent: int = 0
+    """Suspicions this node confirmed from its own failed relayed ping (Lifeguard)."""
 
 
 @dataclass(slots=True)
@@ -109,6 +115,7 @@ class _Probe:
     indirect_sent: bool = False
     expected_nacks: int = 0
     nacks: int = 0
+    helpers: list[Addr] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -116,6 +123,7 @@ class _Relay:
     orig_seq: int
     source_addr: Addr
     nack: bool
+    target: str
 
 
 class Swim:
@@ -146,17 +154,20 @@ class Swim:
         self.stats = SwimStats()
         self._self = Member(self_name, self_addr, meta, incarnation, Status.ALIVE, now_ms)
         self.table.add(self._self)
-        self._others: list[str] = []
-        self._other_index: dict[str, int] = {}
-        self._probe_order: list[str] = []
-        self._probe_pos = 0
-        self._probe: _Probe | None = None
+        self.targets = Targets(self_name, rng)
+        self._probes: list[_Probe] = []
         self._seq = rng.randrange(1 << 31)
         self._suspicions: dict[str, Suspicion] = {}
         self._suspicion_heap: list[tuple[int, str]] = []
         self._relays: dict[int, _Relay] = {}
         self._relay_heap: list[tuple[int, int]] = []
+        self._evidence: dict[str, int] = {}
+        """Member -> when a ping this node relayed for another member went unanswered."""
         self._seeds: list[Addr] = []
+        self._last_call = now_ms
+        self._stall_tolerance = cfg.stall_tolerance_ms()
+        self._seen: dict[str, tuple[tuple[int, Status], set[m.Message]]] = {}
+        """Member -> (its incarnation and status, news already applied in that state)."""
         self._next_probe = now_ms + rng.randrange(cfg.probe_interval_ms)
         self._next_gossip = now_ms
         pp = cfg.push_pull_interval_ms
@@ -210,7 +221,7 @@ class Swim:
         if self.leaving:
             return out
         self.leaving = True
-        self._probe = None
+        self._probes.clear()
         self.table.set_status(self._self, Status.LEFT, now_ms)
         self.queue.queue(self.name, m.encode_message(m.Left(self.name, self.incarnation)))
         self._gossip(now_ms, out)
@@ -241,6 +252,7 @@ class Swim:
     def serve_tcp(self, src_addr: Addr, data: bytes, now_ms: int) -> tuple[bytes | None, Output]:
         """Handle one inbound TCP request; return the reply packet (if any) and the output."""
         out = Output()
+        self._check_stall(now_ms)
         try:
             msgs = m.decode(data)
         except ProtocolError:
@@ -256,19 +268,28 @@ class Swim:
                 self._merge(msg, now_ms, out)
                 reply = self.push_pull_state()
             else:
-                self._dispatch(msg, now_ms, out)
+                self._dispatch(msg, src_addr, now_ms, out)
         return reply, out
 
     def receive(self, src_addr: Addr, data: bytes, now_ms: int) -> Output:
         """Handle one datagram (or a TCP reply packet); malformed input is counted and dropped."""
         out = Output()
+        self._check_stall(now_ms)
         try:
             msgs = m.decode(data)
         except ProtocolError:
             self.stats.malformed += 1
             return out
+        incarnation = self.incarnation
         for msg in msgs:
-            self._dispatch(msg, now_ms, out)
+            if isinstance(msg, _NEWS):
+                self._on_news(msg, src_addr, now_ms, out)
+            else:
+                self._dispatch(msg, src_addr, now_ms, out)
+        if self.incarnation != incarnation and self.config.lifeguard and src_addr != self.addr:
+            # We just refuted news about ourselves: answer the sender at once (it is usually the
+            # accuser, who then spreads the refutation instead of the suspicion).
+            self._send(out, src_addr, [])
         return out
 
     def next_deadline_ms(self) -> int:
@@ -277,10 +298,13 @@ class Swim:
         if self._next_reconnect < t:
             t = self._next_reconnect
         if not self.leaving:
-            p = self._probe
-            d = self._next_probe if p is None else (p.end_at if p.indirect_sent else p.timeout_at)
-            if d < t:
-                t = d
+            if self._probes:
+                for p in self._probes:
+                    d = p.end_at if p.indirect_sent else p.timeout_at
+                    if d < t:
+                        t = d
+            elif self._next_probe < t:
+                t = self._next_probe
         if self._next_gossip < t and len(self.queue) and self.config.gossip_interval_ms:
             t = self._next_gossip
         if self._suspicion_heap and self._suspicion_heap[0][0] < t:
@@ -292,6 +316,7 @@ class Swim:
     def tick(self, now_ms: int) -> Output:
         """Run everything due at ``now_ms``: probes, relays, suspicion expiry, gossip, syncs."""
         out = Output()
+        self._check_stall(now_ms)
         self._expire_relays(now_ms, out)
         self._expire_suspicions(now_ms, out)
         if not self.leaving:
@@ -315,6 +340,38 @@ class Swim:
                     self._join_seeds(out)  # still alone: the join did not get through, retry
         return out
 
+    # -- Lifeguard: this node's own stalls -----------------------------------------------------
+
+    def _check_stall(self, now_ms: int) -> None:
+        """Detect that the shell ran this core late (a starved event loop) and discount it.
+
+        The core asked to run at ``next_deadline_ms()``; a call more than ``stall_tolerance_ms``
+        after both that deadline and the previous call means the process was not running. Time
+        it did not run must not count against others: every pending probe, relay and suspicion
+        deadline moves back by the stall, so acks and refutations that queued up meanwhile are
+        read before any of those timers can fire; the local health score rises by one.
+        """
+        last = self._last_call
+        self._last_call = now_ms
+        tolerance = self._stall_tolerance
+        if now_ms - last <= tolerance or not self.config.lifeguard:
+            return  # (the lag below is at most the time since the last call)
+        lag = now_ms - max(self.next_deadline_ms(), last)
+        if lag <= tolerance:
+            return
+        self.stats.stalls += 1
+        self.awareness.apply_delta(1)
+        for p in self._probes:
+            p.timeout_at += lag
+            p.end_at += lag
+        if self._relay_heap:
+            self._relay_heap = [(t + lag, seq) for t, seq in self._relay_heap]
+        if self._suspicions:
+            for s in self._suspicions.values():
+                s.start_ms += lag
+            self._suspicion_heap = [(s.deadline_ms(), n) for n, s in self._suspicions.items()]
+            heapq.heapify(self._suspicion_heap)
+
     # -- sending ------------------------------------------------------------------------------
 
     def _next_seq(self) -> int:
@@ -324,69 +381,42 @@ class Swim:
     def _send(self, out: Output, addr: Addr, primary: list[bytes]) -> None:
         budget = self.config.udp_buffer_bytes - _HEADER_RESERVE - sum(map(len, primary))
         extra = self.queue.get(budget, self._retransmit_limit()) if len(self.queue) else []
-        out.datagrams.append((addr, m.pack(primary + extra if extra else primary)))
+        if primary or extra:
+            out.datagrams.append((addr, m.pack(primary + extra if extra else primary)))
 
     def _retransmit_limit(self) -> int:
         return self.config.retransmit_limit(self.table.live_count)
 
-    def _random_others(
-        self, k: int, ok: Callable[[Member], bool], exclude: str = ""
-    ) -> list[Member]:
-        """Up to ``k`` distinct random members passing predicate ``ok`` (bounded attempts)."""
-        others = self._others
-        if not others or k <= 0:
-            return []
-        table = self.table.by_name
-        chosen: list[Member] = []
-        seen: set[str] = set()
-        rand = self.rng.random
-        n = len(others)
-        pred = ok
-        attempts = 3 * k + 8
-        if n <= attempts:
-            cands = others[:]
-            self.rng.shuffle(cands)
-            for name in cands:
-                x = table[name]
-                if name != exclude and pred(x):
-                    chosen.append(x)
-                    if len(chosen) >= k:
-                        break
-            return chosen
-        for _ in range(attempts):
-            name = others[int(rand() * n)]
-            if name in seen or name == exclude:
-                continue
-            seen.add(name)
-            x = table[name]
-            if pred(x):
-                chosen.append(x)
-                if len(chosen) >= k:
-                    break
-        return chosen
+    def _is_live(self, name: str) -> bool:
+        return self.table.by_name[name].status <= Status.SUSPECT
+
+    def _is_alive(self, name: str) -> bool:
+        return self.table.by_name[name].status == Status.ALIVE
 
     def _gossip(self, now_ms: int, out: Output) -> None:
         gttd = self.config.gossip_to_the_dead_ms
+        table = self.table.by_name
 
-        def ok(x: Member) -> bool:
+        def ok(name: str) -> bool:
+            x = table[name]
             return x.status <= Status.SUSPECT or (
                 x.status == Status.DEAD and now_ms - x.since_ms < gttd
             )
 
         budget = self.config.udp_buffer_bytes - _HEADER_RESERVE
-        for target in self._random_others(self.config.gossip_nodes, ok):
+        for name in self.targets.sample(self.config.gossip_nodes, ok):
             if not len(self.queue):
                 break
             extra = self.queue.get(budget, self._retransmit_limit())
             if extra:
-                out.datagrams.append((target.addr, m.pack(extra)))
+                out.datagrams.append((table[name].addr, m.pack(extra)))
 
     def _push_pull(self, now_ms: int, out: Output, dead: bool) -> None:
         if dead:  # rare (every reconnect interval): scan, so a lone dead member is found too
             dead_ones = [x for x in self.table.by_name.values() if x.status == Status.DEAD]
             targets = [self.rng.choice(dead_ones)] if dead_ones else []
         else:
-            targets = self._random_others(1, lambda x: x.status == Status.ALIVE)
+            targets = [self.table.by_name[n] for n in self.targets.sample(1, self._is_alive)]
         for target in targets:
             out.tcp_requests.append(
                 TcpRequest(
@@ -400,60 +430,51 @@ class Swim:
     # -- probing ------------------------------------------------------------------------------
 
     def _run_probe(self, now_ms: int, out: Output) -> None:
-        p = self._probe
-        if p is not None:
-            if not p.indirect_sent and now_ms >= p.timeout_at:
-                self._indirect(p, now_ms, out)
-            if now_ms >= p.end_at:
-                self._probe_failed(p, now_ms, out)
-        if self._probe is None and now_ms >= self._next_probe:
-            self._start_probe(now_ms, out)
+        if self._probes:
+            for p in list(self._probes):
+                if not p.indirect_sent and now_ms >= p.timeout_at:
+                    self._indirect(p, now_ms, out)
+                if now_ms >= p.end_at:
+                    self._probe_failed(p, now_ms, out)
+        if not self._probes and now_ms >= self._next_probe:
+            self._start_probes(now_ms, out)
 
-    def _pick_probe_target(self) -> Member | None:
-        table = self.table.by_name
-        for _ in range(2):
-            order = self._probe_order
-            while self._probe_pos < len(order):
-                name = order[self._probe_pos]
-                self._probe_pos += 1
-                x = table.get(name)
-                if x is not None and x.status <= Status.SUSPECT:
-                    return x
-            self._probe_order = [n for n in self._others if table[n].status <= Status.SUSPECT]
-            self.rng.shuffle(self._probe_order)
-            self._probe_pos = 0
-            if not self._probe_order:
-                return None
-        return None
-
-    def _start_probe(self, now_ms: int, out: Output) -> None:
+    def _start_probes(self, now_ms: int, out: Output) -> None:
+        """One probe per period in round-robin order, plus one of the ring successor."""
         cfg = self.config
-        target = self._pick_probe_target()
         interval = self.awareness.scale_ms(cfg.probe_interval_ms)
         self._next_probe = now_ms + interval
-        if target is None:
-            return
-        seq = self._next_seq()
+        names: list[str] = []
+        target = self.targets.next_probe(self._is_live)
+        if target is not None:
+            names.append(target)
+        if cfg.ring_probe:
+            successor = self.targets.successor(self._is_live)
+            if successor is not None and successor != target:
+                names.append(successor)
         timeout = self.awareness.scale_ms(cfg.probe_timeout_ms)
-        self._probe = _Probe(seq, target.name, target.addr, now_ms + timeout, now_ms + interval)
-        self.stats.probes += 1
-        primary = [m.encode_message(m.Ping(seq, target.name, self.name, self.addr))]
-        if target.status == Status.SUSPECT and cfg.lifeguard:
-            # Lifeguard buddy rule: tell a suspected member first, so it can refute at once.
-            primary.append(m.encode_message(m.Suspect(target.name, target.incarnation, self.name)))
-        self._send(out, target.addr, primary)
+        for name in names:
+            x = self.table.by_name[name]
+            seq = self._next_seq()
+            self._probes.append(_Probe(seq, name, x.addr, now_ms + timeout, now_ms + interval))
+            self.stats.probes += 1
+            primary = [m.encode_message(m.Ping(seq, name, self.name, self.addr))]
+            if x.status == Status.SUSPECT and cfg.lifeguard:
+                # Lifeguard buddy rule: tell a suspected member first, so it can refute at once.
+                primary.append(m.encode_message(m.Suspect(name, x.incarnation, self.name)))
+            self._send(out, x.addr, primary)
 
     def _indirect(self, p: _Probe, now_ms: int, out: Output) -> None:
         cfg = self.config
         p.indirect_sent = True
         self.stats.indirect_probes += 1
-        helpers = self._random_others(
-            cfg.indirect_checks, lambda x: x.status == Status.ALIVE, exclude=p.target
-        )
+        helpers = self.targets.sample(cfg.indirect_checks, self._is_alive, exclude=p.target)
         nack = cfg.lifeguard
         req = m.encode_message(m.PingReq(p.seq, p.target, p.addr, self.name, self.addr, nack))
-        for helper in helpers:
-            self._send(out, helper.addr, [req])
+        for name in helpers:
+            addr = self.table.by_name[name].addr
+            p.helpers.append(addr)
+            self._send(out, addr, [req])
         if nack:
             p.expected_nacks = len(helpers)
         if cfg.tcp_ping:
@@ -462,9 +483,10 @@ class Swim:
             out.tcp_requests.append(TcpRequest(TcpKind.PING, p.addr, data, remaining))
 
     def _probe_failed(self, p: _Probe, now_ms: int, out: Output) -> None:
-        self._probe = None
+        self._probes.remove(p)
         self.stats.probe_failures += 1
-        if self.config.lifeguard:
+        lifeguard = self.config.lifeguard
+        if lifeguard:
             if p.expected_nacks > 0:
                 self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
             else:
@@ -472,12 +494,25 @@ class Swim:
         x = self.table.get(p.target)
         if x is None or x.status > Status.SUSPECT:
             return
-        self._on_suspect(m.Suspect(x.name, x.incarnation, self.name), now_ms, out)
+        msg = m.Suspect(x.name, x.incarnation, self.name)
+        self._on_suspect(msg, now_ms, out)
+        if lifeguard:
+            # Tell the subject at once (it refutes if it lives) and the helpers (each confirms
+            # if its own relayed ping went unanswered too: an independent witness).
+            data = [m.encode_message(msg)]
+            for addr in [x.addr, *p.helpers]:
+                self._send(out, addr, data)
+
+    def _probe_by_seq(self, seq: int) -> _Probe | None:
+        for p in self._probes:
+            if p.seq == seq:
+                return p
+        return None
 
     def _on_ack(self, seq: int, now_ms: int, out: Output) -> None:
-        p = self._probe
-        if p is not None and p.seq == seq:
-            self._probe = None
+        p = self._probe_by_seq(seq)
+        if p is not None:
+            self._probes.remove(p)
             if self.config.lifeguard and not p.indirect_sent:
                 self.awareness.apply_delta(-1)
             return
@@ -487,7 +522,7 @@ class Swim:
 
     def _on_ping_req(self, msg: m.PingReq, now_ms: int, out: Output) -> None:
         seq = self._next_seq()
-        self._relays[seq] = _Relay(msg.seq, msg.source_addr, msg.nack)
+        self._relays[seq] = _Relay(msg.seq, msg.source_addr, msg.nack, msg.target)
         heapq.heappush(self._relay_heap, (now_ms + self.config.probe_timeout_ms, seq))
         ping = m.encode_message(m.Ping(seq, msg.target, self.name, self.addr))
         self._send(out, msg.target_addr, [ping])
@@ -497,12 +532,46 @@ class Swim:
         while heap and heap[0][0] <= now_ms:
             _, seq = heapq.heappop(heap)
             relay = self._relays.pop(seq, None)
-            if relay is not None and relay.nack:
+            if relay is None:
+                continue
+            if relay.nack:
                 self._send(out, relay.source_addr, [m.encode_message(m.Nack(relay.orig_seq))])
+            if self.config.lifeguard:
+                self._witness(relay.target, relay.source_addr, now_ms, out)
+
+    def _witness(self, name: str, reply_to: Addr, now_ms: int, out: Output) -> None:
+        """A ping this node relayed went unanswered: keep it as evidence for a while, and if
+        the member is already suspected, confirm the suspicion now (Lifeguard)."""
+        window = self.config.probe_interval_ms
+        if len(self._evidence) > 64:
+            self._evidence = {k: t for k, t in self._evidence.items() if now_ms - t <= window}
+        self._evidence[name] = now_ms
+        x = self.table.get(name)
+        if x is not None and x.status is Status.SUSPECT:
+            self._confirm_from_evidence(x, reply_to, now_ms, out)
+
+    def _confirm_from_evidence(self, x: Member, reply_to: Addr, now_ms: int, out: Output) -> None:
+        """Confirm a suspicion of ``x`` with our own Suspect if we hold fresh evidence and are
+        healthy ourselves; the confirmation goes straight back to ``reply_to`` and is gossiped."""
+        s = self._suspicions.get(x.name)
+        seen = self._evidence.pop(x.name, None)  # one piece of evidence confirms once
+        if (
+            s is None
+            or seen is None
+            or now_ms - seen > self.config.probe_interval_ms
+            or self.awareness.score
+        ):
+            return
+        msg = m.Suspect(x.name, x.incarnation, self.name)
+        if s.confirm(self.name):
+            heapq.heappush(self._suspicion_heap, (s.deadline_ms(), x.name))
+        self.queue.queue(x.name, m.encode_message(msg))
+        self.stats.confirmations_sent += 1
+        self._send(out, reply_to, [m.encode_message(msg)])
 
     # -- news ---------------------------------------------------------------------------------
 
-    def _dispatch(self, msg: m.Message, now_ms: int, out: Output) -> None:
+    def _dispatch(self, msg: m.Message, src: Addr, now_ms: int, out: Output) -> None:
         if isinstance(msg, m.Ping):
             if msg.target in ("", self.name):
                 self._send(out, msg.source_addr, [m.encode_message(m.Ack(msg.seq))])
@@ -511,19 +580,45 @@ class Swim:
         elif isinstance(msg, m.Alive):
             self._on_alive(msg, now_ms, out)
         elif isinstance(msg, m.Suspect):
-            self._on_suspect(msg, now_ms, out)
+            self._on_suspect(msg, now_ms, out, src)
         elif isinstance(msg, m.Dead):
-            self._on_dead(msg, now_ms, out)
+            self._on_dead(msg, now_ms, out, src)
         elif isinstance(msg, m.Left):
             self._on_left(msg, now_ms, out)
         elif isinstance(msg, m.PingReq):
             self._on_ping_req(msg, now_ms, out)
         elif isinstance(msg, m.Nack):
-            p = self._probe
-            if p is not None and p.seq == msg.seq:
+            p = self._probe_by_seq(msg.seq)
+            if p is not None:
                 p.nacks += 1
         elif isinstance(msg, m.PushPull):
             self._merge(msg, now_ms, out)
+
+    def _on_news(self, msg: _News, src: Addr, now_ms: int, out: Output) -> None:
+        """Membership news from a datagram, skipping exact repeats: each item arrives about
+        ``retransmit limit`` times, and a repeat in an unchanged state has no effect. Stale news
+        (older incarnation) is never skipped: every copy may need a correction sent back."""
+        name = msg.name
+        table = self.table.by_name
+        x = table.get(name)
+        entry = self._seen.get(name)
+        if (
+            x is not None
+            and entry is not None
+            and entry[0] == (x.incarnation, x.status)
+            and msg in entry[1]
+        ):
+            return
+        self._dispatch(msg, src, now_ms, out)
+        x = table.get(name)
+        if x is None or msg.incarnation < x.incarnation:
+            return
+        key = (x.incarnation, x.status)
+        entry = self._seen.get(name)
+        if entry is not None and entry[0] == key:
+            entry[1].add(msg)
+        else:
+            self._seen[name] = (key, {msg})
 
     def _current(self, name: str) -> tuple[Member | None, Current, int]:
         if name == self.name:
@@ -556,7 +651,7 @@ class Swim:
         if x is None:
             x = Member(msg.name, msg.addr, msg.meta, msg.incarnation, Status.ALIVE, now_ms)
             self.table.add(x)
-            self._add_other(x.name)
+            self.targets.add(x.name)
             kinds.append(EventKind.JOIN)
         else:
             old = x.status
@@ -568,7 +663,7 @@ class Swim:
                 kinds.append(EventKind.ALIVE)
             elif old is not Status.ALIVE:
                 kinds.append(EventKind.JOIN)
-                self._insert_probe(x.name)
+                self.targets.insert_probe(x.name)
             if changed and old <= Status.SUSPECT:
                 kinds.append(EventKind.UPDATE)
             if old is not Status.ALIVE:
@@ -578,19 +673,28 @@ class Swim:
             out.events.append(MemberEvent(kind, self._view(x)))
         self.queue.queue(msg.name, m.encode_message(msg))
 
-    def _on_suspect(self, msg: m.Suspect, now_ms: int, out: Output) -> None:
+    def _on_suspect(
+        self, msg: m.Suspect, now_ms: int, out: Output, src: Addr | None = None, probed: bool = True
+    ) -> None:
+        """Suspicion news. ``probed`` is False for a push-pull row (its source did not probe the
+        member, so it is no independent confirmation); ``src`` is where a confirmation of ours
+        goes straight back to."""
         x, cur, held = self._current(msg.name)
         action = decide(News.SUSPECT, cur, msg.incarnation, held)
         if action is Action.IGNORE or x is None:
+            if src is not None and x is not None and msg.incarnation < held:
+                self._correct(x, src, out)
             return
         if action is Action.REFUTE:
             self._refute(msg.incarnation)
             return
         if action is Action.CONFIRM:
             s = self._suspicions.get(x.name)
-            if s is not None and s.confirm(msg.sender):
+            if s is not None and probed and s.confirm(msg.sender):
                 heapq.heappush(self._suspicion_heap, (s.deadline_ms(), x.name))
                 self.queue.queue(msg.name, m.encode_message(msg))
+            if src is not None and self._evidence:
+                self._confirm_from_evidence(x, src, now_ms, out)
             return
         cfg = self.config
         x.incarnation = msg.incarnation
@@ -604,6 +708,8 @@ class Swim:
         self.stats.suspicions_started += 1
         out.events.append(MemberEvent(EventKind.SUSPECT, self._view(x)))
         self.queue.queue(msg.name, m.encode_message(msg))
+        if src is not None and self._evidence:
+            self._confirm_from_evidence(x, src, now_ms, out)
 
     def _expire_suspicions(self, now_ms: int, out: Output) -> None:
         heap = self._suspicion_heap
@@ -618,11 +724,14 @@ class Swim:
                 continue
             self.stats.deaths_declared += 1
             self._on_dead(m.Dead(name, x.incarnation, self.name), now_ms, out)
+            self._gossip(now_ms, out)  # spread a death at once, not at the next gossip round
 
-    def _on_dead(self, msg: m.Dead, now_ms: int, out: Output) -> None:
+    def _on_dead(self, msg: m.Dead, now_ms: int, out: Output, src: Addr | None = None) -> None:
         x, cur, held = self._current(msg.name)
         action = decide(News.DEAD, cur, msg.incarnation, held)
         if action is Action.IGNORE or x is None:
+            if src is not None and x is not None and msg.incarnation < held:
+                self._correct(x, src, out)
             return
         if action is Action.REFUTE:
             self._refute(msg.incarnation)
@@ -675,7 +784,15 @@ class Swim:
             else:
                 # A remote "dead" is only a suspicion here, so a live member can still refute.
                 suspect = m.Suspect(row.name, row.incarnation, pp.source)
-                self._on_suspect(suspect, now_ms, out)
+                self._on_suspect(suspect, now_ms, out, probed=False)
+
+    def _correct(self, x: Member, src: Addr, out: Output) -> None:
+        """``src`` spread a suspicion or death older than our alive record of ``x`` (it missed a
+        refutation): send it the refutation, so it stops spreading the stale news and its own
+        timer cannot kill ``x`` (Lifeguard on only; costs one datagram per stale sender)."""
+        if self.config.lifeguard and x.status is Status.ALIVE and src != self.addr:
+            alive = m.Alive(x.name, x.incarnation, x.addr, x.meta)
+            self._send(out, src, [m.encode_message(alive)])
 
     def _refute(self, incoming: int) -> None:
         self.stats.refutes += 1
@@ -699,16 +816,6 @@ class Swim:
     def _view(self, x: Member) -> MemberView:
         return MemberView(x.name, x.addr, x.meta, x.incarnation, x.status)
 
-    def _add_other(self, name: str) -> None:
-        self._other_index[name] = len(self._others)
-        self._others.append(name)
-        self._insert_probe(name)
-
-    def _insert_probe(self, name: str) -> None:
-        order = self._probe_order
-        lo = min(self._probe_pos, len(order))
-        order.insert(lo + int(self.rng.random() * (len(order) - lo + 1)), name)
-
     def _reap(self, now_ms: int) -> None:
         horizon = now_ms - self.config.dead_reap_ms
         for name in [
@@ -718,8 +825,6 @@ class Swim:
         ]:
             self.table.remove(name)
             self.queue.drop(name)
-            i = self._other_index.pop(name)
-            last = self._others.pop()
-            if last != name:
-                self._others[i] = last
-                self._other_index[last] = i
+            self.targets.remove(name)
+            self._evidence.pop(name, None)
+            self._seen.pop(name, None)
