@@ -108,6 +108,14 @@ def test_append_frame_refuses_an_oversized_message_and_leaves_the_buffer_intact(
     assert m.decode(second) == m.Reply(2, b"y")
 
 
+def test_append_frame_leaves_the_buffer_intact_when_encoding_fails() -> None:
+    out = bytearray(encode_frame(b"first"))
+    before = bytes(out)
+    with pytest.raises(TypeError):
+        append_frame(out, m.encode_into, m.Error(1, {"x": object()}, "n"), 1 << 20)
+    assert bytes(out) == before
+
+
 # ---------------------------------------------------------------- messages
 
 names = st.text(max_size=20)
@@ -288,6 +296,16 @@ def test_any_msgpack_array_decodes_skips_or_raises_protocol_error(
         assert msg is None
     else:
         assert isinstance(msg, m.MESSAGE_TYPES[code])
+
+
+def test_head_reads_code_and_id_of_a_malformed_request_reply_or_error() -> None:
+    assert m.head(msgspec.msgpack.encode([9, 4, "s", "n", None, "a", b"", {"k": 1}])) == (9, 4)
+    assert m.head(msgspec.msgpack.encode([10, 7, 42])) == (10, 7)
+    assert m.head(msgspec.msgpack.encode([11, 8])) == (11, 8)
+    assert m.head(msgspec.msgpack.encode([12, 8])) is None  # Cancel: nothing to salvage
+    assert m.head(msgspec.msgpack.encode([9, -1, "s"])) is None
+    assert m.head(msgspec.msgpack.encode([9])) is None
+    assert m.head(b"\xc1") is None
 
 
 def test_error_boxes_rebuild_typed_errors_with_their_origin() -> None:

@@ -44,6 +44,15 @@ async def eventually(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
             await trio.sleep(0.01)
 
 
+class OddError(SpawnmeshError):
+    """An error whose details msgpack cannot encode (a handler bug)."""
+
+    code = "odd"
+
+    def details(self) -> dict[str, Any]:
+        return {"thing": object()}
+
+
 class Handler:
     """Test handler: behaviour by action name; records what it saw."""
 
@@ -87,6 +96,12 @@ class Handler:
             return b"x" * int(req.payload)
         if action == "none":
             return None
+        if action == "str":
+            return "not bytes"  # type: ignore[return-value]
+        if action == "bytearray":
+            return bytearray(b"ba")
+        if action == "odd_error":
+            raise OddError("odd")
         raise AssertionError(f"unknown test action {action}")
 
 
@@ -299,6 +314,55 @@ async def test_typed_errors_cross_with_their_origin() -> None:
         with pytest.raises(SpawnmeshError, match="ValueError: kaboom") as boom:
             await a.request("b", ("127.0.0.1", pb), req("boom"))
         assert boom.value.code == "internal" and boom.value.origin == "b"
+
+
+async def test_handler_bugs_fail_the_request_not_the_connection() -> None:
+    a, b = node("a"), node("b")
+    async with serving(a, b) as (_, pb):
+        addr = ("127.0.0.1", pb)
+        with pytest.raises(SpawnmeshError, match="returned str, not bytes") as info:
+            await a.request("b", addr, req("str"))
+        assert info.value.code == "internal"
+        assert await a.request("b", addr, req("bytearray")) == b"ba"
+        with pytest.raises(SpawnmeshError, match="cannot be encoded") as info:
+            await a.request("b", addr, req("odd_error"))
+        assert info.value.code == "internal"
+        assert await a.request("b", addr, req("echo", b"still")) == b"still"
+        assert a.stats.dials == 1
+
+
+async def test_a_malformed_request_or_reply_fails_only_that_request() -> None:
+    b = node("b")
+    async with serving(b) as (pb,):
+        raw = await RawPeer.connect(pb)
+        bad_request = msgspec.msgpack.encode([9, 4, "s", "n", None, "echo", b"", {"k": 1}])
+        await raw.send_raw(encode_frame(bad_request))
+        msg = await raw.next()
+        assert isinstance(msg, m.Error) and msg.id == 4 and msg.error["code"] == "protocol"
+        await raw.send(m.Request(5, "s", "n", None, "echo", b"fine"))
+        assert await raw.next() == m.Reply(5, b"fine")
+        # b -> raw over the same connection; raw answers once with a malformed Reply
+        addr = ("127.0.0.1", 1)  # not dialed: the connection from raw is used
+        async with trio.open_nursery() as nursery:
+            failed: list[BaseException] = []
+
+            async def ask() -> None:
+                try:
+                    await b.request("raw", addr, req("x"))
+                except SpawnmeshError as exc:
+                    failed.append(exc)
+
+            nursery.start_soon(ask)
+            incoming = await raw.next()
+            assert isinstance(incoming, m.Request)
+            await raw.send_raw(encode_frame(msgspec.msgpack.encode([10, incoming.id, 42])))
+        assert len(failed) == 1 and failed[0].code == "protocol"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.request, "raw", addr, req("y"))
+            incoming = await raw.next()
+            assert isinstance(incoming, m.Request)
+            await raw.send(m.Reply(incoming.id, b"ok"))
+        await raw.close()
 
 
 # ---------------------------------------------------------------- frame limits, hostile bytes

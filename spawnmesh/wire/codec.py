@@ -98,10 +98,15 @@ def append_frame(
 ) -> int:
     """Encode ``msg`` as one frame at the end of ``out`` with msgspec's ``encode_into``; returns
     the body size. If the body exceeds ``max_body``, ``out`` is restored and ``FrameTooLarge``
-    raised, so one oversized message never corrupts the buffer."""
+    raised, so one oversized message never corrupts the buffer; so is it if encoding fails (the
+    encoder's error propagates)."""
     start = len(out)
     out += _ZERO_HEADER
-    encode_into(msg, out, start + HEADER_BYTES)
+    try:
+        encode_into(msg, out, start + HEADER_BYTES)
+    except BaseException:
+        del out[start:]
+        raise
     size = len(out) - start - HEADER_BYTES
     if size > max_body:
         del out[start:]

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 import outcome
 import trio
 
@@ -67,6 +68,13 @@ class ConnLimits:
     ping_interval_s: float
     idle_timeout_s: float
     flush_timeout_s: float = 1.0
+
+
+def _as_bytes(payload: object) -> bytes:
+    """A handler's reply as bytes (bytes-like accepted); anything else is the handler's bug."""
+    if isinstance(payload, bytearray | memoryview):
+        return bytes(payload)
+    raise TypeError(f"the peer handler returned {type(payload).__name__}, not bytes or None")
 
 
 def _spent(scope: trio.CancelScope) -> bool:
@@ -278,7 +286,12 @@ class Connection:
         decode = m.decode
         pending = self._pending
         for body in bodies:
-            msg = decode(body)
+            try:
+                msg = decode(body)
+            except ProtocolError as exc:
+                if self._salvage(body, exc):
+                    continue
+                raise
             cls = msg.__class__
             if cls is m.Reply:
                 task = pending.pop(msg.id, None)  # type: ignore[union-attr]
@@ -315,6 +328,31 @@ class Connection:
                 return
             else:
                 raise ProtocolError(f"unexpected {cls.__name__} after the handshake")
+
+    def _salvage(self, body: bytes, exc: ProtocolError) -> bool:
+        """A malformed Request, Reply or Error whose id can be read fails that request only
+        (spec/wire.md 3.4): the peer's bug should not fail every request on the connection."""
+        head = m.head(body)
+        if head is None:
+            return False
+        code, rid = head
+        err = ProtocolError(
+            f"malformed {m.MESSAGE_TYPES[code].__name__} from {self.peer_id}: {exc}"
+        )
+        if code == m.Request.__struct_config__.tag:
+            if rid in self._running:
+                return False
+            self._answer(m.Error(rid, err.to_wire(), self.node_id), False)
+            return True
+        if code in (m.Reply.__struct_config__.tag, m.Error.__struct_config__.tag):
+            task = self._pending.pop(rid, None)
+            if task is not None:
+                err.origin = self.peer_id
+                _reschedule(task, _Error(err))
+                if not self._open:
+                    self._check_drained()
+            return True
+        return False
 
     # ------------------------------------------------------------------ serving
 
@@ -403,7 +441,10 @@ class Connection:
         elif scope.deadline != _INF:
             scope.deadline = _INF
         try:
-            answer: m.Reply | m.Error = m.Reply(req.id, await self._handler(req, self.peer_id))
+            payload = await self._handler(req, self.peer_id)
+            if payload is not None and payload.__class__ is not bytes:
+                payload = _as_bytes(payload)
+            answer: m.Reply | m.Error = m.Reply(req.id, payload)
         except SpawnmeshError as exc:
             answer = m.Error(req.id, exc.to_wire(), self.node_id)
         except Exception as exc:
@@ -426,10 +467,16 @@ class Connection:
             self._check_drained()
 
     def _answer(self, answer: m.Reply | m.Error, direct: bool) -> None:
+        """Send an answer; one that cannot be sent as is (too large, or an error box holding
+        values msgpack cannot encode) becomes an Error saying why, never a dead connection."""
         try:
             self._send(answer, direct)
         except FrameTooLarge as exc:
             self._send(m.Error(answer.id, exc.to_wire(), self.node_id), direct)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            log.error("peer answer to %s cannot be encoded: %r", self.peer_id, exc)
+            box = {"code": "internal", "message": f"answer cannot be encoded: {exc}"}
+            self._send(m.Error(answer.id, box, self.node_id), direct)
 
     # ------------------------------------------------------------------ writing
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from spawnmesh.errors import (
     AuthenticationFailed,
@@ -40,6 +40,7 @@ HANDSHAKE_MAX_FRAME_BYTES: Final = 16 * 1024
 """Largest frame accepted before the session opens (unauthenticated input stays small)."""
 MIN_FRAME_BYTES: Final = 1024
 """Smallest max frame size a peer may announce."""
+_M = TypeVar("_M", bound=m.Message)
 _TRANSCRIPT_LABEL: Final = b"spawnmesh.wire.transcript.v1\x00"
 _PROOF_LABEL: Final = b"spawnmesh.wire.proof.v1\x00"
 
@@ -163,7 +164,7 @@ class _Machine:
             self.reject = m.encode(m.Reject(exc.code, str(exc)))
         return exc
 
-    def _decode(self, body: bytes, tp: type[m.T]) -> m.T:
+    def _decode(self, body: bytes, tp: type[_M]) -> _M:
         if self._failed or self.done:
             raise ProtocolError("handshake already finished")
         msg = m.decode(body)

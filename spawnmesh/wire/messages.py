@@ -10,7 +10,7 @@ exception.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -211,8 +211,8 @@ encode_into = _encoder.encode_into
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 _head_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _int_decoder = msgspec.msgpack.Decoder(int)
+_id_decoder = msgspec.msgpack.Decoder(U64)
 
-T = TypeVar("T")
 
 
 def encode(msg: Message) -> bytes:
@@ -241,16 +241,22 @@ def _decode_slow(body: bytes | memoryview, exc: Exception) -> Message | None:
     raise ProtocolError(f"malformed frame: {exc}") from None
 
 
-def decode_as(body: bytes | memoryview, tp: type[T]) -> T:
-    """Decode a body that must be a ``tp`` (the handshake's next expected message); a Reject
-    becomes its typed error, anything else a ``ProtocolError``."""
-    msg = decode(body)
-    if isinstance(msg, tp):
-        return msg
-    if isinstance(msg, Reject):
-        raise rejected(msg)
-    got = type(msg).__name__ if msg is not None else "an unknown message type"
-    raise ProtocolError(f"expected {tp.__name__}, got {got}")
+_ID_CODES: Final = frozenset({9, 10, 11})
+"""Request, Reply, Error: messages whose second element is a request id."""
+
+
+def head(body: bytes | memoryview) -> tuple[int, int] | None:
+    """(type code, request id) of a Request, Reply or Error body whose other fields may be
+    malformed; None if even those cannot be read."""
+    try:
+        parts = _head_decoder.decode(body)
+        if len(parts) < 2:
+            return None
+        code = _int_decoder.decode(parts[0])
+        rid = _id_decoder.decode(parts[1])
+    except _DECODE_ERRORS:
+        return None
+    return (code, rid) if code in _ID_CODES else None
 
 
 def rejected(msg: Reject) -> SpawnmeshError:
