@@ -18,6 +18,7 @@ from spawnmesh.errors import (
     AuthenticationFailed,
     ClusterMismatch,
     FrameTooLarge,
+    InvalidArgument,
     NotOwner,
     Overloaded,
     PeerUnavailable,
@@ -327,6 +328,8 @@ async def test_handler_bugs_fail_the_request_not_the_connection() -> None:
         with pytest.raises(SpawnmeshError, match="cannot be encoded") as info:
             await a.request("b", addr, req("odd_error"))
         assert info.value.code == "internal"
+        with pytest.raises(InvalidArgument, match="cannot be encoded"):
+            await a.request("b", addr, req("echo", metadata={"k": object()}))
         assert await a.request("b", addr, req("echo", b"still")) == b"still"
         assert a.stats.dials == 1
 

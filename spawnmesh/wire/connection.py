@@ -29,6 +29,7 @@ import trio
 
 from spawnmesh.errors import (
     FrameTooLarge,
+    InvalidArgument,
     InvocationTimeout,
     Overloaded,
     PeerUnavailable,
@@ -194,7 +195,10 @@ class Connection:
         rid = self._next_id
         self._next_id = rid + 1
         req.id = rid
-        self._send(req, not pending)
+        try:
+            self._send(req, not pending)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise InvalidArgument(f"request cannot be encoded: {exc}") from None
         pending[rid] = _current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
