@@ -469,7 +469,7 @@ async def test_wrong_key_is_a_typed_error_on_both_sides(caplog: pytest.LogCaptur
         with pytest.raises(AuthenticationFailed):
             await a.request("b", ("127.0.0.1", pb), req("echo"))
         await eventually(lambda: b.stats.handshake_failures == 1)
-        assert "refused" in caplog.text and "cluster key" in caplog.text
+        assert "refused (unauthenticated)" in caplog.text and "cluster key" in caplog.text
         assert a.connected_peers == [] and b.connected_peers == []
         # backing off: fails at once with the same type, without dialing again
         dials = a.stats.dials
@@ -487,20 +487,28 @@ async def test_missing_key_on_one_side_is_refused() -> None:
         await eventually(lambda: b.stats.handshake_failures == 1)
 
 
-async def test_wrong_cluster_is_a_typed_error_on_both_sides() -> None:
+async def test_wrong_cluster_is_a_typed_error_on_both_sides(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "spawnmesh.wire")
     a, b = node("a", cluster="prod"), node("b", cluster="staging")
     async with serving(a, b) as (_, pb):
         with pytest.raises(ClusterMismatch):
             await a.request("b", ("127.0.0.1", pb), req("echo"))
         await eventually(lambda: b.stats.handshake_failures == 1)
+        assert "refused (wrong_cluster)" in caplog.text
 
 
-async def test_no_common_version_is_a_typed_error() -> None:
+async def test_no_common_version_is_a_typed_error_on_both_sides(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "spawnmesh.wire")
     a, b = node("a", versions=(2, 3)), node("b", versions=(1, 1))
     async with serving(a, b) as (_, pb):
         with pytest.raises(VersionMismatch):
             await a.request("b", ("127.0.0.1", pb), req("echo"))
         await eventually(lambda: b.stats.handshake_failures == 1)
+        assert "refused (version_mismatch)" in caplog.text
 
 
 async def test_a_different_node_at_the_address_is_refused() -> None:

@@ -418,7 +418,9 @@ class PeerNode:
                 shown = tls_error(exc)
             elif isinstance(exc, trio.TooSlowError):
                 shown = "timed out"
-            self._warn.warning(reason, "peer handshake from %s refused: %s", where, shown)
+            self._warn.warning(
+                reason, "peer handshake from %s refused (%s): %s", where, reason, shown
+            )
             return
         finally:
             self._handshaking -= 1
