@@ -287,6 +287,15 @@ class Node:
         await trio.sleep(0.1)  # let the HTTP reply go out before the node starts stopping
         self.stop_requested.set()
 
+    async def advertise_actor_types(self) -> None:
+        """Publish this node's actor types again (a host registered new ones), so that
+        placement routes them here."""
+        m = self.membership
+        if m is not None:
+            meta = m.meta
+            await m.update_meta(NodeMeta(meta.peer_addr, self._actor_types(), meta.protocol_min,
+                                         meta.protocol_max, meta.tags, meta.ops_addr))
+
     def _actor_types(self) -> list[str]:
         return sorted(f"{d.system}/{d.name}" for d in self.runtime.definitions())
 
@@ -381,7 +390,8 @@ class Node:
             from spawnmesh.host.server import HostApi
 
             self.host_api = HostApi(self.runtime, self.config.host,
-                                    self.config.actors.default_timeout_ms)
+                                    self.config.actors.default_timeout_ms,
+                                    on_registered=self.advertise_actor_types)
             children.append(ChildSpec("host-api", self.host_api.serve))
         self.supervisor = Supervisor("node", children)
         async with trio.open_nursery() as nursery:

@@ -41,3 +41,12 @@ async def test_the_kit_fails_a_host_that_is_gone() -> None:
         report = await run_checks(h, [check_state_round_trip], per_check_timeout=5)
     assert not report.ok
     assert "HostUnavailable" in report.text(), report.text()
+
+
+async def test_grpclib_host_passes_on_a_clustered_node() -> None:
+    """With membership and the mesh router on, the node advertises the host's actor types
+    after the registration, so placement routes them to it."""
+    cluster = {"cluster.enabled": True, "cluster.gossip_port": 0, "cluster.peer_port": 0}
+    async with open_host_harness(GRPCLIB_HOST, overrides=cluster) as h:
+        report = await run_checks(h)
+    assert report.ok, report.text()

@@ -214,3 +214,15 @@ def test_binding_beyond_loopback_needs_a_token_or_mutual_tls() -> None:
     HostConfig(
         enabled=True, host="0.0.0.0", tls_cert_file="c", tls_key_file="k", tls_client_ca_file="ca"
     )
+
+
+def test_the_documented_error_table_matches_the_code() -> None:
+    """docs/host-protocol.md lists every error code with its class, status and retryability."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "host-protocol.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| (\w+) \| ([A-Z_]+) \| (yes|no) \|$", doc, re.M)
+    documented = {code: (cls, status, retry == "yes") for code, cls, status, retry in rows}
+    actual = {code: (c.__name__, c.grpc_status, c.retryable) for code, c in ERRORS_BY_CODE.items()}
+    assert documented == actual

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import outcome
@@ -171,8 +171,11 @@ class HostRegistry:
         *,
         transport: str = "any",
         callback_factory: CallbackFactory | None = None,
+        on_registered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.runtime = runtime
+        self.on_registered = on_registered
+        """Called after a registration (the node advertises the new actor types)."""
         self.transport = transport
         self.callback_factory = callback_factory
         self.systems: dict[str, HostSystem] = {}
@@ -238,6 +241,11 @@ class HostRegistry:
             session.peer if session is not None else "Register",
             ", ".join(registration.names(reg.defs)),
         )
+        if self.on_registered is not None:
+            try:
+                await self.on_registered()
+            except SpawnmeshError as exc:
+                log.warning("could not advertise the actor types of %s: %s", reg.system, exc)
         for adef in reg.defs:  # timers and channels work from the start, as for SDK actors
             if adef.kind is Kind.NAMED and (adef.timers or adef.channels):
                 try:

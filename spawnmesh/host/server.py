@@ -66,6 +66,12 @@ def _bound(stream: grpclib.server.Stream[Any, Any], limit: int) -> None:
         stream._stream = _Bounded(stream._stream, limit)  # type: ignore[assignment]
 
 
+def _frame(msg: Any) -> bytes:
+    """One gRPC length-prefixed message (uncompressed)."""
+    body = bytes(msg)
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
 def _peer(stream: grpclib.server.Stream[Any, Any]) -> str:
     addr = stream.peer.addr()
     return f"{addr[0]}:{addr[1]}" if addr else "?"
@@ -176,9 +182,17 @@ class NodeService:
     async def _write(
         stream: grpclib.server.Stream[Any, Any], queue: asyncio.Queue[v1.NodeMessage]
     ) -> None:
+        """Send what is queued; messages queued together leave in one DATA frame (one
+        syscall instead of one per turn when many turns are in flight)."""
         while True:
             msg = await queue.get()
-            await stream.send_message(msg)
+            if queue.empty():
+                await stream.send_message(msg)
+                continue
+            batch = [msg]
+            while not queue.empty() and len(batch) < 256:
+                batch.append(queue.get_nowait())
+            await stream._stream.send_data(b"".join(map(_frame, batch)))
 
 
 def _auth_listener(
@@ -215,12 +229,18 @@ class HostApi:
     ``serve`` is a supervisor child; the registry outlives restarts of the server (a restarted
     server loses its streams: hosts reconnect and register again)."""
 
-    def __init__(self, runtime: Runtime, config: HostConfig, default_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: HostConfig,
+        default_timeout_ms: int,
+        on_registered: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.config = config
         self.default_timeout_ms = default_timeout_ms
         self.port = 0
-        self.hosts = HostRegistry(runtime, transport=config.transport)
+        self.hosts = HostRegistry(runtime, transport=config.transport, on_registered=on_registered)
         self.bridge: Bridge | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
