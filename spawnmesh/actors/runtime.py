@@ -64,6 +64,9 @@ log = logging.getLogger("spawnmesh.runtime")
 SLICE_S = 0.001
 """Longest stretch a task may run invocations without yielding to the scheduler."""
 
+DROPPED = 0
+"""The epoch of an activation fenced off as stale (live ones count from 1)."""
+
 _NO_METADATA: Mapping[str, str] = types.MappingProxyType({})
 Key = tuple[str, str]
 
@@ -158,7 +161,7 @@ class Runtime:
             node_id=node_id,
             default_interval_ms=int(settings.write_behind_s * 1000),
             batch_max=settings.write_batch_max,
-            on_stale=self._drop,
+            on_stale=self._drop_stale,
         )
         self.scheduler = Scheduler()
         self.router: Routing | None = None
@@ -327,6 +330,10 @@ class Runtime:
             act = await self._resolve(target)
         if act.busy:
             await self._wait_turn(act)
+            if act.epoch == DROPPED:  # fenced off while this call waited: not on a dead copy
+                self._release(act)
+                return await self._invoke(target, action, payload, metadata, caller, chain,
+                                          retried)
         else:
             act.busy = True
             self._busy += 1
@@ -601,6 +608,10 @@ class Runtime:
 
     async def _run_job(self, act: Activation, job: _Job) -> None:
         """Run one queued async turn; the baton is already held for it."""
+        if act.epoch == DROPPED:  # fenced off while queued: run it on the current activation
+            self._release(act)
+            self._cast_logged(act.id, job.action, job.payload, job.metadata, job.caller)
+            return
         result: Any = None
         try:
             with trio.move_on_after(self._timeout_s) as scope:
@@ -830,6 +841,13 @@ class Runtime:
             self._schedule_timer(act, epoch, action, every_s)
 
         self.scheduler.call_at(trio.current_time() + every_s, fire)
+
+    def _drop_stale(self, act: Activation) -> None:
+        """Forget an activation whose write was fenced off (another activation wrote the actor
+        since it loaded). Invocations still queued on it run on a fresh activation instead:
+        on this one they would run beside the fresh one, on state that can never be written."""
+        act.epoch = DROPPED
+        self._drop(act)
 
     def _drop(self, act: Activation) -> None:
         """Forget an activation (passivated or fenced off as stale)."""
