@@ -8,6 +8,7 @@ from collections import deque
 import pytest
 
 from spawnmesh.cluster import messages as m
+from spawnmesh.cluster.broadcasts import BroadcastQueue
 from spawnmesh.cluster.config import SwimConfig, lan
 from spawnmesh.cluster.state import Status
 from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, Swim, TcpKind
@@ -356,3 +357,137 @@ def test_newer_suspicion_does_not_inherit_the_old_timer() -> None:
     assert a._suspicions["b"].deadline_ms() == first - 10 + a.config.suspicion_min_ms(3)
     net.handle(a, a.tick(first + 10))
     assert net.status("a", "b") is Status.SUSPECT  # the old deadline no longer kills it
+
+
+def _successor(core: Swim) -> str | None:
+    return core.targets.successor(core._is_live)
+
+
+def test_ring_successor_is_probed_every_period() -> None:
+    net = Net([f"n{i}" for i in range(6)])
+    net.join_all()
+    start = len(net.sent)
+    net.advance(10_000)
+    for core in net.by_name.values():
+        succ = _successor(core)
+        assert succ is not None and succ != core.name
+        pings = [
+            msgs[0]
+            for src, _, data in net.sent[start:]
+            if src == core.name and isinstance((msgs := m.decode(data))[0], m.Ping)
+        ]
+        assert sum(p.target == succ for p in pings) >= 9, (core.name, succ)
+    # the ring is one cycle: following successors from any node visits every node once
+    seen, name = [], "n0"
+    for _ in range(6):
+        seen.append(name)
+        name = _successor(net.by_name[name])  # type: ignore[assignment]
+    assert sorted(seen) == sorted(net.by_name) and name == "n0"
+
+
+def _start_probe(net: Net, core: Swim) -> Output:
+    """Run ``core`` (delivering everything) until a tick starts a probe; return that output."""
+    while True:
+        net.now = max(net.now, core.next_deadline_ms())
+        out = core.tick(net.now)
+        if core._probes:
+            return out
+        net.handle(core, out)
+        net.pump()
+
+
+@pytest.mark.parametrize("lifeguard", [True, False])
+def test_a_stall_does_not_fail_probes_whose_acks_queued_up(lifeguard: bool) -> None:
+    cfg = lan().replace(push_pull_interval_ms=0, reconnect_interval_ms=0, lifeguard=lifeguard)
+    net = Net(["a", "b"], cfg)
+    net.join_all()
+    net.advance(2_000)
+    a, b = net.by_name["a"], net.by_name["b"]
+    out = _start_probe(net, a)
+    ping = next(d for addr, d in out.datagrams if addr == b.addr)
+    acks = b.receive(a.addr, ping, net.now).datagrams  # b answers at once...
+    stalled = net.now + 3_000  # ...but a's loop stalls 3 s and runs its timers first
+    net.handle(a, a.tick(stalled))
+    for _, data in acks:
+        net.handle(a, a.receive(b.addr, data, stalled))
+    net.now = stalled
+    net.pump()
+    net.advance(2_000)
+    if lifeguard:
+        assert a.stats.stalls >= 1 and a.stats.probe_failures == 0
+        assert EventKind.SUSPECT not in net.kinds("a", "b")
+    else:  # memberlist without Lifeguard: the timer fired before the ack was read
+        assert a.stats.probe_failures == 1
+        assert EventKind.SUSPECT in net.kinds("a", "b")
+
+
+def test_helpers_confirm_from_their_own_failed_relays() -> None:
+    net = Net(["a", "b", "c", "d", "e"])
+    net.join_all()
+    net.advance(3_000)
+    net.down.add("e")
+    t0 = -1
+    while t0 < 0:
+        net.advance(10, step=10)
+        if any(net.status(x, "e") is Status.SUSPECT for x in "abcd"):
+            t0 = net.now
+    assert sum(net.by_name[x].stats.confirmations_sent for x in "abcd") >= 1
+    first = max(
+        (net.by_name[x]._suspicions.get("e") for x in "abcd"),
+        key=lambda s: -1 if s is None else s.confirmations,
+    )
+    assert first is not None and first.confirmations >= 2  # its helpers + ring/other probers
+    net.advance(first.min_ms + 300)
+    assert all(net.status(x, "e") is Status.DEAD for x in "abcd")
+
+
+def test_suspected_member_is_told_at_once() -> None:
+    cfg = lan().replace(push_pull_interval_ms=0, reconnect_interval_ms=0, gossip_interval_ms=0)
+    net = Net(["a", "b", "c"], cfg)
+    net.join_all()
+    net.advance(2_000)
+    net.tcp = False
+    net.cut |= {("b", "a"), ("b", "c")}  # b hears everything, nobody hears b
+    start = len(net.sent)
+    while net.status("a", "b") is not Status.SUSPECT and net.status("c", "b") is not Status.SUSPECT:
+        net.advance(10, step=10)
+    told = [
+        msgs
+        for src, addr, data in net.sent[start:]
+        if addr == net.by_name["b"].addr and src in "ac"
+        for msgs in [m.decode(data)]
+        if isinstance(msgs[0], m.Suspect) and msgs[0].name == "b"
+    ]
+    assert told, "the suspector sends the suspicion straight to the suspect"
+    assert net.by_name["b"].incarnation >= 1
+
+
+@pytest.mark.parametrize("lifeguard", [True, False])
+def test_stale_suspicion_is_answered_with_the_refutation(lifeguard: bool) -> None:
+    net = Net(["a", "b", "c"], lan().replace(lifeguard=lifeguard))
+    net.join_all()
+    a, b, c = (net.by_name[x] for x in "abc")
+    fresh = m.encode([m.Alive("b", 1, b.addr, b"")])
+    net.handle(a, a.receive(b.addr, fresh, net.now))
+    net.handle(a, a.receive(b.addr, m.encode([m.Suspect("a", 0, "b")]), net.now))
+    assert a.incarnation == 1  # refuted once
+    a.queue = BroadcastQueue()  # only the answers below may carry alive news
+    for stale in (m.Suspect("b", 0, "c"), m.Dead("b", 0, "c"), m.Suspect("a", 0, "c")):
+        for _ in range(2):  # every stale copy is answered, repeats included
+            out = a.receive(c.addr, m.encode([stale]), net.now)
+            back = [m.decode(d) for addr, d in out.datagrams if addr == c.addr]
+            got = [(x.name, x.incarnation) for ms in back for x in ms if isinstance(x, m.Alive)]
+            assert got == ([(stale.name, 1)] if lifeguard else [])
+    assert a.incarnation == 1  # a stale suspicion of ourselves needs no new refutation
+
+
+def test_push_pull_rows_are_no_independent_confirmation() -> None:
+    net = Net(["a", "b", "c", "d"])
+    net.join_all()
+    a = net.by_name["a"]
+    net.handle(a, a.receive(("x", 1), m.encode([m.Suspect("b", 0, "c")]), net.now))
+    rows = [m.MemberState("b", 0, net.by_name["b"].addr, b"", int(Status.DEAD))]
+    net.handle(a, a.merge_push_pull(m.encode([m.PushPull(False, "d", rows)]), net.now))
+    assert a._suspicions["b"].confirmations == 0
+    net.handle(a, a.receive(("x", 1), m.encode([m.Suspect("b", 0, "d")]), net.now))
+    assert a._suspicions["b"].confirmations == 1  # d's own suspicion does count

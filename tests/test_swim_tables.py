@@ -229,6 +229,65 @@ def test_queue_properties(ops: list[tuple[str, int]], limit: int, budget: int) -
     assert len(q) == 0
 
 
+def test_queue_refresh_keeps_the_transmit_count() -> None:
+    q = BroadcastQueue()
+    q.refresh("a", b"nothing queued")
+    assert "a" not in q
+    q.queue("a", b"suspect by x")
+    q.get(1000, limit=4)
+    q.refresh("a", b"suspect by y")
+    assert q.transmits("a") == 1
+    assert q.get(1000, limit=4) == [b"suspect by y"]
+
+
+_queue_op = st.one_of(
+    st.tuples(
+        st.sampled_from(["queue", "refresh", "drop"]),
+        st.sampled_from("abcdef"),
+        st.integers(1, 200),
+    ),
+    st.tuples(st.just("get"), st.just(""), st.integers(0, 1400)),
+)
+
+
+@given(st.lists(_queue_op, max_size=80), st.integers(1, 5))
+def test_queue_matches_a_model(ops: list[tuple[str, str, int]], limit: int) -> None:
+    q = BroadcastQueue()
+    model: dict[str, tuple[bytes, int]] = {}  # key -> (data, transmits)
+    for i, (op, key, size) in enumerate(ops):
+        if op == "queue":
+            model[key] = (f"{key}{i}".encode().ljust(size, b"."), 0)
+            q.queue(key, model[key][0])
+        elif op == "refresh":
+            data = f"{key}{i}r".encode().ljust(size, b".")
+            q.refresh(key, data)
+            if key in model:
+                model[key] = (data, model[key][1])
+        elif op == "drop":
+            q.drop(key)
+            model.pop(key, None)
+        else:
+            fewest = min((t for _, t in model.values()), default=0)
+            fits = [k for k, (d, _) in model.items() if len(d) <= size]
+            out = q.get(size, limit)
+            assert sum(map(len, out)) <= size
+            by_data = {d: k for k, (d, _) in model.items()}
+            keys = [by_data[d] for d in out]
+            assert len(set(keys)) == len(keys)
+            if fits:
+                assert keys, "something that fits is always taken"
+            if keys and all(len(d) <= size for d, _ in model.values()):
+                assert min(model[k][1] for k in keys) == fewest  # least transmitted first
+            for k in keys:
+                data, t = model[k]
+                model[k] = (data, t + 1)
+                if t + 1 >= limit:
+                    del model[k]
+        assert len(q) == len(model)
+        for k, (_, t) in model.items():
+            assert q.transmits(k) == t
+
+
 # -- presets ------------------------------------------------------------------------------
 
 

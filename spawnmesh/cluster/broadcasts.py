@@ -62,6 +62,14 @@ class BroadcastQueue:
         self._items[key] = item
         self._push(item)
 
+    def refresh(self, key: str, data: bytes) -> None:
+        """Replace the data of news still queued about ``key``, keeping its transmit count (the
+        newer data, e.g. another confirmation of the same suspicion, rides the remaining sends);
+        nothing if none is queued."""
+        item = self._items.get(key)
+        if item is not None:
+            item.data = data
+
     def drop(self, key: str) -> None:
         """Forget queued news about ``key``."""
         old = self._items.pop(key, None)

@@ -166,6 +166,10 @@ class Swim:
         self._seeds: list[Addr] = []
         self._last_call = now_ms
         self._stall_tolerance = cfg.stall_tolerance_ms()
+        self._grace = 1 if cfg.lifeguard else 0
+        """Lifeguard: accusing timers (probe failure, relay nack, suspicion expiry) fire only on
+        a call at least this long (ms) after their deadline, so input that arrived by then is read
+        first when the shell wakes both at once; longer delays are stalls (``_check_stall``)."""
         self._seen: dict[str, tuple[tuple[int, Status], set[m.Message]]] = {}
         """Member -> (its incarnation and status, news already applied in that state)."""
         self._next_probe = now_ms + rng.randrange(cfg.probe_interval_ms)
@@ -300,17 +304,17 @@ class Swim:
         if not self.leaving:
             if self._probes:
                 for p in self._probes:
-                    d = p.end_at if p.indirect_sent else p.timeout_at
+                    d = p.end_at + self._grace if p.indirect_sent else p.timeout_at
                     if d < t:
                         t = d
             elif self._next_probe < t:
                 t = self._next_probe
         if self._next_gossip < t and len(self.queue) and self.config.gossip_interval_ms:
             t = self._next_gossip
-        if self._suspicion_heap and self._suspicion_heap[0][0] < t:
-            t = self._suspicion_heap[0][0]
-        if self._relay_heap and self._relay_heap[0][0] < t:
-            t = self._relay_heap[0][0]
+        if self._suspicion_heap and self._suspicion_heap[0][0] + self._grace < t:
+            t = self._suspicion_heap[0][0] + self._grace
+        if self._relay_heap and self._relay_heap[0][0] + self._grace < t:
+            t = self._relay_heap[0][0] + self._grace
         return t
 
     def tick(self, now_ms: int) -> Output:
@@ -434,7 +438,7 @@ class Swim:
             for p in list(self._probes):
                 if not p.indirect_sent and now_ms >= p.timeout_at:
                     self._indirect(p, now_ms, out)
-                if now_ms >= p.end_at:
+                if now_ms >= p.end_at + self._grace:
                     self._probe_failed(p, now_ms, out)
         if not self._probes and now_ms >= self._next_probe:
             self._start_probes(now_ms, out)
@@ -529,7 +533,7 @@ class Swim:
 
     def _expire_relays(self, now_ms: int, out: Output) -> None:
         heap = self._relay_heap
-        while heap and heap[0][0] <= now_ms:
+        while heap and heap[0][0] + self._grace <= now_ms:
             _, seq = heapq.heappop(heap)
             relay = self._relays.pop(seq, None)
             if relay is None:
@@ -692,7 +696,11 @@ class Swim:
             s = self._suspicions.get(x.name)
             if s is not None and probed and s.confirm(msg.sender):
                 heapq.heappush(self._suspicion_heap, (s.deadline_ms(), x.name))
-                self.queue.queue(msg.name, m.encode_message(msg))
+                data = m.encode_message(msg)
+                if msg.sender == self.name:  # our own evidence: spread it fully
+                    self.queue.queue(msg.name, data)
+                else:  # relayed: ride the suspicion's remaining retransmissions
+                    self.queue.refresh(msg.name, data)
             if src is not None and self._evidence:
                 self._confirm_from_evidence(x, src, now_ms, out)
             return
@@ -713,7 +721,7 @@ class Swim:
 
     def _expire_suspicions(self, now_ms: int, out: Output) -> None:
         heap = self._suspicion_heap
-        while heap and heap[0][0] <= now_ms:
+        while heap and heap[0][0] + self._grace <= now_ms:
             deadline, name = heapq.heappop(heap)
             s = self._suspicions.get(name)
             if s is None or s.deadline_ms() != deadline:
