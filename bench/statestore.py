@@ -121,8 +121,9 @@ def dialects_available(wanted: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- raw upserts
 
 
-def raw_upserts(url: sa.URL, n_keys: int, seconds: float) -> float:
-    """Plain SQLAlchemy Core upserts of 200-byte values, 1,000 per transaction (rows/s)."""
+def raw_upserts(url: sa.URL, n_keys: int, seconds: float) -> tuple[float, float]:
+    """Plain SQLAlchemy Core upserts of 200-byte values, 1,000 per transaction: rows/s, and
+    CPU microseconds per row of this process (the database server's CPU not included)."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     if url.get_backend_name() == "sqlite":
 
@@ -178,15 +179,35 @@ def raw_upserts(url: sa.URL, n_keys: int, seconds: float) -> float:
         return done
 
     one_pass()  # create the rows: every measured statement is an update of an existing key
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         rows_done += one_pass()
     rate = rows_done / (time.perf_counter() - t0)
+    cpu_us = (time.process_time() - c0) * 1e6 / max(1, rows_done)
     engine.dispose()
-    return rate
+    return rate, cpu_us
 
 
 # --------------------------------------------------------------------------- through the node
+
+
+def make_store(url: sa.URL, writer: str) -> SqlStateStore:
+    """The store the node writes through, encrypted; ``writer`` "process" (the default of
+    SqlStateStore: sealing and SQL in its writer process) or "thread" (in the node's process)."""
+    return SqlStateStore(url, keyring=Keyring.parse(KEY), pool_size=4,
+                         writer_process=writer == "process")
+
+
+def child_cpu_s(store: SqlStateStore) -> float:
+    """CPU seconds used so far by the store's writer process (0 if none runs)."""
+    pid = store.writer_pid
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def node_config(write_behind_ms: int) -> Any:
@@ -199,9 +220,22 @@ def node_config(write_behind_ms: int) -> Any:
     )
 
 
-async def write_behind(url: sa.URL, n_actors: int, seconds: float) -> tuple[float, int, int]:
+@dataclass
+class WriteBehindRun:
+    """What the write-behind measurement saw."""
+
+    rows_per_s: float
+    changes: int
+    batches: int
+    node_cpu_us: float
+    """CPU microseconds of the node's process per persisted row (turns included)."""
+    writer_cpu_us: float
+    """CPU microseconds of the writer process per persisted row (0 without one)."""
+
+
+async def write_behind(url: sa.URL, n_actors: int, seconds: float, writer: str) -> WriteBehindRun:
     """Persisted state changes per second (rows the store wrote), and invocations made."""
-    store = SqlStateStore(url, keyring=Keyring.parse(KEY), pool_size=4)
+    store = make_store(url, writer)
     async with open_node(node_config(50), build_system(), store=store) as node:
         refs = [node.ref("bench", f"wb-{i}", parent="doc") for i in range(n_actors)]
         # First round: activate and create every row (inserts), then measure updates.
@@ -227,17 +261,20 @@ async def write_behind(url: sa.URL, n_actors: int, seconds: float) -> tuple[floa
                 nursery.start_soon(driver, refs[k::4])
             await trio.sleep(0.5)  # reach a steady state
             w0, i0, t0 = store.writes, invokes, time.perf_counter()
+            b0, c0, k0 = store.batches, time.process_time(), child_cpu_s(store)
             await trio.sleep(seconds)
             w1, i1, t1 = store.writes, invokes, time.perf_counter()
+            b1, c1, k1 = store.batches, time.process_time(), child_cpu_s(store)
             stop = True
-        rate = (w1 - w0) / (t1 - t0)
-        return rate, i1 - i0, store.batches
+        rows = max(1, w1 - w0)
+        return WriteBehindRun((w1 - w0) / (t1 - t0), i1 - i0, b1 - b0,
+                              (c1 - c0) * 1e6 / rows, (k1 - k0) * 1e6 / rows)
 
 
-async def drain(url: sa.URL, n_actors: int) -> float:
+async def drain(url: sa.URL, n_actors: int, writer: str) -> float:
     """How fast the node's writer persists a backlog of dirty actors when nothing else runs
     (what shutdown and handoff do): rows per second, best of three rounds."""
-    store = SqlStateStore(url, keyring=Keyring.parse(KEY), pool_size=4)
+    store = make_store(url, writer)
     async with open_node(node_config(3_600_000), build_system(3_600_000), store=store) as node:
         refs = [node.ref("bench", f"dr-{i}", parent="doc") for i in range(n_actors)]
         best = 0.0
@@ -251,9 +288,9 @@ async def drain(url: sa.URL, n_actors: int) -> float:
         return best
 
 
-async def write_through(url: sa.URL, seconds: float) -> tuple[float, int]:
+async def write_through(url: sa.URL, seconds: float, writer: str) -> tuple[float, int]:
     """Acknowledged durable writes per second from 64 concurrent callers; and batches."""
-    store = SqlStateStore(url, keyring=Keyring.parse(KEY), pool_size=4)
+    store = make_store(url, writer)
     async with open_node(node_config(1000), build_system(), store=store) as node:
         refs = [node.ref("bench", f"wt-{i}", parent="durable") for i in range(CALLERS)]
         for r in refs:
@@ -287,29 +324,35 @@ async def write_through(url: sa.URL, seconds: float) -> tuple[float, int]:
 
 
 def run_dialect(dialect: str, tmp: Path, args: argparse.Namespace) -> dict[str, float]:
-    secs = args.seconds
+    secs, writer = args.seconds, args.writer
     with fresh_database(dialect, tmp) as url:
-        raw = raw_upserts(url, args.actors, secs)
-    print(f"{dialect}: raw batched upserts (Core, {RAW_BATCH}/txn, {VALUE_BYTES} B): "
-          f"{raw:,.0f} rows/s")
+        raw, raw_cpu = raw_upserts(url, args.actors, secs)
+    print(f"{dialect}: raw batched upserts (Core executemany, {RAW_BATCH}/txn, {VALUE_BYTES} B "
+          f"values, 3-column table, no encryption, no fencing): {raw:,.0f} rows/s "
+          f"({raw_cpu:.1f} us CPU a row)")
     with fresh_database(dialect, tmp) as url:
-        wb, invokes, batches = trio.run(write_behind, url, args.actors, secs)
-    print(f"{dialect}: write-behind through the node ({args.actors:,} actors, encrypted): "
-          f"{wb:,.0f} persisted changes/s ({invokes / secs:,.0f} state changes/s made, "
-          f"{batches:,} batches)")
+        wb = trio.run(write_behind, url, args.actors, secs, writer)
+    print(f"{dialect}: write-behind through the node ({args.actors:,} actors, ~200 B state, "
+          f"encrypted, fenced, writer {writer}): {wb.rows_per_s:,.0f} state rows persisted/s "
+          f"({wb.changes / secs:,.0f} state changes/s made, "
+          f"{wb.rows_per_s * secs / max(1, wb.batches):,.0f} rows a batch; CPU a persisted "
+          f"row: node {wb.node_cpu_us:.1f} us with the turns, writer process "
+          f"{wb.writer_cpu_us:.1f} us)")
     with fresh_database(dialect, tmp) as url:
-        dr = trio.run(drain, url, args.actors)
+        dr = trio.run(drain, url, args.actors, writer)
     print(f"{dialect}: write-behind backlog drained by the writer alone: {dr:,.0f} rows/s "
           f"(ratio to raw {dr / raw:.2f})")
     with fresh_database(dialect, tmp) as url:
-        wt, wt_batches = trio.run(write_through, url, secs)
+        wt, wt_batches = trio.run(write_through, url, secs, writer)
     print(f"{dialect}: write-through ({CALLERS} callers, encrypted): {wt:,.0f} durable "
           f"acknowledged writes/s ({wt * secs / max(1, wt_batches):.1f} per group commit)")
-    ratio = wb / raw
+    ratio = wb.rows_per_s / raw
     print(f"{dialect}: write_behind_ratio {ratio:.2f}")
-    return {"raw_batched_upserts_per_s": round(raw), "write_behind_per_s": round(wb),
+    return {"raw_batched_upserts_per_s": round(raw), "write_behind_per_s": round(wb.rows_per_s),
             "write_through_per_s": round(wt), "write_behind_ratio": round(ratio, 3),
-            "write_behind_drain_per_s": round(dr)}
+            "write_behind_drain_per_s": round(dr), "raw_cpu_us_per_row": round(raw_cpu, 2),
+            "write_behind_node_cpu_us_per_row": round(wb.node_cpu_us, 2),
+            "write_behind_writer_cpu_us_per_row": round(wb.writer_cpu_us, 2)}
 
 
 def main() -> None:
@@ -318,6 +361,8 @@ def main() -> None:
     ap.add_argument("--dialects", default="sqlite,postgres,mariadb")
     ap.add_argument("--seconds", type=float, default=0.0)
     ap.add_argument("--actors", type=int, default=0)
+    ap.add_argument("--writer", choices=("process", "thread"), default="process",
+                    help="where SqlStateStore seals and writes (default: its writer process)")
     ap.add_argument("--no-servers", action="store_true",
                     help="do not start database servers through scripts/test-dbs.sh")
     args = ap.parse_args()

@@ -23,6 +23,7 @@ import binascii
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Self
@@ -116,6 +117,12 @@ class Keyring:
         self.newest_id = keys[-1][0]
         """Id of the key that seals new data."""
         self._newest = self._aead[self.newest_id]
+        self._material = tuple(keys)
+
+    def export(self) -> list[tuple[str, bytes]]:
+        """The keys as (id, key bytes), oldest first: to rebuild this keyring in a child process
+        (the statestore's writer process seals there). Never log or persist the result."""
+        return list(self._material)
 
     @property
     def key_ids(self) -> list[str]:
@@ -180,16 +187,20 @@ class Keyring:
         nonce = os.urandom(NONCE_BYTES)
         return Sealed(self.newest_id, nonce + self._newest.encrypt(nonce, plaintext, aad))
 
-    def seal_many(self, items: list[tuple[bytes, bytes]]) -> tuple[str, list[bytes]]:
-        """Seal several (plaintext, aad) pairs under the newest key: its id and the sealed
-        bytes in order (one random read for every nonce of the batch)."""
-        nonces = os.urandom(NONCE_BYTES * len(items))
+    def seal_many(
+        self, plaintexts: Sequence[bytes], aads: Sequence[bytes]
+    ) -> tuple[str, list[bytes]]:
+        """Seal plaintexts, each with its authenticated data, under the newest key: its id and
+        the sealed bytes in order (one random read for every nonce of the batch)."""
+        if len(plaintexts) != len(aads):
+            raise ValueError("seal_many needs one authenticated data per plaintext")
+        size = NONCE_BYTES * len(plaintexts)
+        pool = os.urandom(size)
+        nonces = [pool[i : i + NONCE_BYTES] for i in range(0, size, NONCE_BYTES)]
         enc = self._newest.encrypt
-        out = []
-        for i, (plaintext, aad) in enumerate(items):
-            nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
-            out.append(nonce + enc(nonce, plaintext, aad))
-        return self.newest_id, out
+        return self.newest_id, [
+            n + enc(n, p, a) for n, p, a in zip(nonces, plaintexts, aads, strict=True)
+        ]
 
     def open(self, key_id: str, data: bytes, aad: bytes) -> bytes:
         """Decrypt ``data`` sealed under ``key_id``; ``open_error`` if unknown key or tampered."""

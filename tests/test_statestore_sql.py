@@ -125,6 +125,20 @@ class TestMysqlConformance(StateStoreConformance):
                 yield s
 
 
+class TestInProcessConformance(StateStoreConformance):
+    """The same suite with ``writer_process=False`` (sealing and SQL in the node's process:
+    the fallback when no writer process can start, and what the fenced statements run as)."""
+
+    @pytest.fixture(params=DIALECTS)
+    async def store(
+        self, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> AsyncIterator[SqlStateStore]:
+        with fresh_database(request.param, tmp_path) as url:
+            async with sql_store(url, writer_process=False) as s:
+                assert s.write_lanes == 1
+                yield s
+
+
 # --------------------------------------------------------------------------- fencing races
 
 
@@ -216,8 +230,9 @@ async def test_slow_path_fences_items_the_fast_path_misjudged(
     db_url: sa.URL, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If the pre-read is wrong (a racing insert or update slipped in), the statements' own
-    fencing still holds, and the batch is redone item by item so only those items are stale."""
-    async with sql_store(db_url) as s:
+    fencing still holds, and the batch is redone item by item so only those items are stale.
+    (In process: the monkeypatch must reach the code that writes.)"""
+    async with sql_store(db_url, writer_process=False) as s:
         await s.save_many([StateWrite(("s", "exists"), 0, b"1"), StateWrite(("s", "upd"), 0, b"1")])
         await s.save_many([StateWrite(("s", "upd"), 1, b"2")])
         real = s._current

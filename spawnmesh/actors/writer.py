@@ -1,8 +1,10 @@
 """The state writer: the only place actor state is written to the statestore.
 
-One task writes batches one after another, so an actor never has two writes in flight (its
-fencing revision stays exact). Urgent writes (write-through turns, passivation, shutdown) wake
-it at once and are group-committed with whatever else is pending; write-behind actors are
+Batches are written by up to ``lanes`` tasks at once (the store's ``write_lanes``: a store with
+a writer process seals and writes one batch while the node prepares the next), but an actor is
+never in two batches in flight: a batch takes only actors not already flying, so every write is
+fenced on an exact revision. Urgent writes (write-through turns, passivation, shutdown) wake a
+lane at once and are group-committed with whatever else is pending; write-behind actors are
 coalesced (only their latest committed state is written) and flushed when their interval is
 due. A failed batch keeps every item pending and is retried with backoff: nothing committed is
 dropped.
@@ -57,15 +59,24 @@ class StateWriter:
         self._default_s = default_interval_ms / 1000
         self._batch_max = batch_max
         self._on_stale = on_stale
+        self._lanes = max(1, int(getattr(store, "write_lanes", 1)))
+        """Batches written at once (a store says how many help: ``write_lanes``)."""
         self._dirty: dict[tuple[str, str], Activation] = {}
         self._urgent: list[_Urgent] = []
-        self._wake = trio.Event()
+        self._flying: set[tuple[str, str]] = set()
+        """Keys of actors in a batch being written: no other batch may take them."""
+        self._batches = 0
+        """Batches being written."""
+        self._lot = trio.lowlevel.ParkingLot()
+        """Idle lanes wait here for work."""
+        self._landed = trio.Event()
+        """Set (and replaced) whenever a batch finishes: flush_all waits for flying ones."""
         self._tick_s = self._default_s
+        self._intervals: dict[int, float] = {}
+        """Write-behind interval by id() of a definition's snapshot (looked up per dirty actor
+        per batch)."""
         self._in_flight = 0
-        """Urgent items of the batch being written (no longer in _urgent, not yet durable)."""
-        self._batch_lock = trio.Lock()
-        """One batch at a time (run() and flush_all() may both write): an actor never has two
-        writes in flight."""
+        """Urgent items of batches being written (no longer in _urgent, not yet durable)."""
         self._more = False
         """The last batch was full: more may be due, write again without waiting."""
         self.healthy = True
@@ -88,7 +99,7 @@ class StateWriter:
         """A write-behind actor committed a changed state; write it when its interval is due."""
         if act.dirty_since == 0.0:
             if not self._dirty:
-                self._wake.set()  # the writer sleeps without a deadline while nothing is dirty
+                self._lot.unpark_all()  # lanes sleep without a deadline while nothing is dirty
             act.dirty_since = now
             self._dirty[act.key] = act
 
@@ -97,7 +108,7 @@ class StateWriter:
         or StatestoreUnavailable when it cannot."""
         item = _Urgent(act)
         self._urgent.append(item)
-        self._wake.set()
+        self._lot.unpark_all()
         await item.done.wait()
         if item.error is not None:
             raise item.error
@@ -107,7 +118,7 @@ class StateWriter:
         errors of those that failed, by key."""
         items = [_Urgent(a) for a in acts]
         self._urgent.extend(items)
-        self._wake.set()
+        self._lot.unpark_all()
         for item in items:
             await item.done.wait()
         return {i.act.key: i.error for i in items if i.error is not None}
@@ -123,92 +134,143 @@ class StateWriter:
         return len(self._dirty) + len(self._urgent) + self._in_flight
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches until cancelled; urgent items first, then due write-behind items."""
-        task_status.started()
+        """Write batches until cancelled, in ``lanes`` concurrent tasks; urgent items first,
+        then due write-behind items."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._lanes):
+                nursery.start_soon(self._lane)
+            task_status.started()
+
+    async def _lane(self) -> None:
         backoff = 0.05
         while True:
-            if not self._urgent and not self._more:
+            taken = self._take(only_due=True)
+            if taken is None:
                 with trio.move_on_after(self._tick_s if self._dirty else 3600):
-                    await self._wake.wait()
-            self._wake = trio.Event()
-            ok = await self.flush_once(only_due=True)
-            if ok:
+                    await self._lot.park()
+                continue
+            if await self._write(*taken):
                 backoff = 0.05
             else:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
     async def flush_all(self) -> bool:
-        """Write everything pending, due or not (shutdown, handoff). True if all succeeded."""
-        while self._urgent or self._dirty:
-            if not await self.flush_once(only_due=False):
-                return False
-        return True
+        """Write everything pending, due or not (shutdown, handoff), in ``lanes`` concurrent
+        batches, and wait for batches in flight. True if all succeeded."""
+        failed = False
+
+        async def flusher() -> None:
+            nonlocal failed
+            while not failed:
+                taken = self._take(only_due=False)
+                if taken is not None:
+                    if not await self._write(*taken):
+                        failed = True
+                elif self._batches:
+                    await self._landed.wait()
+                else:
+                    return
+
+        if self._lanes == 1:
+            await flusher()
+        else:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self._lanes):
+                    nursery.start_soon(flusher)
+        return not failed
 
     async def flush_once(self, *, only_due: bool) -> bool:
-        """Write one batch; returns False if the store failed (items stay pending)."""
-        lock = self._batch_lock
-        try:  # uncontended (the usual case): no extra trip through the scheduler
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            return await self._flush_once(only_due)
-        finally:
-            lock.release()
+        """Write one batch (if anything can be taken); False if the store failed (items stay
+        pending)."""
+        taken = self._take(only_due=only_due)
+        if taken is None:
+            await trio.lowlevel.checkpoint()
+            return True
+        return await self._write(*taken)
 
-    async def _flush_once(self, only_due: bool) -> bool:
-        urgent, self._urgent = self._urgent[: self._batch_max], self._urgent[self._batch_max :]
-        acts: dict[tuple[str, str], Activation] = {u.act.key: u.act for u in urgent}
-        now = trio.current_time()
-        room = self._batch_max - len(acts)
+    def _take(self, only_due: bool) -> tuple[list[_Urgent], list[Activation]] | None:
+        """Collect the next batch (urgent items first) of actors not in flight, and mark them
+        flying; None if there is nothing to write now. Synchronous: two lanes never take the
+        same actor."""
+        flying = self._flying
+        room = self._batch_max
+        acts: dict[tuple[str, str], Activation] = {}
+        urgent: list[_Urgent] = []
+        if self._urgent:
+            keep: list[_Urgent] = []
+            for u in self._urgent:
+                key = u.act.key
+                if key in flying or (room <= 0 and key not in acts):
+                    keep.append(u)  # waits for the flight of this actor (or for room)
+                    continue
+                urgent.append(u)
+                if key not in acts:
+                    room -= 1
+                acts[key] = u.act
+            self._urgent = keep
         self._more = bool(self._urgent)
         if room > 0 and self._dirty:
+            now = trio.current_time()
+            intervals = self._intervals
             # Iterate in place (nothing below mutates _dirty): copying 20,000 items into
             # tuples per batch cost more in garbage collection than the batch's SQL.
             for act in self._dirty.values():
+                key = act.key
+                if key in acts or key in flying:
+                    continue
+                if only_due:
+                    snap = act.adef.snapshot
+                    every = intervals.get(id(snap))
+                    if every is None:
+                        every = intervals[id(snap)] = self.interval_s(act)
+                    if now - act.dirty_since < every:
+                        continue
                 if room <= 0:
                     self._more = True
                     break
-                key = act.key
-                if key in acts or (only_due and now - act.dirty_since < self.interval_s(act)):
-                    continue
                 acts[key] = act
                 room -= 1
         if not acts:
-            for u in urgent:
-                u.done.set()
-            return True
-        batch = list(acts.values())
+            return None
+        flying.update(acts)
+        return urgent, list(acts.values())
+
+    async def _write(self, urgent: list[_Urgent], batch: list[Activation]) -> bool:
+        """Write one taken batch and apply its results; False if the store failed."""
         blobs = [a.blob for a in batch]
-        writes = [
-            StateWrite(
-                a.key,
-                a.revision,
-                b,
-                a.adef.codec.type_name,
-                a.id.parent,
-                owner=f"{self._node_id}#{a.epoch}",
-            )
-            for a, b in zip(batch, blobs, strict=True)
-        ]
+        node_id = self._node_id
         m = self._metrics
-        self._in_flight = len(urgent)  # taken out of _urgent; write-behind ones stay in _dirty
+        self._in_flight += len(urgent)  # taken out of _urgent; write-behind ones stay in _dirty
+        self._batches += 1
         try:
-            results = await self._store.save_many(writes)
+            # The writes are built in the call (not kept here): a store that encodes them
+            # before waiting lets them go at once (see SqlStateStore.save_many).
+            results = await self._store.save_many([
+                StateWrite(a.key, a.revision, b, a.adef.codec.type_name, a.id.parent,
+                           owner=f"{node_id}#{a.epoch}")
+                for a, b in zip(batch, blobs, strict=True)
+            ])
         except StatestoreUnavailable as exc:
             return self._failed(urgent, exc)
         except Exception as exc:  # a store bug must not kill the writer or lose the batch
             log.exception("statestore raised unexpectedly")
             return self._failed(urgent, StatestoreUnavailable(f"statestore error: {exc!r}"))
         finally:
-            self._in_flight = 0
+            self._in_flight -= len(urgent)
+            self._batches -= 1
+            self._flying.difference_update([a.key for a in batch])
+            self._landed.set()
+            self._landed = trio.Event()
+            if self._urgent or self._more:
+                self._lot.unpark_all()  # items that waited for this flight (or for room)
         self.healthy = True
         m.state_write_batches_total += 1
         m.state_writes_total += len(batch)
         stale: set[tuple[str, str]] = set()
+        dirty = self._dirty
         for act, blob, res in zip(batch, blobs, results, strict=True):
-            if isinstance(res, StaleActivation):
+            if res.__class__ is not int:
                 stale.add(act.key)
                 m.stale_activations_total += 1
                 self.forget(act)
@@ -216,11 +278,11 @@ class StateWriter:
                 continue
             act.revision = res
             if act.blob is blob:
-                if self._dirty.get(act.key) is act:
-                    del self._dirty[act.key]
+                if dirty.get(act.key) is act:
+                    del dirty[act.key]
                 act.dirty_since = 0.0
             else:  # committed again while the write was in flight: still dirty
-                self._dirty[act.key] = act
+                dirty[act.key] = act
         for u in urgent:
             if u.act.key in stale:
                 u.error = StaleActivation(

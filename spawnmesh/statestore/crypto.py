@@ -23,6 +23,7 @@ remove the old line once it reports nothing left under the old id.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import ClassVar
 
 from spawnmesh.errors import SpawnmeshError, StateCorrupt
@@ -39,6 +40,7 @@ __all__ = [
     "load_keyring",
     "schedule_aad",
     "state_aad",
+    "state_aads",
 ]
 
 _AAD_PREFIX = b"spawnmesh.state.v1\x00"
@@ -52,6 +54,22 @@ def state_aad(system: str, name: str, revision: int) -> bytes:
     return b"%b%b%b%b%b%b" % (
         _AAD_PREFIX, _U32(len(s)), s, _U32(len(n)), n, _I64(revision)
     )
+
+
+def state_aads(rows: Iterable[tuple[str, str, int]]) -> list[bytes]:
+    """``state_aad`` of many (system, name, revision) rows, the framed system computed once
+    per distinct system (the writer's batches are mostly one system)."""
+    out: list[bytes] = []
+    append = out.append
+    heads: dict[str, bytes] = {}
+    for system, name, revision in rows:
+        head = heads.get(system)
+        if head is None:
+            s = system.encode()
+            head = heads[system] = _AAD_PREFIX + _U32(len(s)) + s
+        n = name.encode()
+        append(b"%b%b%b%b" % (head, _U32(len(n)), n, _I64(revision)))
+    return out
 
 
 def schedule_aad(schedule_id: str) -> bytes:
