@@ -9,6 +9,9 @@ Every figure comes from separate processes on loopback, in the same run:
   one cart. Concurrent: 32 callers, each on its own cart.
 - raw: a plain grpclib unary echo of a 200-byte message between two asyncio processes.
 
+One client process alternates blocks of raw echo calls and host invocations (250 sequential,
+then 1,000 with 32 callers), so both sides of each ratio see the same machine load.
+
 Usage: python bench/host_grpc.py [--seq 2000] [--conc 6000] [--bridges thread,trio-asyncio]
 Prints the figures, then one JSON line (the headline host figures use the first bridge).
 Other work on the machine makes absolute figures noisy; the ratios compare like with like.
@@ -91,66 +94,26 @@ def serve_node(port_file: str, bridge: str) -> None:
     trio.run(main)
 
 
-async def measure(call: Any, n_seq: int, n_conc: int) -> tuple[float, float]:
-    """(sequential calls/s, 32-concurrent calls/s) of ``call(worker_index)``."""
-    for _ in range(200):
-        await call(0)
-    t0 = time.perf_counter()
-    for _ in range(n_seq):
-        await call(0)
-    seq = n_seq / (time.perf_counter() - t0)
-    left = [n_conc]
-
-    async def worker(i: int) -> None:
-        while left[0] > 0:
-            left[0] -= 1
-            await call(i)
-
-    await asyncio.gather(*(call(i) for i in range(CONCURRENCY)))  # warm every cart
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
-    return seq, n_conc / (time.perf_counter() - t0)
-
-
-def client_echo(port: int, n_seq: int, n_conc: int) -> None:
+def client_mixed(echo_port: int, node_port: int, n_seq: int, n_conc: int) -> None:
+    """Alternate blocks of raw echo calls and host invocations (sequential, then with 32
+    concurrent callers), so both sides see the same machine load; print their rates."""
     import grpclib.client
     import grpclib.const
-
-    from spawnmesh.host.gen.spawn import JsonType
-
-    async def main() -> None:
-        channel = grpclib.client.Channel("127.0.0.1", port)
-        msg = JsonType(content="x" * 197)  # 200 bytes encoded
-        assert len(bytes(msg)) == 200
-
-        async def call(_: int) -> None:
-            async with channel.request(
-                ECHO_PATH, grpclib.const.Cardinality.UNARY_UNARY, JsonType, JsonType
-            ) as st:
-                await st.send_message(msg, end=True)
-                await st.recv_message()
-                await st.recv_trailing_metadata()
-
-        seq, conc = await measure(call, n_seq, n_conc)
-        channel.close()
-        print(json.dumps({"seq": seq, "conc": conc}))
-
-    asyncio.run(main())
-
-
-def client_invoke(port: int, n_seq: int, n_conc: int) -> None:
-    import grpclib.client
 
     from spawnmesh.host.gen import spawn
     from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
     from spawnmesh.host.gen.message_pool import default_message_pool
+    from spawnmesh.host.gen.spawn import JsonType
     from spawnmesh.host.gen.spawn import actors as pb
     from spawnmesh.host.gen.spawnmesh import v1
     from spawnmesh.host.gen.spawnmesh.tck.v1 import LineItem
 
     async def main() -> None:
-        channel = grpclib.client.Channel("127.0.0.1", port)
-        stub = v1.NodeServiceStub(channel)
+        echo_ch = grpclib.client.Channel("127.0.0.1", echo_port)
+        node_ch = grpclib.client.Channel("127.0.0.1", node_port)
+        stub = v1.NodeServiceStub(node_ch)
+        msg = JsonType(content="x" * 197)  # 200 bytes encoded
+        assert len(bytes(msg)) == 200
         item = AnyMsg.pack(LineItem(sku="tea", qty=1, price_cents=4), default_message_pool)
         reqs = [
             spawn.InvocationRequest(
@@ -162,12 +125,41 @@ def client_invoke(port: int, n_seq: int, n_conc: int) -> None:
             for i in range(CONCURRENCY)
         ]
 
-        async def call(i: int) -> None:
+        async def echo(_: int) -> None:
+            async with echo_ch.request(
+                ECHO_PATH, grpclib.const.Cardinality.UNARY_UNARY, JsonType, JsonType
+            ) as st:
+                await st.send_message(msg, end=True)
+                await st.recv_message()
+                await st.recv_trailing_metadata()
+
+        async def invoke(i: int) -> None:
             await stub.invoke(reqs[i], timeout=30)
 
-        seq, conc = await measure(call, n_seq, n_conc)
-        channel.close()
-        print(json.dumps({"seq": seq, "conc": conc}))
+        async def block(call: Any, n: int, workers: int) -> float:
+            left = [n]
+
+            async def worker(i: int) -> None:
+                while left[0] > 0:
+                    left[0] -= 1
+                    await call(i)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(i) for i in range(workers)))
+            return time.perf_counter() - t0
+
+        for call in (echo, invoke):  # warm up: connections, every cart activated
+            await block(call, 200, 1)
+            await asyncio.gather(*(call(i) for i in range(CONCURRENCY)))
+        spent = {"raw_seq": 0.0, "host_seq": 0.0, "raw_conc": 0.0, "host_conc": 0.0}
+        for kind, total, workers, step in (("seq", n_seq, 1, 250), ("conc", n_conc, 32, 1000)):
+            for _ in range(max(1, total // step)):
+                spent[f"raw_{kind}"] += await block(echo, step, workers)
+                spent[f"host_{kind}"] += await block(invoke, step, workers)
+        rounds = {"seq": max(1, n_seq // 250) * 250, "conc": max(1, n_conc // 1000) * 1000}
+        echo_ch.close()
+        node_ch.close()
+        print(json.dumps({k: rounds[k.split("_")[1]] / v for k, v in spent.items()}))
 
     asyncio.run(main())
 
@@ -188,9 +180,17 @@ def _start(args: list[str], tmp: Path, name: str) -> tuple[subprocess.Popen[byte
     return proc, int(port_file.read_text())
 
 
-def _client(mode: str, port: int, n_seq: int, n_conc: int) -> dict[str, float]:
+def _client(echo_port: int, node_port: int, n_seq: int, n_conc: int) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, mode, str(port), str(n_seq), str(n_conc)],
+        [
+            sys.executable,
+            __file__,
+            "client",
+            str(echo_port),
+            str(node_port),
+            str(n_seq),
+            str(n_conc),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -200,16 +200,8 @@ def _client(mode: str, port: int, n_seq: int, n_conc: int) -> dict[str, float]:
     return result
 
 
-def run_raw(tmp: Path, n_seq: int, n_conc: int) -> dict[str, float]:
-    server, port = _start(["echo-server"], tmp, "echo")
-    try:
-        return _client("echo-client", port, n_seq, n_conc)
-    finally:
-        server.kill()
-        server.wait()
-
-
-def run_host(tmp: Path, bridge: str, n_seq: int, n_conc: int) -> dict[str, float]:
+def run_pair(tmp: Path, echo_port: int, bridge: str, n_seq: int, n_conc: int) -> dict[str, float]:
+    """Node (on ``bridge``) + example host; the client alternates raw and host blocks."""
     node, port = _start(["node", bridge], tmp, f"node-{bridge}")
     host = subprocess.Popen(
         [
@@ -226,7 +218,7 @@ def run_host(tmp: Path, bridge: str, n_seq: int, n_conc: int) -> dict[str, float
         line = host.stdout.readline()
         if b"registered" not in line:
             raise RuntimeError(f"host did not register: {line!r}")
-        return _client("invoke-client", port, n_seq, n_conc)
+        return _client(echo_port, port, n_seq, n_conc)
     finally:
         for p in (host, node):
             p.kill()
@@ -239,57 +231,47 @@ def main() -> None:
         return serve_echo(sys.argv[2])
     if mode == "node":
         return serve_node(sys.argv[3], sys.argv[2])
-    if mode in ("echo-client", "invoke-client"):
-        fn = client_echo if mode == "echo-client" else client_invoke
-        return fn(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    if mode == "client":
+        return client_mixed(*(int(a) for a in sys.argv[2:6]))
     p = argparse.ArgumentParser(description="host actor invocations over gRPC vs raw grpclib")
     p.add_argument("--seq", type=int, default=2000)
     p.add_argument("--conc", type=int, default=6000)
     p.add_argument("--bridges", default="thread,trio-asyncio")
-    p.add_argument("--rounds", type=int, default=1, help="repeat and keep each figure's best")
     args = p.parse_args()
     import tempfile
 
     bridges = [b for b in args.bridges.split(",") if b]
-    best: dict[str, float] = {}
-
-    def keep(key: str, value: float) -> None:
-        best[key] = max(best.get(key, 0.0), value)
-
+    res: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for rnd in range(args.rounds):
-            raw = run_raw(tmp, args.seq, args.conc)
-            keep("raw_seq", raw["seq"])
-            keep("raw_conc", raw["conc"])
-            print(
-                f"round {rnd + 1}: raw grpclib echo   seq {raw['seq']:8.0f}/s   "
-                f"conc({CONCURRENCY}) {raw['conc']:8.0f}/s",
-                flush=True,
-            )
+        echo, echo_port = _start(["echo-server"], tmp, "echo")
+        try:
             for b in bridges:
-                r = run_host(tmp, b, args.seq, args.conc)
-                keep(f"{b}_seq", r["seq"])
-                keep(f"{b}_conc", r["conc"])
+                r = res[b] = run_pair(tmp, echo_port, b, args.seq, args.conc)
                 print(
-                    f"round {rnd + 1}: host via {b:13s} seq {r['seq']:8.0f}/s   "
-                    f"conc({CONCURRENCY}) {r['conc']:8.0f}/s",
+                    f"{b:13s} bridge: host seq {r['host_seq']:6.0f}/s vs raw echo "
+                    f"{r['raw_seq']:6.0f}/s ({r['host_seq'] / r['raw_seq']:.2f});  "
+                    f"conc({CONCURRENCY}) host {r['host_conc']:6.0f}/s vs raw "
+                    f"{r['raw_conc']:6.0f}/s ({r['host_conc'] / r['raw_conc']:.2f})",
                     flush=True,
                 )
-    head = bridges[0]
+        finally:
+            echo.kill()
+            echo.wait()
+    head = res[bridges[0]]
     out: dict[str, Any] = {
-        "bridge": head,
-        "host_seq_invokes_per_s": round(best[f"{head}_seq"]),
-        "host_conc_invokes_per_s": round(best[f"{head}_conc"]),
-        "raw_grpclib_seq_per_s": round(best["raw_seq"]),
-        "raw_grpclib_conc_per_s": round(best["raw_conc"]),
-        "host_seq_ratio": round(best[f"{head}_seq"] / best["raw_seq"], 3),
-        "host_conc_ratio": round(best[f"{head}_conc"] / best["raw_conc"], 3),
+        "bridge": bridges[0],
+        "host_seq_invokes_per_s": round(head["host_seq"]),
+        "host_conc_invokes_per_s": round(head["host_conc"]),
+        "raw_grpclib_seq_per_s": round(head["raw_seq"]),
+        "raw_grpclib_conc_per_s": round(head["raw_conc"]),
+        "host_seq_ratio": round(head["host_seq"] / head["raw_seq"], 3),
+        "host_conc_ratio": round(head["host_conc"] / head["raw_conc"], 3),
     }
     for b in bridges[1:]:
-        key = b.replace("-", "_")
-        out[f"{key}_seq_invokes_per_s"] = round(best[f"{b}_seq"])
-        out[f"{key}_conc_invokes_per_s"] = round(best[f"{b}_conc"])
+        key, r = b.replace("-", "_"), res[b]
+        out[f"{key}_host_seq_ratio"] = round(r["host_seq"] / r["raw_seq"], 3)
+        out[f"{key}_host_conc_ratio"] = round(r["host_conc"] / r["raw_conc"], 3)
     out["cpus"] = os.cpu_count()
     print(json.dumps(out))
 
