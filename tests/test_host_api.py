@@ -19,7 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from spawnmesh.config import load_config
-from spawnmesh.errors import HostUnavailable
+from spawnmesh.errors import CallCycle, HostUnavailable
 from spawnmesh.host.bridge import Bridge, open_bridge
 from spawnmesh.host.convert import from_any, to_any
 from spawnmesh.host.gen import spawn
@@ -313,3 +313,17 @@ async def test_mutual_tls(tmp_path: Path) -> None:
             with pytest.raises((OSError, GRPCError, StreamTerminatedError)):
                 with trio.fail_after(10):
                     await bridge.to_aio(lambda: stub.register(req, timeout=5))
+
+
+async def test_a_host_turn_calls_other_actors_as_their_caller() -> None:
+    """A host's nested Invoke naming the actor whose turn is running joins that turn's call
+    chain: it works, and calling back into the running actor is a CallCycle, not a deadlock."""
+    async with open_host_harness(HOST) as h:
+        c = h.ref("counter")
+        got = from_any(await c.invoke("call", Value(n=3, text="echo")), Value)
+        assert got == Value(n=3, text="echo:nested")
+        t0 = trio.current_time()
+        with pytest.raises(CallCycle) as info:
+            await c.invoke("call", Value(text="counter"))
+        assert trio.current_time() - t0 < 5
+        assert "tck/counter -> tck/counter" in str(info.value)

@@ -36,6 +36,8 @@ from spawnmesh.host.gen.spawnmesh.tck.v1 import Cart, LineItem, Receipt, Seen, V
 from spawnmesh.host.status import RichStatusCodec
 
 Turn = Callable[[spawn.ActorInvocation], Awaitable[spawn.ActorInvocationResponse]]
+NODE: v1.NodeServiceStub | None = None
+"""The node's API, for calls made from inside a turn (counter.call)."""
 
 
 class TckError(Exception):
@@ -145,6 +147,19 @@ async def counter(inv: spawn.ActorInvocation) -> spawn.ActorInvocationResponse:
         )
     if a == "checkpoint":
         return reply(inv, Value(n=arg.n), Value(n=arg.n), checkpoint=True)
+    if a == "call" and NODE is not None:  # a nested call, made as this actor (its caller)
+        me = inv.actor or pb.ActorId()
+        action = "echo" if arg.text == "echo" else "whoami"
+        resp = await NODE.invoke(
+            spawn.InvocationRequest(
+                system=pb.ActorSystem(name=me.system),
+                action_name=action,
+                caller=me,
+                actor=pb.Actor(id=pb.ActorId(name=arg.text, system=me.system)),
+                value=pack(Value(n=arg.n, text="nested")),
+            )
+        )
+        return reply(inv, unpack(resp.value, Value))
     raise TckError(f"counter has no action {a}")
 
 
@@ -244,6 +259,7 @@ def actor_system(name: str) -> pb.ActorSystem:
                 "pipe",
                 "forward",
                 "checkpoint",
+                "call",
             ],
             tags={"suite": "tck"},
             snapshot=pb.ActorSnapshotStrategy(timeout=pb.TimeoutStrategy(timeout=60_000)),
@@ -295,9 +311,15 @@ def registration(system: str, host_address: str = "") -> spawn.RegistrationReque
 
 
 def error_of(exc: BaseException) -> v1.TurnError:
+    """A failed turn; a spawnmesh error from a nested call keeps its code (e.g. call_cycle)."""
+    code, message = "", str(exc)
+    if isinstance(exc, GRPCError):
+        code = next((d.reason for d in exc.details or () if isinstance(d, rpc.ErrorInfo)), "")
+        message = exc.message or exc.status.name
     return v1.TurnError(
+        code=code,
         type=type(exc).__name__,
-        message=str(exc),
+        message=message,
         traceback="".join(traceback.format_exception(exc)),
     )
 
@@ -375,7 +397,9 @@ async def main() -> None:
     args = p.parse_args()
     host, _, port = args.node.rpartition(":")
     metadata = {"authorization": f"Bearer {args.token}"} if args.token else None
-    channel = grpclib.client.Channel(host, int(port))
+    channel = grpclib.client.Channel(host, int(port), status_details_codec=RichStatusCodec())
+    global NODE
+    NODE = v1.NodeServiceStub(channel, metadata=metadata)
     if args.serve:
         shost, _, sport = args.serve.rpartition(":")
         server = grpclib.server.Server([HostService()], status_details_codec=RichStatusCodec())
