@@ -83,6 +83,7 @@ def test_lanes_never_overlap_and_everything_lands(
         on_stale=stale.append,
     )
     behind = ActorDef("s", "wb", snapshot=WriteBehind(every_ms=3))
+    writer.note_interval(3)  # as Runtime.register does
     through = ActorDef("s", "wt", snapshot=WriteThrough())
     # actors 0-5 write-behind, 6-11 write-through (each with its turn baton)
     acts = [Activation(behind if i < 6 else through, ActorId("s", f"a{i}"), 1) for i in range(12)]
