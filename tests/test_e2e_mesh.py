@@ -214,8 +214,9 @@ def http_post(url: str, name: str, action: str, body: object) -> tuple[int, Any]
 
 @dataclass
 class Call:
-    """One ``add 1`` through a node: when, where, and how it ended."""
+    """One ``record`` (add 1) through a node: its id, when, where, and how it ended."""
 
+    op: str
     counter: str
     node: str
     start: float
@@ -253,10 +254,11 @@ class Load:
     def _client(self, i: int) -> None:
         conns: dict[str, http.client.HTTPConnection] = {}
         names = list(self.targets)
-        body = json.dumps({"payload": 1, "parent": "counter"}).encode()
         headers = {"Content-Type": "application/json"}
         k = i
         while not self._stop.is_set():
+            op = f"{i}.{k}"
+            body = json.dumps({"payload": op, "parent": "counter"}).encode()
             counter = COUNTERS[k % len(COUNTERS)]
             target = names[(k // len(COUNTERS) + i) % len(names)]
             k += 1
@@ -268,7 +270,7 @@ class Load:
             start = time.monotonic()
             try:
                 conn.request(
-                    "POST", f"/v1/systems/{SYSTEM}/actors/{counter}/actions/add", body, headers
+                    "POST", f"/v1/systems/{SYSTEM}/actors/{counter}/actions/record", body, headers
                 )
                 resp = conn.getresponse()
                 raw = resp.read()
@@ -277,7 +279,7 @@ class Load:
                 ok, error = False, f"{type(exc).__name__}: {exc}"
                 conn.close()
                 del conns[target]
-            self.calls[i].append(Call(counter, target, start, time.monotonic(), ok, error))
+            self.calls[i].append(Call(op, counter, target, start, time.monotonic(), ok, error))
         for conn in conns.values():
             conn.close()
 
@@ -300,6 +302,45 @@ class Load:
             f"{n} acknowledged adds {what}",
             timeout,
         )
+
+
+@dataclass
+class Audit:
+    """Which recorded calls each counter applied, against what the clients saw."""
+
+    lost: dict[str, list[Call]]
+    """Acknowledged calls missing from the counter's state."""
+    invented: dict[str, list[str]]
+    """Ids in the state that no client sent."""
+    duplicated: dict[str, list[Call]]
+    """Calls applied more than once."""
+    applied: dict[str, list[str]]
+
+    def assert_nothing_lost(self) -> None:
+        lost = {k: v for k, v in self.lost.items() if v}
+        assert not lost, f"acknowledged calls lost: {lost}"
+        invented = {k: v for k, v in self.invented.items() if v}
+        assert not invented, f"applied but never sent: {invented}"
+
+    def duplicates(self) -> list[Call]:
+        return [c for calls in self.duplicated.values() for c in calls]
+
+
+def audit(node: NodeProcess, load: Load) -> Audit:
+    """Read every counter's applied call ids through ``node`` and compare with ``load``."""
+    calls = {c.op: c for c in load.all_calls()}
+    lost: dict[str, list[Call]] = {}
+    invented: dict[str, list[str]] = {}
+    duplicated: dict[str, list[Call]] = {}
+    applied: dict[str, list[str]] = {}
+    for name in COUNTERS:
+        ops = applied[name] = invoke(node, name, "ops")
+        seen = set(ops)
+        lost[name] = [c for c in calls.values() if c.counter == name and c.ok and c.op not in seen]
+        invented[name] = [op for op in seen if op not in calls or calls[op].counter != name]
+        dups = {op for op in seen if ops.count(op) > 1}
+        duplicated[name] = [calls[op] for op in sorted(dups) if op in calls]
+    return Audit(lost, invented, duplicated, applied)
 
 
 def check_one_activation_each(c: Cluster, values: dict[str, int] | None = None) -> dict[str, str]:
@@ -412,6 +453,9 @@ def test_routing_join_leave_and_sigterm_under_load(tmp_path: Path) -> None:
         for name in COUNTERS:
             values[name] += acked[name]
         check_one_activation_each(c, values)  # every acknowledged increment, exactly once
+        a = audit(n1, load)
+        a.assert_nothing_lost()
+        assert a.duplicates() == [], f"calls applied twice: {a.duplicates()[:3]}"
         report(
             "join/leave/sigterm",
             c,
@@ -471,9 +515,17 @@ def test_sigkill_of_an_owner_under_load(tmp_path: Path) -> None:
         failures = {n: sum(f.counter == n for f in failed) for n in COUNTERS}
         owner_after = check_one_activation_each(c)
         assert victim_name not in owner_after.values()
+        a = audit(next(iter(survivors.values())), load)
+        a.assert_nothing_lost()
+        # Only a call whose outcome was unknown (it failed, or was in flight at the kill) may
+        # have been applied twice: the victim applied it, its reply was lost, and it was
+        # retried on the new owner.
+        unknown = [x for x in a.duplicates() if not x.ok or x.start <= t_kill <= x.end]
+        assert unknown == a.duplicates(), f"known calls applied twice: {a.duplicates()[:3]}"
         surplus = {}
         for name in COUNTERS:
             value = invoke(survivors[owner_after[name]], name, "value")
+            assert value == len(a.applied[name]), (name, value, len(a.applied[name]))
             assert value >= acked[name], (name, value, acked[name])
             assert value <= acked[name] + failures[name] + overlapping[name], (
                 name,
@@ -492,4 +544,77 @@ def test_sigkill_of_an_owner_under_load(tmp_path: Path) -> None:
             victim_counters=len(victims_counters),
             in_flight_at_kill=sum(overlapping.values()),
             surplus=sum(surplus.values()),
+            applied_twice=len(a.duplicates()),
+        )
+
+
+def test_frozen_owner_is_failed_over_and_rejoins(tmp_path: Path) -> None:
+    """SIGSTOP the owner of busy counters (its sockets stay open, nothing answers): once the
+    others mark it dead, calls in flight to it are re-routed at once instead of waiting for
+    their deadline; SIGCONT: it learns it was declared dead, rejoins at a higher incarnation,
+    its stale activations are fenced off, and nothing acknowledged is lost."""
+    with cluster(tmp_path) as c:
+        c.start("n1", "n2", "n3")
+        names = ["n1", "n2", "n3"]
+        c.wait_converged(names)
+        owner = check_one_activation_each(c)
+        frozen_name = owner[COUNTERS[0]]
+        frozen = c.nodes[frozen_name]
+        others = {n: c.nodes[n] for n in names if n != frozen_name}
+        incarnation = next(
+            m["incarnation"] for m in get_json(frozen, "/v1/members")["members"] if m["self"]
+        )
+        with Load(others) as load:
+            load.wait_acked(200, "before the freeze")
+            t_stop = time.monotonic()
+            os.kill(frozen.pid, signal.SIGSTOP)
+            try:
+                wait_for(
+                    lambda: all(status_of(s).get(frozen_name) == "dead" for s in others.values()),
+                    f"{frozen_name} dead at the others",
+                    30,
+                    describe=c.describe,
+                )
+                t_notice = time.monotonic()
+                load.wait_acked(100, "after the notice", since=t_notice)
+            finally:
+                os.kill(frozen.pid, signal.SIGCONT)
+            t_cont = time.monotonic()
+
+            def back() -> bool:
+                rows = [get_json(s, "/v1/members") for s in others.values()]
+                return all(
+                    r is not None
+                    and any(m["name"] == frozen_name and m["status"] == "alive"
+                            and m["incarnation"] > incarnation for m in r["members"])
+                    for r in rows
+                )  # fmt: skip
+
+            wait_for(back, f"{frozen_name} alive again", 30, describe=c.describe)
+            c.wait_converged(names)
+            load.wait_acked(100, "after the rejoin", since=time.monotonic())
+
+        calls = load.all_calls()
+        failed = load.failed()
+        assert [x for x in failed if x.start > t_notice] == [], failed[:3]
+        # Calls that were waiting on the frozen node when it was declared dead were re-routed
+        # then, not left to their 20 s deadline.
+        stuck = [x for x in calls if x.start < t_notice < x.end and x.end > t_notice + 5.0]
+        assert stuck == [], f"calls held past the notice: {stuck[:3]}"
+        a = audit(others[next(iter(others))], load)
+        a.assert_nothing_lost()
+        unknown = [x for x in a.duplicates() if not x.ok or x.start <= t_stop]
+        assert unknown == a.duplicates(), f"calls applied twice: {a.duplicates()[:3]}"
+        owner_after = check_one_activation_each(c)
+        for name in COUNTERS:
+            assert invoke(c.nodes[owner_after[name]], name, "value") == len(a.applied[name])
+        report(
+            "sigstop",
+            c,
+            calls=len(calls),
+            failed_in_window=len(failed),
+            detect_s=f"{t_notice - t_stop:.1f}",
+            frozen_s=f"{t_cont - t_stop:.1f}",
+            applied_twice=len(a.duplicates()),
+            owned_after=sum(o == frozen_name for o in owner_after.values()),
         )

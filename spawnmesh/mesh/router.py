@@ -27,6 +27,7 @@ from spawnmesh.actors.context import Broadcast
 from spawnmesh.actors.definition import ActorDef, Kind
 from spawnmesh.cluster.messages import NodeMeta
 from spawnmesh.cluster.placement import Placement
+from spawnmesh.cluster.state import Status
 from spawnmesh.codec import convert, to_builtins
 from spawnmesh.errors import (
     InvalidArgument,
@@ -125,6 +126,8 @@ class Router:
         self._nursery: trio.Nursery | None = None
         self._pool_counter = itertools.count()
         self._in_flight: dict[str, int] = {}
+        self._dead: set[str] = set()
+        """Members seen dead (their connections were dropped when they died)."""
 
     # ------------------------------------------------------------------ the view
 
@@ -158,13 +161,25 @@ class Router:
             self._nursery = nursery
             version = membership.version
             self.update_view(membership.live())
+            self._disconnect_dead(membership)
             task_status.started()
             try:
                 while True:
                     version = await membership.wait_changed(version)
                     self.update_view(membership.live())
+                    self._disconnect_dead(membership)
             finally:
                 self._nursery = None
+
+    def _disconnect_dead(self, membership: Any) -> None:
+        """Drop the connections to members just declared dead. Requests in flight to one fail
+        at once and are re-routed (a partitioned member would hold them until the peer
+        layer's idle timeout), and none is delivered late, once the network heals, to run
+        beside its retry. Members that left are not cut: they answer what they received."""
+        dead = {v.name for v in membership.members() if v.status is Status.DEAD}
+        for name in dead - self._dead:
+            self.peers.disconnect(name, "membership declared it dead")
+        self._dead = dead
 
     async def _view_change_or(self, seconds: float) -> None:
         with trio.move_on_after(seconds):

@@ -145,6 +145,10 @@ class Connection:
         self._got_goaway = False
         self._lost: SpawnmeshError | None = None
         self._broken = False
+        self._reset = False
+        """Close with a reset: the peer is dead or unreachable, so bytes still queued for it
+        must never be delivered (say, once a partition heals, after their requests were
+        retried elsewhere)."""
         """The byte stream ended or failed (nothing more can be sent or read)."""
         self._reject: SpawnmeshError | None = None
         self._reader_scope = trio.CancelScope()
@@ -221,7 +225,9 @@ class Connection:
         self._check_drained()
 
     def abort(self, reason: SpawnmeshError) -> None:
-        """Close at once: requests in flight fail with ``reason``."""
+        """Close at once, with a reset: requests in flight fail with ``reason``, and nothing
+        queued for the peer is sent."""
+        self._broken = self._reset = True
         self._lose(reason)
 
     async def run(self, initial: list[bytes]) -> None:
@@ -264,7 +270,7 @@ class Connection:
             self._open = False
             self._writer_stop = True
             self._fail_pending()
-            self.transport.close()
+            self.transport.close(reset=self._reset)
             self.closed.set()
             if self._on_closed is not None:
                 self._on_closed(self)
@@ -566,7 +572,7 @@ class Connection:
                 continue
             quiet += interval
             if quiet >= self._limits.idle_timeout_s:
-                self._broken = True  # a dead peer: no point lingering for its close
+                self._broken = self._reset = True  # a dead peer: no lingering, no late bytes
                 self._lose(
                     PeerUnavailable(
                         f"node {self.peer_id} sent nothing for {quiet:.1f} s (ping timeout)"

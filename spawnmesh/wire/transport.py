@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,11 +117,19 @@ class Transport:
         end of stream without close_notify, which the peer's reader takes as the end)."""
         self.sock.shutdown(socket.SHUT_WR)
 
-    def close(self) -> None:
-        """Close at once (tasks waiting on the socket get ``ClosedResourceError``)."""
+    def close(self, *, reset: bool = False) -> None:
+        """Close at once (tasks waiting on the socket get ``ClosedResourceError``); with
+        ``reset``, discard unsent bytes and reset the connection (SO_LINGER 0) instead of
+        letting the kernel deliver them later."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.sock)
+            if reset:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
             self.sock.close()
 
 
