@@ -243,6 +243,7 @@ def test_peer_discovery_goes_through_the_headless_service(
     # The SRV name of that port, fully qualified (resolved without search domains).
     svc, ns = peers["metadata"]["name"], POD["metadata.namespace"]
     assert config.cluster.dns_name == f"_gossip._udp.{svc}.{ns}.svc.cluster.local"
+    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"  # one leave at a time
     client = one(docs, "Service", "spawnmesh")
     assert [p["targetPort"] for p in client["spec"]["ports"]] == ["host-api"]
     pdb = one(docs, "PodDisruptionBudget")
