@@ -8,8 +8,10 @@ headless Service publishes it.
   records: each target's A/AAAA addresses with the record's port.
 
 DNS queries use dnspython's async resolver (it runs under trio), against the system's
-configured servers or ``nameserver``. Everything is resolved again on every call, so a retry sees
-pods that appeared since; a failed lookup is logged and yields what the other sources gave.
+configured servers or ``nameserver``. dnspython is imported on the first query, so a node without
+``dns_name`` never loads it (2-4 MB of RSS, docs/edge.md). Everything is resolved again on every
+call, so a retry sees pods that appeared since; a failed lookup is logged and yields what the
+other sources gave.
 """
 
 from __future__ import annotations
@@ -17,20 +19,18 @@ from __future__ import annotations
 import logging
 import socket as _socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import dns.asyncresolver
-import dns.exception
-import dns.rdatatype
-import dns.resolver
 import trio
 
 from spawnmesh.cluster.addr import ip_literal, parse_host_port
 from spawnmesh.cluster.messages import Addr
 from spawnmesh.errors import InvalidArgument
 
-log = logging.getLogger("spawnmesh.cluster.discovery")
+if TYPE_CHECKING:
+    import dns.asyncresolver
 
-_DNS_ERRORS = (dns.exception.DNSException, OSError)
+log = logging.getLogger("spawnmesh.cluster.discovery")
 
 
 async def resolve_host_port(text: str, default_port: int) -> list[Addr]:
@@ -71,30 +71,44 @@ class Discovery:
         self.dns_name = dns_name.strip()
         self.default_port = default_port
         self.timeout_s = timeout_s
-        self._resolver = self._make_resolver(nameserver)
+        self._nameserver = self._parse_nameserver(nameserver)  # fail early on a bad one
+        self._resolver_: dns.asyncresolver.Resolver | None = None
 
     @property
     def configured(self) -> bool:
         """Whether there is anywhere to look (else the node waits to be joined)."""
         return bool(self.seeds or self.dns_name)
 
-    def _make_resolver(self, nameserver: str) -> dns.asyncresolver.Resolver:
+    @staticmethod
+    def _parse_nameserver(nameserver: str) -> tuple[str, int] | None:
         if not nameserver.strip():
-            try:
-                resolver = dns.asyncresolver.Resolver()
-            except dns.resolver.NoResolverConfiguration:
+            return None
+        host, port = parse_host_port(nameserver, 53)
+        ip = ip_literal(host)
+        if ip is None:
+            raise InvalidArgument(f"DNS server {nameserver!r} must be an IP address")
+        return ip, port
+
+    @property
+    def _resolver(self) -> dns.asyncresolver.Resolver:
+        """The DNS resolver, made (and dnspython imported) on first use."""
+        if self._resolver_ is None:
+            import dns.asyncresolver
+            import dns.resolver
+
+            if self._nameserver is None:
+                try:
+                    resolver = dns.asyncresolver.Resolver()
+                except dns.resolver.NoResolverConfiguration:
+                    resolver = dns.asyncresolver.Resolver(configure=False)
+            else:
                 resolver = dns.asyncresolver.Resolver(configure=False)
-        else:
-            host, port = parse_host_port(nameserver, 53)
-            ip = ip_literal(host)
-            if ip is None:
-                raise InvalidArgument(f"DNS server {nameserver!r} must be an IP address")
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [ip]
-            resolver.port = port
-        resolver.lifetime = self.timeout_s
-        resolver.timeout = self.timeout_s
-        return resolver
+                resolver.nameservers = [self._nameserver[0]]
+                resolver.port = self._nameserver[1]
+            resolver.lifetime = self.timeout_s
+            resolver.timeout = self.timeout_s
+            self._resolver_ = resolver
+        return self._resolver_
 
     async def resolve(self) -> list[Addr]:
         """Every address the sources give now (deduplicated, in source order)."""
@@ -124,13 +138,17 @@ class Discovery:
 
     async def resolve_ips(self, name: str) -> list[str]:
         """A and AAAA records of ``name`` through the DNS resolver."""
+        import dns.exception
+        import dns.rdatatype
+        import dns.resolver
+
         ips: list[str] = []
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             try:
                 answer = await self._resolver.resolve(name, rdtype, search=False)
             except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
                 continue
-            except _DNS_ERRORS as exc:
+            except (dns.exception.DNSException, OSError) as exc:
                 log.warning("discovery: DNS %s %s failed: %s", rdtype.name, name, exc)
                 continue
             ips.extend(str(ip_literal(r.address)) for r in answer)
@@ -141,12 +159,16 @@ class Discovery:
     async def resolve_srv(self, name: str) -> list[Addr]:
         """SRV records of ``name``: each target's addresses with the record's port, in
         priority order (lowest first), then by weight (highest first)."""
+        import dns.exception
+        import dns.rdatatype
+        import dns.resolver
+
         try:
             answer = await self._resolver.resolve(name, dns.rdatatype.SRV, search=False)
         except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
             log.warning("discovery: DNS name %s has no SRV records", name)
             return []
-        except _DNS_ERRORS as exc:
+        except (dns.exception.DNSException, OSError) as exc:
             log.warning("discovery: DNS SRV %s failed: %s", name, exc)
             return []
         records = sorted(answer, key=lambda r: (r.priority, -r.weight))
