@@ -555,6 +555,52 @@ class HostConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry tracing of invocations across nodes and hosts (docs/observability.md)."""
+
+    enabled: bool = setting(
+        False,
+        "Record OpenTelemetry spans for invocations (edge, peer calls, turns, host turns). Off "
+        "by default: when off the hooks cost one attribute check. Needs the 'tracing' extra "
+        "(pip install 'spawnmesh[tracing]').",
+    )
+    exporter: str = setting(
+        "otlp",
+        "Where spans go: otlp (OTLP/HTTP protobuf to endpoint, batched), file (one JSON "
+        "object per span and line, appended to file), console (JSON on stdout), or memory "
+        "(kept in the process, for tests).",
+        choices=("otlp", "file", "console", "memory"),
+    )
+    endpoint: str = setting(
+        "http://127.0.0.1:4318/v1/traces",
+        "OTLP/HTTP traces endpoint (an OpenTelemetry Collector, Jaeger, Tempo...). 4318 is "
+        "OTLP/HTTP's registered port.",
+        check=_check_nonempty,
+    )
+    file: str = setting(
+        "",
+        "Path the file exporter appends to (JSON lines). Required with exporter = file.",
+    )
+    sample_ratio: float = setting(
+        1.0,
+        "Fraction of new traces recorded (parent-based: a call joins its caller's decision). "
+        "1.0 records all; lower it for busy production nodes.",
+        min=0.0,
+        max=1.0,
+    )
+    service_name: str = setting(
+        "spawnmesh",
+        "The service.name resource attribute of every span (the node's name goes in "
+        "service.instance.id).",
+        check=_check_nonempty,
+    )
+
+    def __post_init__(self) -> None:
+        if self.enabled and self.exporter == "file" and not self.file:
+            raise ConfigError("tracing.file", "exporter = file needs tracing.file (a path)")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """The whole configuration of one node: top-level settings and one field per section."""
 
@@ -575,6 +621,7 @@ class NodeConfig:
     log: LogConfig = field(default_factory=LogConfig)
     host: HostConfig = field(default_factory=HostConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,17 @@ COUNTER_ATTRS = [
     "remote_invocations_total",
     "forwarded_invocations_total",
     "not_owner_retries_total",
+    "peer_sent_payload_bytes_total",
+    "peer_received_payload_bytes_total",
+    "host_turns_total",
+    "host_registrations_total",
 ]
+
+# Counters with labels beyond ``node``: rendered without samples until something is counted.
+LABELLED = ["spawnmesh_peer_requests_sent", "spawnmesh_peer_requests_received",
+            "spawnmesh_peer_request_errors", "spawnmesh_host_turn_errors"]
+HISTOGRAMS = ["spawnmesh_turn_duration_seconds", "spawnmesh_state_write_duration_seconds",
+              "spawnmesh_state_write_batch_size"]
 
 HIST = "spawnmesh_invocation_duration_seconds"
 
@@ -63,10 +73,12 @@ def test_fresh_metrics_render_every_family_with_node_label() -> None:
         HIST,
         "spawnmesh_metrics_gauge_source_errors",
         *(f"spawnmesh_{a.removesuffix('_total')}" for a in COUNTER_ATTRS),
+        *LABELLED,
+        *HISTOGRAMS,
     }
     assert set(fams) == expected
     for name, samples in fams.items():
-        assert samples, name
+        assert samples or name in LABELLED, name
         for s in samples:
             assert s.labels["node"] == "node-a", (name, s)
     assert fams["spawnmesh_invocations"] == [

@@ -226,6 +226,7 @@ def test_request_field_order_is_pinned() -> None:
         "kind",
         "when_ms",
         "hops",
+        "trace",
     )
 
 

@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import trio
@@ -59,6 +59,9 @@ from spawnmesh.ids import ActorId, key_str
 from spawnmesh.ops.metrics import Metrics
 from spawnmesh.statestore.base import Schedule, StateStore, StoredState
 
+if TYPE_CHECKING:
+    from spawnmesh.ops.tracing import Tracing
+
 log = logging.getLogger("spawnmesh.runtime")
 
 SLICE_S = 0.001
@@ -80,6 +83,8 @@ class _Turn(NamedTuple):
 
 
 _CURRENT: ContextVar[_Turn | None] = ContextVar("spawnmesh_turn", default=None)
+_EDGE_SPAN: ContextVar[bool] = ContextVar("spawnmesh_edge_span", default=False)
+"""Set inside the edge span of a traced invocation (read only when tracing is on)."""
 
 
 class _Job:
@@ -166,6 +171,8 @@ class Runtime:
         self.scheduler = Scheduler()
         self.router: Routing | None = None
         """The mesh, when this node is part of a cluster (None: every actor is local)."""
+        self.tracer: Tracing | None = None
+        """OpenTelemetry spans of invocations and turns (None: tracing off, the default)."""
         self._moving: dict[Key, trio.Event] = {}
         """Activations being handed off to their new owner (set when released)."""
         self._kept: dict[str, _Kept] = {}
@@ -276,6 +283,8 @@ class Runtime:
             if self._closing:
                 self.metrics.observe_invocation(NodeShuttingDown.code, 0.0)
                 raise NodeShuttingDown(f"node {self.node_id} is shutting down")
+            if self.tracer is not None and not _EDGE_SPAN.get():
+                return await self._invoke_traced(target, action, payload, metadata, timeout_ms)
         else:
             caller = cur.actor_id
             chain = (*cur.chain, cur.key)
@@ -291,7 +300,8 @@ class Runtime:
                         f"{target}.{action}: no reply within {timeout_ms} ms"
                     )
         except SpawnmeshError as exc:
-            self.metrics.observe_invocation(exc.code, trio.current_time() - t0)
+            self.metrics.observe_failure(exc.code, trio.current_time() - t0, str(target), action,
+                                         str(exc))
             raise
         except trio.Cancelled:
             self.metrics.observe_invocation("cancelled", trio.current_time() - t0)
@@ -302,6 +312,28 @@ class Runtime:
             await trio.lowlevel.cancel_shielded_checkpoint()
             self._slice_start = trio.current_time()
         return value
+
+    async def _invoke_traced(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        timeout_ms: int | None,
+    ) -> Any:
+        """:meth:`invoke` from outside any turn, inside its edge span (a ``traceparent`` in
+        ``metadata`` names the caller's span as the parent)."""
+        from spawnmesh.ops.tracing import trace_carrier
+
+        assert self.tracer is not None
+        attrs = {"spawnmesh.actor": str(target), "spawnmesh.action": action}
+        token = _EDGE_SPAN.set(True)
+        try:
+            with self.tracer.span("spawnmesh.invoke", "server", attrs, trace_carrier(metadata)):
+                return await self.invoke(target, action, payload, metadata=metadata,
+                                         timeout_ms=timeout_ms)
+        finally:
+            _EDGE_SPAN.reset(token)
 
     async def _invoke(
         self,
@@ -887,7 +919,13 @@ class Runtime:
         ctx: Context[Any] = Context(self, act.id, act.state, metadata or _NO_METADATA, caller)
         token = _CURRENT.set(_Turn(act.key, act.id, chain))
         try:
-            result = await ad.fn(ctx, payload)
+            tracer = self.tracer
+            if tracer is None:
+                result = await ad.fn(ctx, payload)
+            else:
+                with tracer.span("spawnmesh.turn", "internal",
+                                 {"spawnmesh.actor": str(act.id), "spawnmesh.action": action}):
+                    result = await ad.fn(ctx, payload)
         except BaseException as exc:
             self.metrics.turn_failures_total += 1
             self._reset(act)
@@ -902,6 +940,7 @@ class Runtime:
             ) from exc
         finally:
             _CURRENT.reset(token)
+            self.metrics.turn_seconds.observe(trio.current_time() - now)
         if result.__class__ is Reply:
             new_state = ctx.state if result.state is _UNSET else result.state
         else:
@@ -1061,7 +1100,8 @@ class Runtime:
             try:
                 value = await self._invoke(target, action, payload, metadata, None, ())
             except SpawnmeshError as exc:
-                self.metrics.observe_invocation(exc.code, trio.current_time() - t0)
+                self.metrics.observe_failure(exc.code, trio.current_time() - t0, str(target),
+                                             action, str(exc))
                 raise
             self.metrics.observe_invocation("ok", trio.current_time() - t0)
             return value

@@ -249,6 +249,7 @@ class StateWriter:
         m = self._metrics
         self._in_flight += len(urgent)  # taken out of _urgent; write-behind ones stay in _dirty
         self._batches += 1
+        started = trio.current_time()
         try:
             # The writes are built in the call (not kept here): a store that encodes them
             # before waiting lets them go at once (see SqlStateStore.save_many).
@@ -273,6 +274,8 @@ class StateWriter:
         self.healthy = True
         m.state_write_batches_total += 1
         m.state_writes_total += len(batch)
+        m.state_write_seconds.observe(trio.current_time() - started)
+        m.state_write_batch_size.observe(len(batch))
         stale: set[tuple[str, str]] = set()
         dirty = self._dirty
         for act, blob, res in zip(batch, blobs, results, strict=True):

@@ -53,6 +53,9 @@ Key = tuple[str, str]
 MAX_HOPS = 1
 """A node that receives an invocation it does not own forwards it this many times at most."""
 
+KIND_NAMES = {k: k.name.lower() for k in m.Kind}
+"""Request kinds as metric labels and span names (``call``, ``cast``, ...)."""
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -280,7 +283,7 @@ class Router:
             self.metrics.remote_invocations_total += 1
             self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
             try:
-                reply = await self.peers.request(owner, self._addr(owner), req)
+                reply = await self._send(owner, req)
             except (NotOwner, PeerUnavailable, NoOwner) as exc:
                 self.metrics.not_owner_retries_total += 1
                 log.debug("%s.%s via %s: %s (re-routing)", target, action, owner, exc)
@@ -305,6 +308,34 @@ class Router:
                                                     chain)
             owner = new_owner
 
+    async def _send(self, node: str, req: m.Request) -> bytes | None:
+        """Send ``req`` to ``node`` and return the reply payload: counted (requests by kind,
+        payload bytes, errors by code) and, with tracing on, inside a client span whose
+        context travels in the request's ``trace`` field."""
+        metrics = self.metrics
+        kind = KIND_NAMES[req.kind]
+        sent = metrics.peer_requests_sent
+        sent[kind] = sent.get(kind, 0) + 1
+        metrics.peer_sent_payload_bytes_total += len(req.payload)
+        tracer = self.runtime.tracer
+        try:
+            if tracer is None:
+                reply = await self.peers.request(node, self._addr(node), req)
+            else:
+                attrs = {"spawnmesh.actor": str(req.target), "spawnmesh.action": req.action,
+                         "spawnmesh.peer": node}
+                with tracer.span(f"spawnmesh.peer.{kind}", "client", attrs):
+                    req = msgspec.structs.replace(req, trace=tracer.carrier())
+                    reply = await self.peers.request(node, self._addr(node), req)
+        except SpawnmeshError as exc:
+            errors = metrics.peer_request_errors
+            key = ("outbound", exc.code)
+            errors[key] = errors.get(key, 0) + 1
+            raise
+        if reply:
+            metrics.peer_received_payload_bytes_total += len(reply)
+        return reply
+
     def cast_remote(
         self,
         owner: str,
@@ -324,7 +355,7 @@ class Router:
             while True:
                 self.metrics.remote_invocations_total += 1
                 try:
-                    await self.peers.request(owner, self._addr(owner), req)
+                    await self._send(owner, req)
                     return
                 except (NotOwner, PeerUnavailable, NoOwner) as exc:
                     self.metrics.not_owner_retries_total += 1
@@ -374,7 +405,7 @@ class Router:
     async def _send_once(self, node: str, req: m.Request) -> None:
         with trio.move_on_after(self._default_timeout_s):
             try:
-                await self.peers.request(node, self._addr(node), req)
+                await self._send(node, req)
             except SpawnmeshError as exc:
                 log.warning("broadcast on %s/%s to %s dropped: %s", req.system, req.name, node,
                             exc)
@@ -387,7 +418,7 @@ class Router:
     async def spawn_remote(self, owner: str, target: ActorId) -> None:
         """Tell ``owner`` about unnamed instance ``target`` (so calls by name find it)."""
         req = self._request(m.Kind.SPAWN, target, "", b"", None, None)
-        await self.peers.request(owner, self._addr(owner), req)
+        await self._send(owner, req)
 
     async def before_load(self, act: Activation) -> None:
         """Before a first load shortly after a view change, ask the previous owner (if still
@@ -402,7 +433,7 @@ class Router:
         req = self._request(m.Kind.RELEASE, act.id, "", b"", None, None)
         with trio.move_on_after(self._release_timeout_s):
             try:
-                await self.peers.request(old, self._addr(old), req)
+                await self._send(old, req)
             except SpawnmeshError as exc:  # gone or unreachable: fencing keeps state safe
                 log.debug("release of %s by %s failed: %s", act.id, old, exc)
 
@@ -429,7 +460,7 @@ class Router:
                 raise NotOwner(f"{target}: owned by {owner} in this node's view", owner)
             self.metrics.forwarded_invocations_total += 1
             fwd = msgspec.structs.replace(req, hops=req.hops + 1)
-            return await self.peers.request(owner, self._addr(owner), fwd)
+            return await self._send(owner, fwd)
         if kind is m.Kind.SPAWN:
             if target.parent is None:
                 raise InvalidArgument(f"spawn of {target} names no template")

@@ -16,7 +16,8 @@ import logging
 import math
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,7 +31,17 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-__all__ = ["DURATION_BUCKETS", "GaugeSample", "GaugeSource", "Metrics"]
+from spawnmesh.clock import wall_ms
+
+__all__ = [
+    "BATCH_BUCKETS",
+    "DURATION_BUCKETS",
+    "CounterSource",
+    "GaugeSample",
+    "GaugeSource",
+    "Histogram",
+    "Metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,10 @@ GaugeSample = tuple[str, str, dict[str, str], float]
 
 GaugeSource = Callable[[], Iterable[GaugeSample]]
 """A callable the runtime registers to report point-in-time values (queue depths, actor counts)."""
+
+CounterSource = Callable[[], Iterable[GaugeSample]]
+"""A callable reporting running totals kept elsewhere (gossip bytes, probes): the same tuples as
+a gauge source, but every name ends in ``_total`` and the family is rendered as a counter."""
 
 DURATION_BUCKETS: Final[tuple[float, ...]] = (
     25e-6,
@@ -61,6 +76,58 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
     10.0,
 )
 """Finite upper bounds (seconds) of the invocation duration histogram; ``+Inf`` is implied."""
+
+BATCH_BUCKETS: Final[tuple[float, ...]] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+"""Finite upper bounds (rows) of the statestore write batch size histogram."""
+
+RECENT_ERRORS_MAX: Final = 64
+"""Failed invocations kept for the dashboard and ``GET /v1/errors`` (the newest ones)."""
+
+
+class Histogram:
+    """A histogram of plain numbers: one non-cumulative count per bucket plus a sum.
+
+    ``observe`` is one bisect over a constant tuple, one list-slot increment and one float add
+    (the hot path); cumulative buckets are built only at scrape time."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        """A histogram with finite upper bounds ``bounds`` (sorted); ``+Inf`` is implied."""
+        self.bounds: tuple[float, ...] = tuple(bounds)
+        self.counts: list[int] = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one value (Prometheus ``le`` buckets are inclusive: ``bisect_left``)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], int, float]:
+        """``(cumulative (upper bound, count) pairs, count, sum)``."""
+        cumulative: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += n
+            cumulative.append((bound, running))
+        return cumulative, running, self.total
+
+    def family(self, name: str, doc: str, node: str) -> HistogramMetricFamily:
+        """This histogram as a Prometheus family with the ``node`` label."""
+        fam = HistogramMetricFamily(name, doc, labels=("node",))
+        cumulative, _count, total = self.snapshot()
+        fam.add_metric(
+            (node,),
+            [("+Inf" if math.isinf(b) else _bound_label(b), float(n)) for b, n in cumulative],
+            total,
+        )
+        return fam
+
+
+def _bound_label(bound: float) -> str:
+    """``le`` label of a finite bound: ``repr`` of the float (``1.0``, ``2.5e-05``)."""
+    return repr(float(bound))
+
 
 _BUCKET_LABELS: Final[tuple[str, ...]] = (
     *(repr(b) for b in DURATION_BUCKETS),
@@ -130,6 +197,71 @@ _COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
         "spawnmesh_not_owner_retries",
         "Remote invocations retried because ownership moved (NotOwner or a lost peer).",
     ),
+    (
+        "peer_sent_payload_bytes_total",
+        "spawnmesh_peer_sent_payload_bytes",
+        "Invocation payload bytes sent to peers in requests and replies (msgpack).",
+    ),
+    (
+        "peer_received_payload_bytes_total",
+        "spawnmesh_peer_received_payload_bytes",
+        "Invocation payload bytes received from peers in requests and replies (msgpack).",
+    ),
+    ("host_turns_total", "spawnmesh_host_turns", "Actor turns sent to host processes."),
+    (
+        "host_registrations_total",
+        "spawnmesh_host_registrations",
+        "Actor systems registered by hosts over the host API.",
+    ),
+)
+
+# (attribute, metric name without ``_total``, help, label names): dict counters the hot path
+# bumps with ``d[key] = d.get(key, 0) + 1``; a key is the label value (a tuple for several).
+_LABELLED: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
+    (
+        "peer_requests_sent",
+        "spawnmesh_peer_requests_sent",
+        "Peer-wire requests sent, by kind (call, cast, release, broadcast, spawn, ...).",
+        ("kind",),
+    ),
+    (
+        "peer_requests_received",
+        "spawnmesh_peer_requests_received",
+        "Peer-wire requests received and handled here, by kind.",
+        ("kind",),
+    ),
+    (
+        "peer_request_errors",
+        "spawnmesh_peer_request_errors",
+        "Peer-wire requests that failed, by direction (outbound: our request got an error; "
+        "inbound: we answered one) and error code.",
+        ("direction", "code"),
+    ),
+    (
+        "host_turn_errors",
+        "spawnmesh_host_turn_errors",
+        "Host actor turns that failed, by error code.",
+        ("code",),
+    ),
+)
+
+# (attribute, metric name, help): Histogram attributes.
+_HISTOGRAMS: Final[tuple[tuple[str, str, str], ...]] = (
+    (
+        "turn_seconds",
+        "spawnmesh_turn_duration_seconds",
+        "Wall time of actor turns (the handler, with the baton held), in seconds.",
+    ),
+    (
+        "state_write_seconds",
+        "spawnmesh_state_write_duration_seconds",
+        "Wall time of statestore write batches (one round trip each), in seconds.",
+    ),
+    (
+        "state_write_batch_size",
+        "spawnmesh_state_write_batch_size",
+        "Actor state rows per statestore write batch.",
+    ),
 )
 
 
@@ -137,12 +269,17 @@ _HISTOGRAM_NAME: Final = "spawnmesh_invocation_duration_seconds"
 _RESERVED_NAMES: Final[frozenset[str]] = frozenset(
     {
         *(n for _a, base, _d in _COUNTERS for n in (base, base + "_total")),
+        *(n for _a, base, _d, _l in _LABELLED for n in (base, base + "_total")),
         *(
             n
             for base in ("spawnmesh_invocations", "spawnmesh_metrics_gauge_source_errors")
             for n in (base, base + "_total")
         ),
-        *(_HISTOGRAM_NAME + sfx for sfx in ("", "_bucket", "_count", "_sum")),
+        *(
+            name + sfx
+            for name in (_HISTOGRAM_NAME, *(h for _a, h, _d in _HISTOGRAMS))
+            for sfx in ("", "_bucket", "_count", "_sum")
+        ),
     }
 )
 
@@ -160,6 +297,7 @@ class Metrics:
 
     __slots__ = (
         "_bucket_counts",
+        "_counter_sources",
         "_duration_sum",
         "_gauge_sources",
         "_outcomes",
@@ -170,18 +308,30 @@ class Metrics:
         "forwarded_invocations_total",
         "gauge_source_errors_total",
         "handoffs_total",
+        "host_registrations_total",
+        "host_turn_errors",
+        "host_turns_total",
         "node",
         "not_owner_retries_total",
         "overloaded_total",
         "passivations_total",
+        "peer_received_payload_bytes_total",
+        "peer_request_errors",
+        "peer_requests_received",
+        "peer_requests_sent",
+        "peer_sent_payload_bytes_total",
+        "recent_errors",
         "remote_invocations_total",
         "scheduled_fired_total",
         "stale_activations_total",
+        "state_write_batch_size",
         "state_write_batches_total",
         "state_write_failures_total",
+        "state_write_seconds",
         "state_writes_total",
         "timers_fired_total",
         "turn_failures_total",
+        "turn_seconds",
     )
 
     def __init__(self, node: str) -> None:
@@ -206,8 +356,22 @@ class Metrics:
         self.remote_invocations_total = 0
         self.forwarded_invocations_total = 0
         self.not_owner_retries_total = 0
+        self.peer_sent_payload_bytes_total = 0
+        self.peer_received_payload_bytes_total = 0
+        self.host_turns_total = 0
+        self.host_registrations_total = 0
+        self.peer_requests_sent: dict[str, int] = {}
+        self.peer_requests_received: dict[str, int] = {}
+        self.peer_request_errors: dict[tuple[str, str], int] = {}
+        self.host_turn_errors: dict[str, int] = {}
+        self.turn_seconds = Histogram(DURATION_BUCKETS)
+        self.state_write_seconds = Histogram(DURATION_BUCKETS)
+        self.state_write_batch_size = Histogram(BATCH_BUCKETS)
+        self.recent_errors: deque[dict[str, object]] = deque(maxlen=RECENT_ERRORS_MAX)
+        """The newest failed invocations (dicts: at_ms, actor, action, code, message)."""
         self.gauge_source_errors_total = 0
         self._gauge_sources: list[GaugeSource] = []
+        self._counter_sources: list[CounterSource] = []
         self._warned: set[str] = set()  # invalid samples already logged (log once, not per scrape)
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_MetricsCollector(self))
@@ -222,6 +386,26 @@ class Metrics:
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         self._bucket_counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self._duration_sum += seconds
+
+    def observe_failure(
+        self, code: str, seconds: float, actor: str, action: str, message: str
+    ) -> None:
+        """Count one failed invocation (as :meth:`observe_invocation`) and keep it among the
+        :attr:`recent_errors` (a cold path: only failures come here)."""
+        self.observe_invocation(code, seconds)
+        self.recent_errors.append({
+            "at_ms": wall_ms(),
+            "actor": actor,
+            "action": action,
+            "code": code,
+            "message": message[:500],
+        })
+
+    def add_counter_source(self, fn: CounterSource) -> None:
+        """Register ``fn``, called at every scrape to report running totals kept elsewhere (a
+        transport's byte counts, a core's probe counts) as counters. Every sample's name must
+        end in ``_total``; invalid samples are handled as for gauge sources."""
+        self._counter_sources.append(fn)
 
     def add_gauge_source(self, fn: GaugeSource) -> None:
         """Register ``fn``, called at every scrape to report gauges as :data:`GaugeSample` tuples.
@@ -281,7 +465,19 @@ class Metrics:
             fam.add_metric((node,), getattr(self, attr))
             yield fam
 
-        yield from self._collect_gauges(node)
+        for attr, name, doc, label_names in _LABELLED:
+            fam = CounterMetricFamily(name, doc, labels=("node", *label_names))
+            values: dict[object, int] = getattr(self, attr)
+            for key, n in sorted(values.items()):
+                labels = key if isinstance(key, tuple) else (key,)
+                fam.add_metric((node, *map(str, labels)), n)
+            yield fam
+
+        for attr, name, doc in _HISTOGRAMS:
+            h: Histogram = getattr(self, attr)
+            yield h.family(name, doc, node)
+
+        yield from self._collect_sources(node)
 
         errs = CounterMetricFamily(
             "spawnmesh_metrics_gauge_source_errors",
@@ -291,20 +487,28 @@ class Metrics:
         errs.add_metric((node,), self.gauge_source_errors_total)
         yield errs
 
-    def _collect_gauges(self, node: str) -> Iterator[Metric]:
-        families: dict[str, GaugeMetricFamily] = {}
+    def _collect_sources(self, node: str) -> Iterator[Metric]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         # (name, sorted labels) -> index into the family's samples: the last value of a
         # duplicated series wins, so the exposition never repeats a series.
         seen: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
-        for source in list(self._gauge_sources):
+        sources = [(s, False) for s in self._gauge_sources]
+        sources += [(s, True) for s in self._counter_sources]
+        for source, is_counter in sources:
             try:
                 samples = list(source())
             except Exception:
                 self.gauge_source_errors_total += 1
-                log.exception("metrics gauge source %r raised; skipped", source)
+                log.exception("metrics source %r raised; skipped", source)
                 continue
             for sample in samples:
                 checked = _check_gauge_sample(sample)
+                if checked is not None and is_counter:
+                    checked = _as_counter_sample(checked)
+                if checked is not None and checked[0] in families and (
+                    isinstance(families[checked[0]], CounterMetricFamily) is not is_counter
+                ):
+                    checked = None  # one name, two types: keep the first
                 if checked is None:
                     self.gauge_source_errors_total += 1
                     what = repr(sample)[:200]
@@ -316,9 +520,11 @@ class Metrics:
                 labels["node"] = node
                 fam = families.get(name)
                 if fam is None:
-                    fam = families[name] = GaugeMetricFamily(name, doc)
-                key = (name, tuple(sorted(labels.items())))
-                out = Sample(name, labels, value)
+                    kind = CounterMetricFamily if is_counter else GaugeMetricFamily
+                    fam = families[name] = kind(name, doc)
+                series = name + "_total" if is_counter else name
+                key = (series, tuple(sorted(labels.items())))
+                out = Sample(series, labels, value)
                 idx = seen.get(key)
                 if idx is None:
                     seen[key] = len(fam.samples)
@@ -349,6 +555,18 @@ def _check_gauge_sample(sample: object) -> tuple[str, str, dict[str, str], float
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return name, str(doc), clean, float(value)
+
+
+def _as_counter_sample(
+    checked: tuple[str, str, dict[str, str], float],
+) -> tuple[str, str, dict[str, str], float] | None:
+    """A counter source's sample with the family name (``_total`` stripped); ``None`` if the
+    name does not end in ``_total``, collides with a built-in, or the value is negative."""
+    name, doc, labels, value = checked
+    base = name.removesuffix("_total")
+    if base == name or not base or base in _RESERVED_NAMES or value < 0:
+        return None
+    return base, doc, labels, value
 
 
 class _MetricsCollector(Collector):

@@ -119,7 +119,8 @@ class Request(msgspec.Struct, array_like=True, tag=9):
     """An invocation for the receiving node. ``id`` is unique among the sender's requests in
     flight on this connection; ``deadline_ms`` is the caller's remaining time (None: none);
     ``payload`` is the invocation payload as msgpack bytes; ``when_ms`` is the delay
-    (DELAYED) or epoch time (SCHEDULED); ``hops`` counts forwards between owners."""
+    (DELAYED) or epoch time (SCHEDULED); ``hops`` counts forwards between owners; ``trace`` is
+    the caller's W3C trace context (``traceparent``, ``tracestate``; empty when not traced)."""
 
     id: U64
     system: Name
@@ -134,6 +135,7 @@ class Request(msgspec.Struct, array_like=True, tag=9):
     kind: Kind = Kind.CALL
     when_ms: I64 = 0
     hops: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0
+    trace: Annotated[dict[str, str], msgspec.Meta(max_length=8)] = {}
 
     @property
     def target(self) -> ActorId:
