@@ -478,6 +478,90 @@ def placement(system: str, actor: str, parent: str | None, node: str, as_json: b
 
 
 # --------------------------------------------------------------------------------------------
+# status: the cluster on one screen
+
+
+def _uptime(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@main.command(short_help="Show a node, its members, ring balance and readiness on one screen.")
+@_node_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the node's GET /v1/cluster/status reply (for scripts).")
+def status(node: str, as_json: bool) -> None:
+    """Print this node (name, version, readiness and why, uptime), every member it knows
+    (status, incarnation, address, readiness), the ring balance (actors each member owns per
+    actor type, asked from every live member's ops address by the node) and the actors by
+    type. Exit 1 if the node cannot be reached."""
+    reply = _node_call(node, "GET", "/v1/cluster/status")
+    if as_json:
+        _echo_json(reply)
+        return
+    members = [m for m in reply.get("members", []) if isinstance(m, dict)]
+    me = next((m for m in members if m.get("self")), {})
+    doc: dict[str, Any] = me.get("node") or {}
+    ready = "ready" if doc.get("ready") else "NOT READY"
+    click.echo(f"node {reply.get('self')}  spawnmesh {doc.get('version', '?')}  {ready}  "
+               f"up {_uptime(doc.get('uptime_s'))}  ops {doc.get('ops_address', '?')}  "
+               f"cluster {reply.get('cluster') or '(clustering off)'}")
+    for reason in doc.get("reasons", []):
+        click.echo(f"  not ready: {reason}")
+    click.echo("")
+    table: list[tuple[str, ...]] = [
+        ("Member", "Status", "Incarnation", "Address", "Ready", "Actors", "Uptime")
+    ]
+    not_ready: list[str] = []
+    for m in members:
+        d = m.get("node") if isinstance(m.get("node"), dict) else None
+        if d is not None:
+            is_ready = "yes" if d.get("ready") else "no"
+            if not d.get("ready"):
+                not_ready.append(f"{m.get('name')}: {'; '.join(d.get('reasons', []))}")
+        elif m.get("error"):
+            is_ready = "unreachable"
+            not_ready.append(f"{m.get('name')}: {m.get('error')}")
+        else:
+            is_ready = "-"
+        table.append((
+            str(m.get("name")) + (" *" if m.get("self") else ""), str(m.get("status")),
+            str(m.get("incarnation", "-")), str(m.get("address") or "-"), is_ready,
+            str(d.get("active_actors", "-")) if d else "-",
+            _uptime(d.get("uptime_s")) if d else "-",
+        ))
+    _print_table(table)
+    ring = reply.get("ring") or {}
+    names = [str(m.get("name")) for m in members if isinstance(m.get("node"), dict)]
+    click.echo("")
+    if ring:
+        click.echo("Ring balance (actors owned per member)")
+        rtable: list[tuple[str, ...]] = [("Type", *names, "Total")]
+        totals: dict[str, int] = {}
+        for t, counts in ring.items():
+            row = [int(counts.get(n, 0)) for n in names]
+            totals[t] = sum(row)
+            rtable.append((str(t), *(str(n) for n in row), str(totals[t])))
+        _print_table(rtable)
+        click.echo("")
+        click.echo("Actors by type: " + ", ".join(f"{t} {n}" for t, n in totals.items()))
+    else:
+        click.echo("Ring balance: no active actors")
+    if not_ready:
+        click.echo("Readiness: " + " | ".join(not_ready))
+    else:
+        click.echo(f"Readiness: all {len(names)} reachable members ready")
+
+
+# --------------------------------------------------------------------------------------------
 # version, config
 
 

@@ -36,9 +36,11 @@ from spawnmesh.errors import (
     SpawnmeshError,
 )
 from spawnmesh.ids import ActorId
-from spawnmesh.mesh.router import Router, actor_type
+from spawnmesh.mesh.router import KIND_NAMES, Router, actor_type
 from spawnmesh.ops.http import serve_ops
 from spawnmesh.ops.metrics import Metrics
+from spawnmesh.ops.status import fetch_statuses
+from spawnmesh.ops.tracing import open_tracing
 from spawnmesh.refs import ActorRef
 from spawnmesh.statestore.base import StateStore
 from spawnmesh.statestore.memory import MemoryStateStore
@@ -90,6 +92,12 @@ class Node:
         self.store = store
         self.metrics = Metrics(self.name)
         self.runtime = Runtime(store, self.metrics, runtime_settings(config), self.name)
+        self.tracing = open_tracing(config.tracing, self.name)
+        """OpenTelemetry tracing (None unless tracing.enabled)."""
+        self.runtime.tracer = self.tracing
+        self.started_at: float | None = None
+        """``trio.current_time()`` when the node became ready (for the uptime)."""
+        self.metrics.add_gauge_source(self._node_gauges)
         self.ops_port = 0
         self.host_api: Any = None
         """The gRPC host API (spawnmesh.host.server.HostApi) when host.enabled, once started."""
@@ -173,6 +181,100 @@ class Node:
                 "encrypted": m.settings.keyring is not None,
                 "live_members": len(m.live()),
             },
+        }
+
+    def status(self, actors: int = 0, query: str = "") -> dict[str, object]:
+        """``GET /v1/status``: this node in one document (identity, readiness and why, uptime,
+        actors by type, counters for throughput, recent errors; up to ``actors`` active actors
+        whose ``system/name`` contains ``query``), for ``spawnmesh status`` and the dashboard."""
+        ready, reasons = self.readiness()
+        by_type: dict[str, int] = {}
+        for a in self.runtime.activations():
+            t = f"{a.adef.system}/{a.adef.name}"
+            by_type[t] = by_type.get(t, 0) + 1
+        router = self.router
+        doc: dict[str, object] = {
+            "name": self.name,
+            "version": __version__,
+            "ready": ready,
+            "reasons": reasons,
+            "uptime_s": round(trio.current_time() - self.started_at, 3)
+            if self.started_at is not None else 0.0,
+            "now_ms": wall_ms(),
+            "ops_address": f"{self.config.ops.host}:{self.ops_port}",
+            "actor_types": self._actor_types(),
+            "active_actors": self.runtime.active_count(),
+            "actors_by_type": dict(sorted(by_type.items())),
+            "queued": self.runtime.queued_count(),
+            "handing_off": self.runtime.handing_off(),
+            "invocations": self.metrics.invocation_counts(),
+            "turn_failures": self.metrics.turn_failures_total,
+            "placement_version": router.placement.version if router is not None else None,
+            "recent_errors": list(reversed(self.metrics.recent_errors)),
+            "tracing": self.tracing is not None,
+        }
+        if actors > 0:
+            rows = []
+            needle = query.lower()
+            acts = self.runtime.activations()
+            if needle:
+                acts = [a for a in acts if needle in f"{a.id.system}/{a.id.name}".lower()]
+            now = trio.current_time()
+            for a in heapq.nlargest(actors, acts, key=lambda a: a.last_used):
+                rows.append({
+                    "system": a.id.system, "name": a.id.name, "parent": a.id.parent,
+                    "type": f"{a.adef.system}/{a.adef.name}", "revision": a.revision,
+                    "queued": a.queued(),
+                    "idle_s": round(now - a.last_used, 3) if a.loaded else None,
+                })
+            doc["actors"] = rows
+        return doc
+
+    async def cluster_status(self, actors: int = 0, query: str = "") -> dict[str, object]:
+        """``GET /v1/cluster/status``: every member this node knows, with the ``/v1/status`` of
+        each live one (asked over the ops network, in parallel, 2 s each; one that does not
+        answer is marked unreachable), and the ring balance: actors owned per member per
+        type."""
+        members = self.cluster_members()
+        rows: list[dict[str, object]] = []
+        targets: dict[str, str] = {}
+        for r in members["members"]:  # type: ignore[attr-defined]
+            row = dict(r)
+            rows.append(row)
+            if r["self"] or r["status"] not in ("alive", "suspect"):
+                continue
+            if r["ops_address"]:
+                targets[r["name"]] = r["ops_address"]
+        if not rows:  # clustering off: a cluster of one
+            rows.append({"name": self.name, "status": "alive", "incarnation": 0,
+                         "address": "", "ops_address": f"{self.config.ops.host}:{self.ops_port}",
+                         "self": True, "actor_types": self._actor_types()})
+        path = f"/v1/status?actors={actors}" + (f"&q={_quote(query)}" if query else "")
+        fetched = await fetch_statuses(targets, path, timeout_s=2.0)
+        ring: dict[str, dict[str, int]] = {}
+        for row in rows:
+            name = str(row["name"])
+            doc: object
+            if row["self"]:
+                doc = self.status(actors, query)
+            elif name in fetched:
+                doc = fetched[name]
+            else:
+                doc = None
+            if isinstance(doc, dict):
+                row["node"] = doc
+                by_type = doc.get("actors_by_type")
+                if isinstance(by_type, dict):
+                    for t, n in by_type.items():
+                        ring.setdefault(str(t), {})[name] = int(n)
+            elif isinstance(doc, str):
+                row["error"] = doc
+        return {
+            "self": self.name,
+            "cluster": members.get("cluster"),
+            "now_ms": wall_ms(),
+            "members": rows,
+            "ring": {t: dict(sorted(v.items())) for t, v in sorted(ring.items())},
         }
 
     # ---------------------------------------------------------------- cluster (ops backend)
@@ -316,23 +418,116 @@ class Node:
         for status, n in members.items():
             out.append(("spawnmesh_cluster_members", "Known cluster members by status.",
                         {"status": status}, n))
-        tr = m.transport.stats
-        for channel, sent, received in (
-            ("udp", tr.udp_sent_bytes, tr.udp_received_bytes),
-            ("tcp", tr.tcp_sent_bytes, tr.tcp_received_bytes),
-        ):
-            out.append(("spawnmesh_cluster_sent_bytes", "Gossip bytes sent since start "
-                        "(a running total).", {"channel": channel}, sent))
-            out.append(("spawnmesh_cluster_received_bytes", "Gossip bytes received since "
-                        "start (a running total).", {"channel": channel}, received))
-        for reason, n in tr.rejected.items():
-            out.append(("spawnmesh_cluster_rejected_packets", "Gossip packets rejected before "
-                        "the membership core since start, by reason.", {"reason": reason}, n))
         swim = m.swim
         out.append(("spawnmesh_cluster_health_score", "Lifeguard local health score (0 is "
                     "healthy; timeouts are stretched by score + 1).", {}, swim.awareness.score))
         out.append(("spawnmesh_cluster_incarnation", "This node's incarnation number.", {},
                     swim.incarnation))
+        router = self.router
+        if router is not None:
+            p = router.placement
+            out.append(("spawnmesh_placement_info", "The placement table in force (its "
+                        "version label is equal on members with the same view); always 1.",
+                        {"version": p.version}, 1))
+            for t in sorted(p.actor_types):
+                out.append(("spawnmesh_placement_members", "Live members hosting each actor "
+                            "type (the ring's size).", {"type": t}, len(p.members(t))))
+        peers = self.peers
+        if peers is not None:
+            out.append(("spawnmesh_peer_connections", "Open peer-wire connections (including "
+                        "draining ones).", {}, peers.open_connections))
+            out.append(("spawnmesh_peer_connected_peers", "Peers with a usable peer-wire "
+                        "connection.", {}, len(peers.connected_peers)))
+            in_flight = handling = 0
+            for name in peers.connected_peers:
+                conn = peers.connection(name)
+                if conn is not None:
+                    in_flight += conn.in_flight
+                    handling += conn.handling
+            out.append(("spawnmesh_peer_requests_in_flight", "Requests this node sent to peers "
+                        "that await an answer.", {}, in_flight))
+            out.append(("spawnmesh_peer_requests_handling", "Peer requests whose handler is "
+                        "running here.", {}, handling))
+        return out
+
+    def _cluster_counters(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Running totals of the membership transport and core and of the peer layer."""
+        m = self.membership
+        if m is None:
+            return []
+        out: list[tuple[str, str, dict[str, str], float]] = []
+        tr = m.transport.stats
+        for channel, sent, received in (
+            ("udp", tr.udp_sent_bytes, tr.udp_received_bytes),
+            ("tcp", tr.tcp_sent_bytes, tr.tcp_received_bytes),
+        ):
+            out.append(("spawnmesh_cluster_sent_bytes_total", "Gossip bytes sent (security "
+                        "header and tag included).", {"channel": channel}, sent))
+            out.append(("spawnmesh_cluster_received_bytes_total", "Gossip bytes received.",
+                        {"channel": channel}, received))
+        out.append(("spawnmesh_cluster_sent_packets_total", "Gossip UDP packets sent.", {},
+                    tr.udp_sent_packets))
+        out.append(("spawnmesh_cluster_received_packets_total", "Gossip UDP packets received.",
+                    {}, tr.udp_received_packets))
+        for reason, n in tr.rejected.items():
+            out.append(("spawnmesh_cluster_rejected_packets_total", "Gossip packets rejected "
+                        "before the membership core, by reason.", {"reason": reason}, n))
+        for direction, ok, failed in (("outbound", tr.tcp_outbound, tr.tcp_outbound_failed),
+                                      ("inbound", tr.tcp_inbound, tr.tcp_inbound_failed)):
+            out.append(("spawnmesh_cluster_tcp_exchanges_total", "Gossip TCP exchanges "
+                        "(push-pull, join, fallback probes), by direction.",
+                        {"direction": direction}, ok))
+            out.append(("spawnmesh_cluster_tcp_exchange_failures_total", "Gossip TCP exchanges "
+                        "that failed, by direction.", {"direction": direction}, failed))
+        s = m.swim.stats
+        for name, value, doc in (
+            ("probes", s.probes, "Direct probes (pings) started."),
+            ("probe_failures", s.probe_failures, "Probes that got no ack in their period."),
+            ("indirect_probes", s.indirect_probes, "Probes that fell back to ping-req helpers."),
+            ("suspicions", s.suspicions_started, "Suspicions started (a member suspected)."),
+            ("refutes", s.refutes, "Suspicions of this node that it refuted."),
+            ("deaths", s.deaths_declared, "Members this node declared dead."),
+            ("malformed_messages", s.malformed, "Gossip messages that could not be decoded."),
+        ):
+            out.append((f"spawnmesh_cluster_{name}_total", doc, {}, value))
+        if self.router is not None:
+            out.append(("spawnmesh_placement_changes_total", "Placement tables adopted (view "
+                        "changes that changed placement).", {}, self.router.view_version))
+        peers = self.peers
+        if peers is not None:
+            st = peers.stats
+            for name, value, doc in (
+                ("dials", st.dials, "Peer-wire connections dialed."),
+                ("dial_failures", st.dial_failures, "Peer-wire dials that failed."),
+                ("accepted", st.accepted, "Peer-wire connections accepted."),
+                ("handshake_failures", st.handshake_failures,
+                 "Inbound peer-wire handshakes refused or failed."),
+                ("duplicate_connections", st.duplicates_closed,
+                 "Duplicate peer-wire connections closed (one per peer pair is kept)."),
+                ("connections_closed", st.connections_closed, "Peer-wire connections closed."),
+            ):
+                out.append((f"spawnmesh_peer_{name}_total", doc, {}, value))
+        return out
+
+    def _node_gauges(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Readiness, uptime, and the host API's attached hosts."""
+        out: list[tuple[str, str, dict[str, str], float]] = [
+            ("spawnmesh_ready", "1 when the node takes traffic (GET /readyz is 200), else 0.",
+             {}, 1 if self.readiness()[0] else 0),
+            ("spawnmesh_build_info", "The running spawnmesh version; always 1.",
+             {"version": __version__}, 1),
+        ]
+        if self.started_at is not None:
+            out.append(("spawnmesh_uptime_seconds", "Seconds since the node became ready.", {},
+                        trio.current_time() - self.started_at))
+        api = self.host_api
+        if api is not None:
+            for name, hs in sorted(api.hosts.systems.items()):
+                out.append(("spawnmesh_host_sessions", "Hosts attached over Connect streams, "
+                            "by actor system.", {"system": name}, len(hs.sessions)))
+                out.append(("spawnmesh_host_callbacks", "1 when the system's host is reached "
+                            "by HandleTurn callbacks, by actor system.", {"system": name},
+                            1 if hs.callback is not None else 0))
         return out
 
     async def admin_invoke(
@@ -402,6 +597,7 @@ class Node:
             await self.runtime.activate_eager()
             self.runtime.start_schedule_recovery()
             self._ready = True
+            self.started_at = trio.current_time()
             task_status.started()
 
     async def _start_mesh(self, sup: Supervisor, settings: MembershipSettings) -> None:
@@ -421,15 +617,39 @@ class Node:
         self.membership = Membership(self.name, settings, self._node_meta(peers.port))
         await self.membership.open()
         self.metrics.add_gauge_source(self._cluster_gauges)
+        self.metrics.add_counter_source(self._cluster_counters)
         await sup.start_child(ChildSpec("membership", self.membership.run))
         await sup.start_child(ChildSpec("router", _follow(self.router, self.membership)))
         self.runtime.router = self.router
 
     async def _peer_request(self, req: Any, origin: str) -> bytes | None:
+        """The peer layer's handler: counted, traced (a child of the caller's span when the
+        request carries one), then routed."""
         router = self.router
         if router is None:  # pragma: no cover - the handler is only reachable once started
             raise NodeShuttingDown(f"node {self.name} is not routing yet")
-        return await router.handle(req, origin)
+        metrics = self.metrics
+        kind = KIND_NAMES.get(req.kind, "unknown")
+        received = metrics.peer_requests_received
+        received[kind] = received.get(kind, 0) + 1
+        metrics.peer_received_payload_bytes_total += len(req.payload)
+        tracer = self.tracing
+        try:
+            if tracer is None:
+                reply = await router.handle(req, origin)
+            else:
+                attrs = {"spawnmesh.actor": str(req.target), "spawnmesh.action": req.action,
+                         "spawnmesh.peer": origin, "spawnmesh.request_kind": kind}
+                with tracer.span("spawnmesh.peer.handle", "server", attrs, req.trace or None):
+                    reply = await router.handle(req, origin)
+        except SpawnmeshError as exc:
+            errors = metrics.peer_request_errors
+            key = ("inbound", exc.code)
+            errors[key] = errors.get(key, 0) + 1
+            raise
+        if reply:
+            metrics.peer_sent_payload_bytes_total += len(reply)
+        return reply
 
     async def _serve_ops(self, *, task_status: trio.TaskStatus[None]) -> None:
         port = self.ops_port or self.config.ops.port
@@ -461,6 +681,8 @@ class Node:
         if self.peers is not None:  # after the drain: peers' calls were forwarded meanwhile
             await self.peers.close()
         self._drained = clean
+        if self.tracing is not None:  # spans of the drain included
+            await trio.to_thread.run_sync(self.tracing.shutdown)
         log.info("node %s drained (%s)", self.name, "clean" if clean else "with losses")
         return clean
 
@@ -613,6 +835,12 @@ def _safe_url(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
 
 
 def _ops_address(ops_addr: str, gossip_host: str) -> str:

@@ -20,6 +20,7 @@ from spawnmesh.host.gen import spawn
 from spawnmesh.host.gen.google import rpc
 from spawnmesh.host.gen.spawnmesh import v1
 from spawnmesh.host.status import DOMAIN, RichStatusCodec, error_from_status
+from spawnmesh.ops.tracing import TRACE_KEYS
 
 
 class CallbackTransport:
@@ -62,7 +63,12 @@ class CallbackTransport:
             self._channel = grpclib.client.Channel(
                 self._host, self._port, status_details_codec=RichStatusCodec()
             )
-        stub = v1.HostServiceStub(self._channel, metadata=self._metadata)
+        metadata = self._metadata
+        ctx = inv.current_context
+        if ctx is not None and "traceparent" in ctx.metadata:  # tracing on: W3C in gRPC metadata
+            metadata = {**(metadata or {}), **{k: ctx.metadata[k] for k in TRACE_KEYS
+                                                if k in ctx.metadata}}
+        stub = v1.HostServiceStub(self._channel, metadata=metadata)
         try:
             return await stub.handle_turn(inv, timeout=timeout_ms / 1000 if timeout_ms else None)
         except GRPCError as exc:

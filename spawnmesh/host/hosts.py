@@ -219,6 +219,7 @@ class HostRegistry:
             raise RegistrationInvalid(exc.violations + extra) from None
         if extra:
             raise RegistrationInvalid(extra)
+        self.runtime.metrics.host_registrations_total += 1
         hs = self.systems.get(reg.system)
         if hs is None:
             hs = self.systems[reg.system] = HostSystem(reg.system)
@@ -335,8 +336,22 @@ class HostRegistry:
         )
         key = sid.key
         self._inflight[key] = _CURRENT.get()
+        metrics = self.runtime.metrics
+        metrics.host_turns_total += 1
+        tracer = self.runtime.tracer
         try:
-            resp = await transport.call(inv, timeout_ms)
+            if tracer is None:
+                resp = await transport.call(inv, timeout_ms)
+            else:  # the host continues the trace from the turn's context metadata
+                attrs = {"spawnmesh.actor": str(sid), "spawnmesh.action": action}
+                with tracer.span("spawnmesh.host.turn", "client", attrs):
+                    assert inv.current_context is not None
+                    inv.current_context.metadata.update(tracer.carrier())
+                    resp = await transport.call(inv, timeout_ms)
+        except SpawnmeshError as exc:
+            errors = metrics.host_turn_errors
+            errors[exc.code] = errors.get(exc.code, 0) + 1
+            raise
         finally:
             self._inflight.pop(key, None)
         return self._reply(sid, resp)

@@ -31,6 +31,7 @@ from spawnmesh.host.gen.spawnmesh import v1
 from spawnmesh.host.hosts import HostRegistry, StreamSession
 from spawnmesh.host.registration import RegistrationInvalid
 from spawnmesh.host.status import RichStatusCodec, grpc_error
+from spawnmesh.ops.tracing import TRACE_KEYS
 
 if TYPE_CHECKING:
     from spawnmesh.actors.runtime import Runtime
@@ -134,6 +135,10 @@ class NodeService:
 
     async def _invoke(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         req = await self._recv(stream)
+        for key in TRACE_KEYS:  # a traced caller's W3C context continues in the invocation
+            value = stream.metadata.get(key) if stream.metadata else None
+            if isinstance(value, str) and key not in req.metadata:
+                req.metadata[key] = value
         if stream.deadline is not None:  # the caller's deadline, else the node's default
             timeout_ms = max(1, int(stream.deadline.time_remaining() * 1000))
         else:

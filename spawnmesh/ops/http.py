@@ -15,6 +15,9 @@ Routes::
     GET  /v1/members                                       cluster members and gossip counters
     GET  /v1/actors?limit=N                                actors active on this node
     GET  /v1/placement/{system}/{actor}?parent=T           the owner of an actor in this view
+    GET  /v1/status?actors=N&q=S                           this node in one document
+    GET  /v1/cluster/status?actors=N&q=S                   every member's status, ring balance
+    GET  /dashboard                                        the live cluster dashboard (HTML)
     POST /v1/cluster/join      {"addrs": ["host:port"]}    join through these members
     POST /v1/cluster/leave                                 leave the cluster, then exit
     POST /v1/systems/{system}/actors/{actor}/actions/{action}   invoke an actor (JSON)
@@ -36,6 +39,7 @@ import h11
 import trio
 
 from spawnmesh.errors import SpawnmeshError
+from spawnmesh.ops.dashboard import DASHBOARD_CSP, dashboard_html
 
 __all__ = [
     "GRPC_TO_HTTP",
@@ -153,6 +157,14 @@ class OpsBackend(Protocol):
     ) -> dict[str, object]:
         """Who owns ``actor`` in this node's view, the placement version and the members
         hosting its type (JSON-able)."""
+        ...
+
+    def status(self, actors: int, query: str) -> dict[str, object]:
+        """This node in one JSON-able document (up to ``actors`` actors matching ``query``)."""
+        ...
+
+    async def cluster_status(self, actors: int, query: str) -> dict[str, object]:
+        """Every member with its status document and the ring balance (JSON-able)."""
         ...
 
 
@@ -279,6 +291,17 @@ def _query(target: bytes) -> dict[str, str]:
     return {k: v[-1] for k, v in parsed.items()}
 
 
+def _status_args(query: dict[str, str]) -> tuple[int, str]:
+    """``?actors=N`` (0..ACTORS_LIMIT_MAX, default 0) and ``?q=`` (at most 200 characters)."""
+    raw = query.get("actors", "0")
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > ACTORS_LIMIT_MAX:
+        raise _BadRequest(f"actors must be an integer from 0 to {ACTORS_LIMIT_MAX}")
+    q = query.get("q", "")
+    if len(q) > 200:
+        raise _BadRequest("q must be at most 200 characters")
+    return int(raw), q
+
+
 def _limit(query: dict[str, str]) -> int:
     raw = query.get("limit")
     if raw is None:
@@ -339,6 +362,21 @@ class _Router:
                 parent = _query(target).get("parent") or None
                 return _Response(
                     200, _json_bytes(await self._backend.placement_of(system, actor, parent))
+                )
+            case ["v1", "status"]:
+                if (denied := _allow(method, read)) is not None:
+                    return denied
+                n, q = _status_args(_query(target))
+                return _Response(200, _json_bytes(self._backend.status(n, q)))
+            case ["v1", "cluster", "status"]:
+                if (denied := _allow(method, read)) is not None:
+                    return denied
+                n, q = _status_args(_query(target))
+                return _Response(200, _json_bytes(await self._backend.cluster_status(n, q)))
+            case ["dashboard"] | ["dashboard", ""]:
+                return _allow(method, read) or _Response(
+                    200, dashboard_html(), "text/html; charset=utf-8",
+                    (("content-security-policy", DASHBOARD_CSP),),
                 )
             case ["v1", "cluster", "join"]:
                 return _allow(method, ("POST",)) or _Response(
