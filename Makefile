@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit bench clean proto
+.PHONY: run test lint typecheck unit bench clean proto dist
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,5 +37,21 @@ bench: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m spawnmesh.host.codegen
 
+## dist: one executable file of the node per CPU (pex, --venv --sh-boot), for Linux devices with
+## Python 3.11 and glibc >= 2.28 (docs/edge.md): dist/spawnmesh-x86_64, dist/spawnmesh-aarch64.
+## Each target's wheel tags come from scripts/pex-platform.py (a pex "complete platform").
+DIST_GLIBC ?= 2.28
+DIST_ARCHES ?= x86_64 aarch64
+dist: $(STAMP)
+	@mkdir -p dist build
+	@for arch in $(DIST_ARCHES); do \
+	    echo "pex: dist/spawnmesh-$$arch ($$arch, glibc >= $(DIST_GLIBC), the venv's Python)"; \
+	    $(BIN)/python scripts/pex-platform.py $$arch $(DIST_GLIBC) > build/pex-$$arch.json \
+	        || exit 1; \
+	    $(BIN)/pex . --venv --sh-boot --console-script spawnmesh \
+	        --complete-platform build/pex-$$arch.json -o dist/spawnmesh-$$arch || exit 1; \
+	done
+	@ls -l dist/
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache dist build
