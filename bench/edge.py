@@ -239,7 +239,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     extra = [x for kv in args.sets for x in ("--set", kv)]
-    exe = [args.exe] if args.exe else default_exe()
+    exe = default_exe()
+    if args.exe:  # the node runs in its own directory: make a path absolute
+        exe = [str(Path(args.exe).resolve()) if os.sep in args.exe else args.exe]
     key = base64.b64encode(os.urandom(32)).decode()
     with tempfile.TemporaryDirectory(prefix="spawnmesh-edge-") as tmp:
         base = Path(tmp)
