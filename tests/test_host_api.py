@@ -5,6 +5,7 @@ from a gRPC caller reaches the host; tokens and mutual TLS; registration refusal
 from __future__ import annotations
 
 import datetime
+import os
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -100,11 +101,7 @@ async def test_a_crashed_host_fails_fast_and_serves_again_after_reregistering() 
             await h.ref("cart-x", parent="cart").invoke("checkout")
         assert trio.current_time() - t1 < 1.0
         again = await trio.lowlevel.open_process(
-            HOST,
-            env={
-                "SPAWNMESH_NODE_ADDRESS": f"127.0.0.1:{h.node.host_api.port}",
-                "PATH": "/usr/bin:/bin",
-            },
+            HOST, env={**os.environ, "SPAWNMESH_NODE_ADDRESS": f"127.0.0.1:{h.node.host_api.port}"}
         )
         try:
             await wait_until(h.attached, "the restarted host to register again")
