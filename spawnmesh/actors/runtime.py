@@ -171,6 +171,9 @@ class Runtime:
         self.scheduler = Scheduler()
         self.router: Routing | None = None
         """The mesh, when this node is part of a cluster (None: every actor is local)."""
+        self._clock: Callable[[], float] = trio.current_time
+        """``trio.current_time`` on the hot path; once running, the run's clock's own method
+        (the same time, without the run-context lookup: 0.1-0.2 us less per read)."""
         self.tracer: Tracing | None = None
         """OpenTelemetry spans of invocations and turns (None: tracing off, the default)."""
         self._moving: dict[Key, trio.Event] = {}
@@ -232,6 +235,7 @@ class Runtime:
     async def _serve_jobs(self, *, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._jobs = nursery
+            self._clock = trio.lowlevel.current_clock().current_time
             task_status.started()
             await trio.sleep_forever()
 
@@ -288,7 +292,7 @@ class Runtime:
         else:
             caller = cur.actor_id
             chain = (*cur.chain, cur.key)
-        t0 = trio.current_time()
+        t0 = self._clock()
         try:
             if timeout_ms is None:
                 value = await self._invoke(target, action, payload, metadata, caller, chain)
@@ -306,7 +310,7 @@ class Runtime:
         except trio.Cancelled:
             self.metrics.observe_invocation("cancelled", trio.current_time() - t0)
             raise
-        now = trio.current_time()
+        now = self._clock()
         self.metrics.observe_invocation("ok", now - t0)
         if now - self._slice_start > SLICE_S:
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -908,7 +912,7 @@ class Runtime:
         """Run one turn with the baton held: handler, commit, workflow side effects."""
         adef = act.adef
         ad = adef.actions.get(action)
-        now = trio.current_time()
+        now = self._clock()
         act.last_used = now
         if ad is None:
             if action in STATE_ACTIONS and adef.stateful:
@@ -940,7 +944,7 @@ class Runtime:
             ) from exc
         finally:
             _CURRENT.reset(token)
-            self.metrics.turn_seconds.observe(trio.current_time() - now)
+            self.metrics.turn_seconds.observe(self._clock() - now)
         if result.__class__ is Reply:
             new_state = ctx.state if result.state is _UNSET else result.state
         else:
