@@ -208,3 +208,32 @@ def test_core_heals_partitions_without_the_discovery_loop(scenario: str) -> None
     rep = simmod.SCENARIOS[scenario](sim, 60_000)
     assert not rep.violations, ok(rep)
     assert 0 <= rep.converged_ms <= 2 * lan().reconnect_interval_ms, ok(rep)
+
+
+def test_set_overrides_are_replayed(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--seed", "4", "--scenario", "detect", "--nodes", "12", "--seconds", "40"]
+    argv += ["--set", "suspicion_mult=4", "--set", "ring_probe=false"]
+    assert simmod.main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("replay: "))
+    assert line.endswith("--set ring_probe=false --set suspicion_mult=4")
+    assert simmod.main(line.split("sim ", 1)[1].split()) == 0
+    assert re.sub(r"(wall|speed)=\S+", "", capsys.readouterr().out) == re.sub(
+        r"(wall|speed)=\S+", "", out
+    )
+    with pytest.raises(SystemExit):
+        simmod.main(["--set", "no_such_field=1"])
+    # memberlist's suspicion settings detect more slowly than lan's (same seed, same crashes)
+    slow = run_scenario("detect", 4, 12, 40_000, overrides={"suspicion_mult": 4})
+    fast = run_scenario("detect", 4, 12, 40_000)
+    assert max(fast.samples) < min(slow.samples), ok(fast) + "\n" + ok(slow)
+
+
+def test_bytes_per_node_stay_constant_in_n() -> None:
+    # 32 and 128 members: push-pull every 30 s and 120 s, a table of 32 and 128 rows
+    small = run_scenario("traffic", 1, 32)
+    big = run_scenario("traffic", 1, 128)
+    for key in ("msgs_per_node_per_s", "udp_bytes_per_node_per_s", "tcp_bytes_per_node_per_s"):
+        a, b = small.notes[key], big.notes[key]
+        assert 0.8 < b / a < 1.25, (key, ok(small), ok(big))
+    assert big.notes["push_pull_table_bytes"] > 3.5 * small.notes["push_pull_table_bytes"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -17,7 +19,9 @@ from spawnmesh.cluster.state import PRECEDENCE, Action, Cmp, Current, News, deci
 from spawnmesh.cluster.suspicion import Suspicion, suspicion_timeout_ms
 from spawnmesh.errors import ConfigError
 
-SPEC = Path(__file__).resolve().parents[1] / "spec" / "swim.md"
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "spec" / "swim.md"
+DOCS = ROOT / "docs" / "membership.md"
 
 
 def oracle(news: News, cur: Current, cmp: Cmp) -> Action:
@@ -312,3 +316,48 @@ def test_config_validation() -> None:
         cfgmod.lan().replace(probe_interval_ms=0)
     with pytest.raises(ConfigError, match="probe_timeout_ms"):
         cfgmod.lan().replace(probe_timeout_ms=2000)
+
+
+# -- docs/membership.md settings table ------------------------------------------------------
+
+
+def _unit(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "on/off"
+    if name.endswith("_ms"):
+        return "ms"
+    if name.endswith("_bytes"):
+        return "bytes"
+    return "factor" if "mult" in name else "count"
+
+
+def settings_table() -> str:
+    """The settings table of docs/membership.md, generated from ``SwimConfig`` and the presets
+    (field docstrings read from config.py's source)."""
+    tree = ast.parse((ROOT / "spawnmesh" / "cluster" / "config.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SwimConfig")
+    docs: dict[str, str] = {}
+    for node, after in zip(cls.body, cls.body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    presets = [cfgmod.lan(), cfgmod.wan(), cfgmod.local()]
+    rows = [
+        "| setting | unit | lan | wan | local | meaning and formula |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(cfgmod.SwimConfig):
+        values = [getattr(p, f.name) for p in presets]
+        cells = " | ".join(f"{v:_}".replace("_", ",") if type(v) is int else str(v) for v in values)
+        text = docs[f.name].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {_unit(f.name, values[0])} | {cells} | {text} |")
+    return "\n".join(rows)
+
+
+def test_docs_settings_table_is_current() -> None:
+    text = DOCS.read_text()
+    begin, end = "<!-- settings:begin -->\n", "\n<!-- settings:end -->"
+    assert begin in text and end in text, "docs/membership.md lost its settings markers"
+    current = text.split(begin, 1)[1].split(end, 1)[0]
+    want = settings_table()
+    assert current == want, f"regenerate the table in docs/membership.md:\n{want}"

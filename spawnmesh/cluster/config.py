@@ -1,7 +1,9 @@
 """SWIM + Lifeguard configuration: every knob with its unit, default and formula, plus presets.
 
-The presets mirror hashicorp/memberlist's ``DefaultLANConfig`` / ``DefaultWANConfig`` /
-``DefaultLocalConfig``. All durations are integer milliseconds (names end in ``_ms``).
+The presets take hashicorp/memberlist's ``DefaultLANConfig`` / ``DefaultWANConfig`` /
+``DefaultLocalConfig`` timings; ``lan`` re-tunes suspicion (``suspicion_mult`` 1, ``suspicion_k``
+3: derivation in spec/swim.md section 5.3, figures in docs/membership.md). All durations are
+integer milliseconds (names end in ``_ms``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class SwimConfig:
     """Wait for a direct ack before indirect probes (ms); ~p99 RTT. Scaled like the interval."""
 
     indirect_checks: int = 3
-    """k: members asked to ping-req a target whose direct ping timed out."""
+    """Members asked to ping-req a target whose direct ping timed out (each one's failure is an
+    independent witness: see ``suspicion_k``)."""
 
     retransmit_mult: int = 4
     """Each update is sent ``retransmit_mult * ceil(log10(n + 1))`` times."""
@@ -36,13 +39,16 @@ class SwimConfig:
     """Max suspicion timeout = ``suspicion_max_timeout_mult * min``; Lifeguard starts there."""
 
     suspicion_k: int = 3
-    """k: independent confirmations that shrink a suspicion from max to min (``min(k, n - 2)``)."""
+    """k: independent confirmations that shrink a suspicion from max to min, ``min(k, n - 2)``;
+    lan sets it to ``indirect_checks`` (the failed probe's helpers confirm at once)."""
 
     push_pull_interval_ms: int = 30_000
-    """Full-state TCP sync with one random member (ms); 0 disables. Scaled up above 32 nodes."""
+    """Full-state TCP sync with one random member (ms); 0 disables. x ``ceil(n / 32)`` above 32
+    members, so its bytes per node stay constant in n."""
 
     gossip_interval_ms: int = 200
-    """Time between gossip rounds of queued updates not yet piggybacked (ms); 0 disables."""
+    """Time between gossip rounds of queued updates (ms); 0 disables. News spreads about
+    ``gossip_nodes + 1``-fold per round."""
 
     gossip_nodes: int = 3
     """Members each gossip round sends to."""
@@ -51,7 +57,8 @@ class SwimConfig:
     """Dead members still receive gossip for this long (ms), so they learn and refute."""
 
     awareness_max_multiplier: int = 8
-    """Lifeguard health score is bounded to ``0 .. awareness_max_multiplier - 1``."""
+    """Lifeguard health score is bounded to ``0 .. awareness_max_multiplier - 1``; probe interval
+    and timeout are multiplied by ``score + 1``."""
 
     tcp_timeout_ms: int = 10_000
     """Time the shell allows a TCP fallback ping or a push-pull exchange (ms)."""
@@ -76,7 +83,9 @@ class SwimConfig:
     per period by its ring predecessor; costs one more probe per period)."""
 
     lifeguard: bool = True
-    """Lifeguard on: awareness, nacks, dynamic suspicion timeout, buddy rule, stall discount."""
+    """Lifeguard on: awareness, nacks, dynamic suspicion timeout, evidence confirmations, buddy
+    rule and direct notice, stall discount (tolerance ``probe_timeout_ms / 2``) and grace,
+    answers to stale news. Off: plain SWIM with a fixed ``min`` suspicion timeout."""
 
     def validate(self) -> SwimConfig:
         """Raise ``ConfigError`` naming the first invalid setting; return self."""

@@ -10,6 +10,7 @@ checks invariants. One seed reproduces a whole run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import random
@@ -28,6 +29,8 @@ from spawnmesh.cluster.swim import EventKind, MemberEvent, Output, Swim, TcpKind
 
 _DELIVER, _WAKE, _TCP, _ACTION = 0, 1, 2, 3
 STARVE_MS = 1_000
+_PUSH_PULL_PREFIX = encode([PushPull(False, "", [])])[:5]
+"""A packet whose first message is a push-pull starts with these bytes (header, code 9)."""
 """How often a CPU-starved node runs in ``starve-frac`` (ms): it answers up to this late."""
 _NEVER = 1 << 62
 _LIVE_KINDS = frozenset({EventKind.JOIN, EventKind.ALIVE, EventKind.UPDATE, EventKind.SUSPECT})
@@ -75,6 +78,8 @@ class SimReport:
     preset: str = "lan"
     duration_ms: int = 60_000
     """The requested duration (what the replay command passes back)."""
+    overrides: dict[str, int | bool] = field(default_factory=dict)
+    """``SwimConfig`` fields set on top of the preset (``--set name=value``)."""
     sim_ms: int = 0
     wall_s: float = 0.0
     datagrams: int = 0
@@ -95,6 +100,8 @@ class SimReport:
         extra = "" if self.lifeguard else " --no-lifeguard"
         extra += "" if self.tcp_ping else " --no-tcp-ping"
         extra += "" if self.preset == "lan" else f" --preset {self.preset}"
+        for name, value in sorted(self.overrides.items()):
+            extra += f" --set {name}={str(value).lower() if isinstance(value, bool) else value}"
         return (
             f"python -m spawnmesh.cluster.sim --seed {self.seed} --scenario {self.scenario}"
             f" --nodes {self.nodes} --seconds {self.duration_ms / 1000:g}{extra}"
@@ -154,6 +161,8 @@ class Sim:
         self.datagrams = 0
         self.udp_bytes = 0
         self.tcp_bytes = 0
+        self.push_pull_bytes = 0
+        """The part of ``tcp_bytes`` that was push-pull (anti-entropy, join) exchanges."""
         self.false_dead_kinds = {"about_starved": 0, "by_starved": 0, "healthy": 0}
         """False deaths split by who was starved: the subject, else the observer, else neither."""
         self.trace: Callable[[str], None] | None = None
@@ -190,9 +199,10 @@ class Sim:
         """Start converged: every core learns every member by one merge, with empty queues."""
         rows = [MemberState(x.name, 0, x.addr, b"", int(Status.ALIVE)) for x in self.nodes]
         state = encode([PushPull(False, "sim", rows)])
+        everyone = {x.name for x in self.nodes}
         for node in self.nodes:
-            out = node.swim.merge_push_pull(state, 0)
-            self._on_events(node, out.events)
+            node.swim.merge_push_pull(state, 0)  # n join events, all at incarnation 0
+            self.views[node.idx] = set(everyone)
             node.swim.queue = BroadcastQueue()
 
     def _join(self, node: SimNode, seeds: list[Addr]) -> None:
@@ -291,7 +301,10 @@ class Sim:
         reply, out = node.swim.serve_tcp(src_addr, data, t)
         self._handle(node, out)
         src = self.nodes[src_idx]
-        self.tcp_bytes += len(data) + (0 if reply is None else len(reply))
+        size = len(data) + (0 if reply is None else len(reply))
+        self.tcp_bytes += size
+        if data[:5] == _PUSH_PULL_PREFIX:
+            self.push_pull_bytes += size
         if reply is not None and self._open(node.idx, src_idx):
             self._push(
                 t + self._delay(node.idx, src_idx), _DELIVER, src_idx, (src.gen, node.addr, reply)
@@ -542,6 +555,35 @@ def _scenario_steady(sim: Sim, duration_ms: int) -> SimReport:
     return rep
 
 
+def _scenario_traffic(sim: Sim, duration_ms: int) -> SimReport:
+    """Steady-state traffic: after a warm-up of two push-pull intervals (every node's first
+    anti-entropy exchange falls in the first one), count what ``duration`` adds, per node and
+    second: datagrams, UDP bytes, bytes of completed TCP exchanges."""
+    warm = 2 * sim.config.push_pull_interval_ms
+    sim.run(warm)
+    d0, u0, t0, p0 = sim.datagrams, sim.udp_bytes, sim.tcp_bytes, sim.push_pull_bytes
+    sim.run(warm + duration_ms)
+    rep = sim.report("traffic", 0)
+    n = len(sim.nodes)
+    per = n * duration_ms / 1000
+    # Anti-entropy at large n runs every ceil(n / 32) x 30 s, longer than any affordable
+    # window: its steady rate is one exchange (request + reply, each a full table) per node
+    # per scaled interval, from the measured table size. Other TCP (fallback pings) is counted.
+    table = len(sim.nodes[0].swim.push_pull_state())
+    pp_rate = 2 * table * 1000 / sim.config.push_pull_scaled_ms(n)
+    other_tcp = (sim.tcp_bytes - t0) - (sim.push_pull_bytes - p0)
+    rep.notes.update(
+        msgs_per_node_per_s=round((sim.datagrams - d0) / per, 2),
+        udp_bytes_per_node_per_s=round((sim.udp_bytes - u0) / per, 1),
+        push_pull_bytes_per_node_per_s=round(pp_rate, 1),
+        tcp_bytes_per_node_per_s=round(pp_rate + other_tcp / per, 1),
+        push_pull_table_bytes=table,
+    )
+    if sim.false_dead or sim.disagreements():
+        rep.violations.append(f"{sim.false_dead} false deaths; disagree: {sim.disagreements()[:5]}")
+    return rep
+
+
 def _scenario_crash(sim: Sim, duration_ms: int) -> SimReport:
     n = len(sim.nodes)
     victims = _pick(sim, max(1, n // 20))
@@ -704,11 +746,11 @@ def _scenario_detect(sim: Sim, duration_ms: int) -> SimReport:
     sim.run(t)
     rep = sim.report("detect", 0)
     rep.samples = samples
+    rep.detect_max_ms = max(samples, default=-1)
     rep.notes.update(
         crashes=len(samples) + len(missed),
         detect_p50_ms=percentile(samples, 0.5),
         detect_p99_ms=percentile(samples, 0.99),
-        detect_max_ms=max(samples, default=-1),
     )
     if missed:
         rep.violations.append(f"{len(missed)} crashes not seen by all in {wait} ms: {missed[:5]}")
@@ -845,6 +887,7 @@ def _scenario_chaos(sim: Sim, duration_ms: int) -> SimReport:
 
 SCENARIOS: dict[str, Callable[[Sim, int], SimReport]] = {
     "steady": _scenario_steady,
+    "traffic": _scenario_traffic,
     "crash": _scenario_crash,
     "loss": _scenario_loss,
     "partition": _scenario_partition,
@@ -873,9 +916,11 @@ def run_scenario(
     tcp_ping: bool = True,
     trace: Callable[[str], None] | None = None,
     trace_member: str | None = None,
+    overrides: dict[str, int | bool] | None = None,
 ) -> SimReport:
-    """Build a cluster, run one named scenario and return its report (violations inside)."""
-    config = PRESETS[preset]().replace(lifeguard=lifeguard, tcp_ping=tcp_ping)
+    """Build a cluster, run one named scenario and return its report (violations inside).
+    ``overrides`` sets ``SwimConfig`` fields on top of the preset (replayed with ``--set``)."""
+    config = PRESETS[preset]().replace(lifeguard=lifeguard, tcp_ping=tcp_ping, **(overrides or {}))
     start = clock.wall_ms()  # the simulator's own speed only; protocol time is simulated
     sim = Sim(nodes, seed, config, prefill=scenario != "join")
     sim.trace, sim.trace_member = trace, trace_member
@@ -884,6 +929,7 @@ def run_scenario(
     rep.duration_ms = duration_ms
     rep.tcp_ping = tcp_ping
     rep.preset = preset
+    rep.overrides = dict(overrides or {})
     rep.wall_s = (clock.wall_ms() - start) / 1000
     rep.sim_ms = sim.now
     rep.datagrams = sim.datagrams
@@ -894,6 +940,23 @@ def run_scenario(
     rep.notes.setdefault("max_incarnation", max(x.swim.incarnation for x in sim.nodes))
     rep.notes.setdefault("log10n", round(math.log10(nodes), 2))
     return rep
+
+
+def parse_overrides(items: list[str]) -> dict[str, int | bool]:
+    """``["suspicion_mult=4", "ring_probe=false"]`` -> typed ``SwimConfig`` field values."""
+    fields = {f.name: f for f in dataclasses.fields(SwimConfig)}
+    out: dict[str, int | bool] = {}
+    for item in items:
+        name, _, raw = item.partition("=")
+        if name not in fields or name in ("lifeguard", "tcp_ping"):
+            raise ValueError(f"--set {item}: no such SwimConfig field (lifeguard, tcp_ping: flags)")
+        if isinstance(getattr(SwimConfig(), name), bool):
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(f"--set {item}: expected true or false")
+            out[name] = raw.lower() == "true"
+        else:
+            out[name] = int(raw)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -909,7 +972,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="run under cProfile, print top 25")
     ap.add_argument("--trace", action="store_true", help="print every membership event and fault")
     ap.add_argument("--trace-member", default=None, help="only trace events about this member")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a SwimConfig field of the preset (repeatable), e.g. suspicion_mult=4",
+    )
     args = ap.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        ap.error(str(exc))
 
     def go() -> SimReport:
         return run_scenario(
@@ -922,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
             tcp_ping=not args.no_tcp_ping,
             trace=print if args.trace or args.trace_member else None,
             trace_member=args.trace_member,
+            overrides=overrides,
         )
 
     if args.profile:

@@ -770,11 +770,15 @@ class Swim:
 
     def _merge(self, pp: m.PushPull, now_ms: int, out: Output) -> None:
         table = self.table.by_name
+        meta_max = self.config.meta_max_bytes
         for row in pp.members:
             x = table.get(row.name)
-            if (
-                x is not None
-                and x.incarnation == row.incarnation
+            if x is None:
+                if row.status == Status.ALIVE and len(row.meta) <= meta_max:
+                    self._learn(row, now_ms, out)  # the table's "alive, unknown" cell, inline
+                    continue
+            elif (
+                x.incarnation == row.incarnation
                 and x.status == row.status
                 and x.addr == row.addr
                 and x is not self._self
@@ -793,6 +797,16 @@ class Swim:
                 # A remote "dead" is only a suspicion here, so a live member can still refute.
                 suspect = m.Suspect(row.name, row.incarnation, pp.source)
                 self._on_suspect(suspect, now_ms, out, probed=False)
+
+    def _learn(self, row: m.MemberState, now_ms: int, out: Output) -> None:
+        """A member we never heard of, alive in a push-pull row (a join merges n of them)."""
+        x = Member(row.name, row.addr, row.meta, row.incarnation, Status.ALIVE, now_ms)
+        self.table.add(x)
+        self.targets.add(x.name)
+        view = MemberView(x.name, x.addr, x.meta, x.incarnation, Status.ALIVE)
+        out.events.append(MemberEvent(EventKind.JOIN, view))
+        alive = m.Alive(row.name, row.incarnation, row.addr, row.meta)
+        self.queue.queue(row.name, m.encode_message(alive))
 
     def _correct(self, x: Member, src: Addr, out: Output) -> None:
         """``src`` spread a suspicion or death older than our alive record of ``x`` (it missed a
