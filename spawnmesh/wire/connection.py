@@ -145,11 +145,11 @@ class Connection:
         self._got_goaway = False
         self._lost: SpawnmeshError | None = None
         self._broken = False
+        """The byte stream ended or failed (nothing more can be sent or read)."""
         self._reset = False
         """Close with a reset: the peer is dead or unreachable, so bytes still queued for it
         must never be delivered (say, once a partition heals, after their requests were
         retried elsewhere)."""
-        """The byte stream ended or failed (nothing more can be sent or read)."""
         self._reject: SpawnmeshError | None = None
         self._reader_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
