@@ -177,14 +177,15 @@ class Connection:
         return len(self._running)
 
     async def request(self, req: m.Request) -> bytes | None:
-        """Send ``req`` (its ``id`` and ``deadline_ms`` are set here) and wait for the answer.
+        """Send ``req`` (its ``id`` is set here, and ``deadline_ms`` from the caller's cancel
+        scopes when it has a deadline) and wait for the answer.
 
         Raises the peer's rebuilt error, ``Overloaded`` when ``max_in_flight`` requests are
         already waiting, ``FrameTooLarge`` if the request exceeds the peer's frame limit, or
         ``PeerUnavailable`` if the connection is lost first."""
         deadline = trio.current_effective_deadline()
         if deadline == _INF:
-            req.deadline_ms = None
+            pass  # no scope: the sender's own bound (``deadline_ms`` as given, None: none)
         else:
             remaining = deadline - trio.current_time()
             if remaining <= 0:  # the schedule point turns the passed deadline into Cancelled
