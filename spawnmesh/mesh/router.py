@@ -272,10 +272,11 @@ class Router:
         # A caller without a deadline gets the default one, as a bound the owner applies to
         # the turn and this loop to its retries, not as a cancel scope (one costs ~5 us, a
         # sixth of a remote call's CPU here).
+        deadline = trio.current_effective_deadline()
         give_up = (trio.current_time() + self._default_timeout_s
-                   if trio.current_effective_deadline() == math.inf else math.inf)
+                   if deadline == math.inf else math.inf)
         return await self._call(owner, target, action, req, payload, metadata, caller, chain,
-                                give_up)
+                                give_up, deadline)
 
     async def _call(
         self,
@@ -288,6 +289,7 @@ class Router:
         caller: ActorId | None,
         chain: tuple[Key, ...],
         give_up: float,
+        deadline: float | None = None,
     ) -> Any:
         backoff = 0.01
         while True:
@@ -302,7 +304,7 @@ class Router:
             self.metrics.remote_invocations_total += 1
             self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
             try:
-                reply = await self._send(owner, req)
+                reply = await self._send(owner, req, deadline)
             except (NotOwner, PeerUnavailable, NoOwner) as exc:
                 self.metrics.not_owner_retries_total += 1
                 log.debug("%s.%s via %s: %s (re-routing)", target, action, owner, exc)
@@ -327,7 +329,9 @@ class Router:
                                                     chain)
             owner = new_owner
 
-    async def _send(self, node: str, req: m.Request) -> bytes | None:
+    async def _send(
+        self, node: str, req: m.Request, deadline: float | None = None
+    ) -> bytes | None:
         """Send ``req`` to ``node`` and return the reply payload: counted (requests by kind,
         payload bytes, errors by code) and, with tracing on, inside a client span whose
         context travels in the request's ``trace`` field."""
@@ -339,7 +343,7 @@ class Router:
         tracer = self.runtime.tracer
         try:
             if tracer is None:
-                reply = await self.peers.request(node, self._addr(node), req)
+                reply = await self.peers.request(node, self._addr(node), req, deadline=deadline)
             else:
                 attrs = {"spawnmesh.actor": str(req.target), "spawnmesh.action": req.action,
                          "spawnmesh.peer": node}

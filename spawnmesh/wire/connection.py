@@ -176,14 +176,15 @@ class Connection:
         """Peer requests whose handler is running here."""
         return len(self._running)
 
-    async def request(self, req: m.Request) -> bytes | None:
+    async def request(self, req: m.Request, deadline: float | None = None) -> bytes | None:
         """Send ``req`` (its ``id`` is set here, and ``deadline_ms`` from the caller's cancel
         scopes when it has a deadline) and wait for the answer.
 
         Raises the peer's rebuilt error, ``Overloaded`` when ``max_in_flight`` requests are
         already waiting, ``FrameTooLarge`` if the request exceeds the peer's frame limit, or
         ``PeerUnavailable`` if the connection is lost first."""
-        deadline = trio.current_effective_deadline()
+        if deadline is None:
+            deadline = trio.current_effective_deadline()
         if deadline == _INF:
             pass  # no scope: the sender's own bound (``deadline_ms`` as given, None: none)
         else:

@@ -267,18 +267,25 @@ class PeerNode:
         await self._stopped.wait()
 
     async def request(
-        self, peer_id: str, addr: str | tuple[str, int], req: m.Request
+        self,
+        peer_id: str,
+        addr: str | tuple[str, int],
+        req: m.Request,
+        *,
+        deadline: float | None = None,
     ) -> bytes | None:
         """Send ``req`` to node ``peer_id`` at ``addr`` (dialed if there is no connection yet)
         and return the reply payload. ``req.id`` and ``req.deadline_ms`` are set here, the
         latter from the caller's effective deadline; the frame is encoded before anything else
         can run, so one Request may be sent to several peers concurrently. Errors: the peer's
         rebuilt error, ``PeerUnavailable`` (retryable: cannot connect, or lost with the request
-        in flight), ``Overloaded``, ``FrameTooLarge``, or the handshake's typed errors."""
+        in flight), ``Overloaded``, ``FrameTooLarge``, or the handshake's typed errors.
+        ``deadline``: the caller's ``trio.current_effective_deadline()`` when it already has it
+        (it walks every enclosing scope; callers on a hot path look it up once)."""
         conn = self._conns.get(peer_id)
         if conn is None or not conn.usable:
             conn = await self._connection_for(peer_id, addr)
-        return await conn.request(req)
+        return await conn.request(req, deadline)
 
     # ------------------------------------------------------------------ dialing
 
