@@ -60,6 +60,7 @@ KIND_NAMES = {k: k.name.lower() for k in m.Kind}
 """Request kinds as metric labels and span names (``call``, ``cast``, ...)."""
 
 _encode = msgspec.msgpack.Encoder().encode
+_PLAIN = frozenset({bytes, str, int, float, bool})
 _decode = msgspec.msgpack.Decoder().decode
 
 
@@ -73,6 +74,8 @@ def encode_value(value: Any) -> bytes:
     if value is None:
         return b""
     try:
+        if value.__class__ in _PLAIN:  # msgpack's own types travel as they are (bytes as bin)
+            return _encode(value)
         return _encode(to_builtins(value))
     except (TypeError, ValueError, msgspec.EncodeError) as exc:
         raise InvalidArgument(f"value cannot cross the wire: {exc}") from None
