@@ -15,9 +15,20 @@ child process (this file with ``--serve raw|wire``) the server. Figures:
 * ``raw_trio_rtt_p50_us`` and ``wire_seq_p50_ratio`` = raw p50 / wire p50 latency: the same
   comparison, far less sensitive to other processes stealing the CPU than a mean rate.
 
-The end-to-end figures of the issue (``remote_seq_*``, ``remote_pipelined_invokes_per_s``
-through a 3-node cluster of ``spawnmesh run``) need the router; they get a function each here
-when it lands. Other work on the machine makes absolute figures noisy: compare ratios.
+End to end (the issue's figures), through a 3-node cluster: two ``spawnmesh run`` processes
+(``--app invoke_remote:bench_system``) and this process's embedded node, all on loopback with a
+cluster key:
+
+* ``remote_seq_invokes_per_s``, ``remote_seq_p50_us``, ``remote_seq_p99_us``: one caller in
+  this process invoking, one after the other, stateless actors owned by the other two nodes
+  (150-byte payload and reply), through the SDK (``ActorRef.invoke``: router, peer wire, the
+  owner's runtime and turn, and back); measured in the same alternating blocks as the raw and
+  wire calls;
+* ``remote_pipelined_invokes_per_s``: 64 callers in flight from this node to actors on the
+  other two;
+* ``remote_seq_ratio`` = remote_seq_invokes_per_s / raw_trio_rtt_per_s.
+
+Other work on the machine makes absolute figures noisy: compare ratios.
 
     python bench/invoke_remote.py [--quick] [--rounds N]
 
@@ -39,6 +50,10 @@ from pathlib import Path
 
 import trio
 
+from spawnmesh import ActorSystem, Context, Node, action, open_node
+from spawnmesh.actors.definition import Kind
+from spawnmesh.config import load_config
+from spawnmesh.ids import ActorId
 from spawnmesh.keyring import Keyring
 from spawnmesh.wire.messages import Request
 from spawnmesh.wire.peer import PeerNode
@@ -75,6 +90,101 @@ async def serve_wire(key: str) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(node.serve, "127.0.0.1", 0)
         print(port, flush=True)
+
+
+bench_system = ActorSystem("bench")
+"""The end-to-end app: stateless echo actors, one per name (placed over the cluster)."""
+
+
+@bench_system.actor("echo", kind=Kind.UNNAMED, stateful=False)
+class Echo:
+    @action
+    async def echo(self, ctx: Context[None], data: bytes) -> bytes:
+        return data
+
+
+def node_config(key: str, seeds: str = "") -> object:
+    return load_config(
+        overrides={
+            "name": "driver", "statestore.url": "memory://", "ops.port": 0,
+            "cluster.gossip_port": 0, "cluster.peer_port": 0, "cluster.key": key,
+            "cluster.preset": "local", "cluster.seeds": seeds,
+        },
+        env={},
+    )
+
+
+class ClusterNode:
+    """One ``spawnmesh run`` process of the end-to-end cluster."""
+
+    def __init__(self, name: str, key: str, seed: str) -> None:
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            SPAWNMESH_NAME=name, SPAWNMESH_STATESTORE_URL="memory://", SPAWNMESH_OPS_PORT="0",
+            SPAWNMESH_CLUSTER_GOSSIP_PORT="0", SPAWNMESH_CLUSTER_PEER_PORT="0",
+            SPAWNMESH_CLUSTER_KEY=key, SPAWNMESH_CLUSTER_PRESET="local",
+            SPAWNMESH_CLUSTER_SEEDS=seed, SPAWNMESH_LOG_LEVEL="warning",
+        )
+        exe = Path(sys.executable).with_name("spawnmesh")
+        self.proc = subprocess.Popen(
+            [str(exe), "run", "--app", "invoke_remote:bench_system"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+async def remote_names(node: Node, n: int) -> list[ActorId]:
+    """``n`` echo actors owned by the other members, once the cluster has three."""
+    with trio.fail_after(60):
+        while True:
+            if node.router is not None and len(node.router.placement.members("bench/echo")) >= 3:
+                break
+            await trio.sleep(0.05)
+    adef = node.runtime.definition("bench", "echo")
+    assert adef is not None and node.router is not None
+    out = []
+    i = 0
+    while len(out) < n:
+        aid = ActorId("bench", f"e{i}", "echo")
+        if node.router.remote_owner(aid, adef) is not None:
+            out.append(aid)
+        i += 1
+    return out
+
+
+def remote_call(node: Node, targets: list[ActorId]) -> Callable[[], Awaitable[object]]:
+    """One sequential invocation of a remote echo actor (round robin over ``targets``)."""
+    refs = [node.ref(t.system, t.name, parent=t.parent) for t in targets]
+    state = {"i": 0}
+
+    async def call() -> object:
+        i = state["i"] = (state["i"] + 1) % len(refs)
+        return await refs[i].invoke("echo", PAYLOAD)
+
+    return call
+
+
+async def remote_pipelined(node: Node, targets: list[ActorId], n: int) -> float:
+    """Invocations/s with ``IN_FLIGHT`` callers in flight to actors on the other nodes."""
+    refs = [node.ref(t.system, t.name, parent=t.parent) for t in targets]
+    per = n // IN_FLIGHT
+
+    async def caller(k: int) -> None:
+        for j in range(per):
+            await refs[(k * 31 + j) % len(refs)].invoke("echo", PAYLOAD)
+
+    async with trio.open_nursery() as nursery:  # warm up
+        for k in range(IN_FLIGHT):
+            nursery.start_soon(caller, k)
+    t0 = perf()
+    async with trio.open_nursery() as nursery:
+        for k in range(IN_FLIGHT):
+            nursery.start_soon(caller, k)
+    return per * IN_FLIGHT / (perf() - t0)
 
 
 class Server:
@@ -229,22 +339,39 @@ def main() -> None:
     raw: list[Seq] = []
     seq: list[Seq] = []
     pipe: list[tuple[float, float, float]] = []
+    remote: list[Seq] = []
+    remote_pipe: list[float] = []
+    members: list[ClusterNode] = []
     try:
 
         async def run(node: PeerNode) -> None:
             raw_client = await RawClient.open(raw_s.port)
-            calls = {"raw": raw_client.round_trip, "wire": wire_call(node, wire_s.port)}
-            for _ in range(rounds):
-                figures = await interleaved(calls, n_seq)
-                raw.append(figures["raw"])
-                seq.append(figures["wire"])
-                pipe.append(await wire_pipelined(node, wire_s.port, n_pipe, wire_s.proc.pid))
+            async with open_node(node_config(key), bench_system) as driver:  # type: ignore[arg-type]
+                assert driver.membership is not None
+                seed = f"127.0.0.1:{driver.membership.addr[1]}"
+                members.extend(ClusterNode(f"member-{i}", key, seed) for i in (1, 2))
+                targets = await remote_names(driver, 64)
+                calls = {
+                    "raw": raw_client.round_trip,
+                    "wire": wire_call(node, wire_s.port),
+                    "remote": remote_call(driver, targets),
+                }
+                for _ in range(rounds):
+                    figures = await interleaved(calls, n_seq)
+                    raw.append(figures["raw"])
+                    seq.append(figures["wire"])
+                    remote.append(figures["remote"])
+                    pipe.append(await wire_pipelined(node, wire_s.port, n_pipe,
+                                                     wire_s.proc.pid))
+                    remote_pipe.append(await remote_pipelined(driver, targets, n_pipe // 2))
             await raw_client.stream.aclose()
 
         trio.run(with_client, key, run)
     finally:
         raw_s.stop()
         wire_s.stop()
+        for m in members:
+            m.stop()
 
     raw_per_s = statistics.median(r[0] for r in raw)
     raw_p50 = statistics.median(r[1] for r in raw)
@@ -261,6 +388,15 @@ def main() -> None:
         "wire_seq_ratio": round(seq_per_s / raw_per_s, 3),
         "wire_seq_p50_ratio": round(raw_p50 / statistics.median(s[1] for s in seq), 3),
     }
+    remote_per_s = statistics.median(r[0] for r in remote)
+    figures.update({
+        "remote_seq_invokes_per_s": round(remote_per_s),
+        "remote_seq_p50_us": round(statistics.median(r[1] for r in remote), 1),
+        "remote_seq_p99_us": round(statistics.median(r[2] for r in remote), 1),
+        "remote_pipelined_invokes_per_s": round(statistics.median(remote_pipe)),
+        "remote_seq_ratio": round(remote_per_s / raw_per_s, 3),
+        "remote_seq_p50_ratio": round(raw_p50 / statistics.median(r[1] for r in remote), 3),
+    })
     print(
         f"python {platform.python_version()}, trio {trio.__version__}, {os.cpu_count()} cpus, "
         f"{rounds} round(s), medians"
@@ -271,6 +407,10 @@ def main() -> None:
             f"wire seq {seq[i][0]:,.0f}/s "
             f"(p50 {seq[i][1]:.0f} us, p99 {seq[i][2]:.0f} us)  pipelined {pipe[i][0]:,.0f}/s "
             f"(CPU/request: client {pipe[i][1]:.1f} us, server {pipe[i][2]:.1f} us)"
+        )
+        print(
+            f"           remote seq {remote[i][0]:,.0f}/s (p50 {remote[i][1]:.0f} us, "
+            f"p99 {remote[i][2]:.0f} us)  remote pipelined {remote_pipe[i]:,.0f}/s"
         )
     for name, value in figures.items():
         print(f"{name:>28}: {value:,}")
