@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pwd
 import shutil
@@ -390,9 +391,14 @@ def run_lab(workdir: Path) -> dict[str, Any]:
                 f"after {t_alone - t_cut:.1f} s"
             )
 
-            def split_acked(side: str) -> int:
+            def split_acked(side: str, until: float = math.inf) -> int:
+                """Calls acknowledged through one side, started once both sides owned every
+                counter and finished before ``until``."""
                 return sum(
-                    x.ok and x.start > t_alone and (x.node == CUT) == (side == "minority")
+                    x.ok
+                    and t_alone < x.start
+                    and x.end < until
+                    and (x.node == CUT) == (side == "minority")
                     for x in load.all_calls()
                 )
 
@@ -416,7 +422,7 @@ def run_lab(workdir: Path) -> dict[str, Any]:
             t_converged = time.monotonic()
             log(f"{CUT} rejoined {t_rejoin - t_heal:.1f} s after the heal; converged")
             load.wait_acked(150, "after the heal", since=t_converged)
-            split = {"minority": split_acked("minority"), "majority": split_acked("majority")}
+            split = {side: split_acked(side, t_heal) for side in ("minority", "majority")}
 
         def one_each() -> bool:
             where = active_on(c.live())
