@@ -36,6 +36,7 @@ __all__ = [
     "NodeConfig",
     "OpsConfig",
     "SettingDoc",
+    "SpawnConfig",
     "StatestoreConfig",
     "load_config",
     "redacted",
@@ -555,6 +556,83 @@ class HostConfig:
 
 
 @dataclass(frozen=True)
+class SpawnConfig:
+    """Spawn compatibility: Spawn SDK hosts talk Spawn's HTTP protocol to this node
+    (docs/spawn-compat.md)."""
+
+    enabled: bool = setting(
+        False,
+        "Serve Spawn's proxy HTTP API (registration, spawn, invoke, health) and call Spawn "
+        "hosts back for their actors' turns. Off by default: no port a node does not need.",
+    )
+    host: str = setting(
+        "127.0.0.1",
+        "Address the Spawn HTTP API binds to. Loopback by default: Spawn's protocol has no "
+        "authentication, so a host shares the node's network namespace (a Kubernetes pod "
+        "sidecar); another address also needs spawn.allow_remote.",
+        check=_check_nonempty,
+    )
+    port: int = setting(
+        9001,
+        "TCP port of the Spawn HTTP API; 0 picks a free port (tests). 9001 is Spawn's proxy "
+        "port, which SDKs assume (it is also host.port's default: enable one of them on it).",
+        min=0,
+        max=65535,
+        env_aliases=("PROXY_HTTP_PORT",),
+    )
+    allow_remote: bool = setting(
+        False,
+        "Allow binding spawn.host to a non-loopback address, which exposes an unauthenticated "
+        "API: only on a network where every client is trusted.",
+    )
+    deployment_mode: str = setting(
+        "sidecar",
+        "Where a Spawn host receives its turns: sidecar (at user_function_host:"
+        "user_function_port) or daemon (at the registering client's IP, on "
+        "user_function_port), as Spawn's PROXY_DEPLOYMENT_MODE.",
+        choices=("sidecar", "daemon"),
+        env_aliases=("PROXY_DEPLOYMENT_MODE",),
+    )
+    user_function_host: str = setting(
+        "127.0.0.1",
+        "Host of the Spawn host's HTTP server (sidecar mode). A registration may name its "
+        "own 'host:port' in RegistrationRequest.host_address (a spawnmesh extension).",
+        check=_check_nonempty,
+        env_aliases=("USER_FUNCTION_HOST",),
+    )
+    user_function_port: int = setting(
+        8090,
+        "Port of the Spawn host's HTTP server (Spawn's default, 8090).",
+        min=1,
+        max=65535,
+        env_aliases=("USER_FUNCTION_PORT",),
+    )
+    max_body_bytes: int = setting(
+        4 * 1024 * 1024,
+        "Largest request body (bytes) the Spawn API accepts, and largest answer read from a "
+        "host; bigger requests are refused with 413 before they are read.",
+        min=1024,
+        max=1 << 30,
+        unit="bytes",
+    )
+    max_host_connections: int = setting(
+        64,
+        "Keep-alive connections (count) the node opens to one Spawn host at most; turns of "
+        "different actors run concurrently on them, further turns wait for one.",
+        min=1,
+        max=4096,
+    )
+
+    def __post_init__(self) -> None:
+        if self.enabled and not _loopback(self.host) and not self.allow_remote:
+            raise ConfigError(
+                "spawn.host",
+                f"binding the Spawn API to {self.host!r} (not loopback) exposes an "
+                "unauthenticated API: set spawn.allow_remote = true to do it anyway",
+            )
+
+
+@dataclass(frozen=True)
 class TracingConfig:
     """OpenTelemetry tracing of invocations across nodes and hosts (docs/observability.md)."""
 
@@ -622,6 +700,16 @@ class NodeConfig:
     host: HostConfig = field(default_factory=HostConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    spawn: SpawnConfig = field(default_factory=SpawnConfig)
+
+    def __post_init__(self) -> None:
+        h, sp = self.host, self.spawn
+        if h.enabled and sp.enabled and h.port == sp.port != 0 and h.host == sp.host:
+            raise ConfigError(
+                "spawn.port",
+                f"the gRPC host API (host.port) and the Spawn API (spawn.port) both use "
+                f"{h.host}:{h.port}: move one of them",
+            )
 
 
 # --------------------------------------------------------------------------------------------

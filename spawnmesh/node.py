@@ -101,6 +101,8 @@ class Node:
         self.ops_port = 0
         self.host_api: Any = None
         """The gRPC host API (spawnmesh.host.server.HostApi) when host.enabled, once started."""
+        self.spawn_proxy: Any = None
+        """Spawn's HTTP API (spawnmesh.spawn_compat.proxy.SpawnProxy) when spawn.enabled."""
         self._ready = False
         self._store_ok = True
         self._drained: bool | None = None
@@ -588,6 +590,14 @@ class Node:
                                     self.config.actors.default_timeout_ms,
                                     on_registered=self.advertise_actor_types)
             children.append(ChildSpec("host-api", self.host_api.serve))
+        if self.config.spawn.enabled:  # Spawn's HTTP protocol (docs/spawn-compat.md)
+            from spawnmesh.spawn_compat.proxy import SpawnProxy
+
+            self.spawn_proxy = SpawnProxy(self.runtime, self.config.spawn,
+                                          default_timeout_ms=self.config.actors.default_timeout_ms,
+                                          readiness=self.readiness,
+                                          on_registered=self.advertise_actor_types)
+            children.append(ChildSpec("spawn-proxy", self.spawn_proxy.serve))
         self.supervisor = Supervisor("node", children)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

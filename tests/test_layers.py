@@ -53,6 +53,8 @@ LAYERS: list[tuple[str, int]] = [
     ("spawnmesh.system", 1),
     ("spawnmesh.host", 2),
     ("spawnmesh.host.*", 2),
+    ("spawnmesh.spawn_compat", 2),
+    ("spawnmesh.spawn_compat.*", 2),
     ("spawnmesh.node", 2),
     ("spawnmesh.cli", 2),
     ("spawnmesh.examples", 2),

@@ -81,7 +81,9 @@ def main() -> int:
     """Regenerate ``spawnmesh/host/gen`` in place."""
     files = generate(OUT)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)}")
-    return 0
+    from spawnmesh.spawn_compat import codegen as spawn_codegen  # the same spec/spawn/ files,
+
+    return spawn_codegen.main()  # as Google protobuf for the Spawn HTTP path
 
 
 if __name__ == "__main__":

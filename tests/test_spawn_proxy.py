@@ -1,0 +1,493 @@
+"""Spawn's HTTP protocol against a spawnmesh node, with a real Spawn-protocol host process
+(``tests/spawn_host.py``, Google protobuf generated from ``spec/spawn/``) on loopback.
+
+One host process serves the whole module (it registers with each test's node when told to);
+each test runs its own embedded node with the Spawn API on an ephemeral port. Every item of
+Spawn's semantics that SDKs depend on is checked as the host sees it (its turn log) and as a
+client sees it (protobuf answers): registration, initial state and tags, byte-for-byte state,
+default and init actions, eager activation, unnamed and pooled actors, async and scheduled
+invocations, timers, workflows, metadata, checkpoint, re-registration, revisions, errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from google.protobuf import wrappers_pb2 as wr
+
+from spawnmesh.clock import wall_ms
+from spawnmesh.node import Node, open_node
+from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+from spawnmesh.spawn_compat.http_client import HttpPool
+from spawnmesh.statestore import StateStore
+from tests.conftest import test_config
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_SCRIPT = ROOT / "tests" / "spawn_host.py"
+SYSTEM = "spawn-tck"
+COUNT_URL = "type.googleapis.com/spawntck.Count"
+INT_URL = "type.googleapis.com/google.protobuf.Int64Value"
+STR_URL = "type.googleapis.com/google.protobuf.StringValue"
+JSON_URL = "type.googleapis.com/spawn.JSONType"
+
+pytestmark = pytest.mark.slow
+
+Parts = tuple[str, bytes]
+
+
+def i64(n: int) -> Parts:
+    return INT_URL, wr.Int64Value(value=n).SerializeToString()
+
+
+def count(n: int) -> Parts:
+    return COUNT_URL, wr.Int64Value(value=n).SerializeToString()
+
+
+def text(s: str) -> Parts:
+    return STR_URL, wr.StringValue(value=s).SerializeToString()
+
+
+def json_parts(value: object) -> Parts:
+    return JSON_URL, pb.JSONType(content=json.dumps(value)).SerializeToString()
+
+
+def value_of(resp: pb.InvocationResponse) -> Parts | None:
+    return (
+        (resp.value.type_url, resp.value.value) if resp.WhichOneof("payload") == "value" else None
+    )
+
+
+def json_of(resp: pb.InvocationResponse) -> Any:
+    parts = value_of(resp)
+    assert parts is not None and parts[0] == JSON_URL, resp
+    return json.loads(pb.JSONType.FromString(parts[1]).content)
+
+
+# ---------------------------------------------------------------------------- the host process
+
+
+@dataclass
+class HostProc:
+    """The Spawn-protocol host process and its debug routes."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    async def call(self, path: str, body: bytes = b"") -> bytes:
+        pool = HttpPool("127.0.0.1", self.port)
+        try:
+            status, out = await pool.post(path, body)
+        finally:
+            pool.close()
+        assert status == 200, (path, status, out)
+        return out
+
+    async def register(self, proxy_port: int, **query: str) -> dict[str, Any]:
+        q = "&".join(f"{k}={v}" for k, v in {"proxy": f"127.0.0.1:{proxy_port}", **query}.items())
+        outcome: dict[str, Any] = json.loads(await self.call(f"/debug/register?{q}"))
+        return outcome
+
+    async def turns(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = json.loads(await self.call("/debug/turns"))
+        return out
+
+    async def reset(self) -> None:
+        await self.call("/debug/reset")
+
+
+def start_host(*args: str, env: Mapping[str, str] | None = None) -> HostProc:
+    """Start ``tests/spawn_host.py`` and wait for its READY line."""
+    proc = subprocess.Popen(
+        [sys.executable, str(HOST_SCRIPT), *args],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline().decode() if ready else ""
+    if not line.startswith("READY"):
+        proc.kill()
+        raise AssertionError(f"the Spawn host did not start: {line!r}")
+    return HostProc(proc, int(line.split()[1]))
+
+
+def stop_host(host: HostProc) -> None:
+    host.proc.terminate()
+    try:
+        host.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        host.proc.kill()
+        host.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def spawn_host() -> Iterator[HostProc]:
+    host = start_host("--proxy", "", "--port", "0")
+    try:
+        yield host
+    finally:
+        stop_host(host)
+
+
+# ---------------------------------------------------------------------------- the node side
+
+
+class Proxy:
+    """A client of one node's Spawn API (what an SDK's invoke/spawn do)."""
+
+    def __init__(self, node: Node, port: int) -> None:
+        self.node = node
+        self.port = port
+        self.pool = HttpPool("127.0.0.1", port)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        return await self.pool.post(path, body)
+
+    async def invoke(
+        self,
+        actor: str,
+        action: str,
+        value: Parts | None = None,
+        *,
+        system: str = SYSTEM,
+        metadata: Mapping[str, str] | None = None,
+        is_async: bool = False,
+        scheduled_to: int = 0,
+        register_ref: str = "",
+        caller: str = "",
+        expect: int = 200,
+    ) -> pb.InvocationResponse:
+        req = pb.InvocationRequest()
+        req.system.name = system
+        req.actor.id.name = actor
+        req.actor.id.system = system
+        req.action_name = action
+        if value is None:
+            req.noop.SetInParent()
+        else:
+            req.value.type_url, req.value.value = value
+        req.metadata.update(metadata or {})
+        setattr(req, "async", is_async)
+        req.scheduled_to = scheduled_to
+        req.register_ref = register_ref
+        if caller:
+            req.caller.name = caller
+            req.caller.system = system
+        status, body = await self.post(
+            f"/api/v1/system/{system}/actors/{actor}/invoke", req.SerializeToString()
+        )
+        resp = pb.InvocationResponse.FromString(body)
+        assert status == expect, (status, resp)
+        want = pb.OK if expect == 200 else pb.ERROR
+        assert resp.status.status == want, resp
+        return resp
+
+    async def value(
+        self, actor: str, action: str, value: Parts | None = None, **kw: Any
+    ) -> Parts | None:
+        return value_of(await self.invoke(actor, action, value, **kw))
+
+    async def spawn(
+        self, *names: str, parent: str, revision: int = 0, expect: int = 200
+    ) -> pb.SpawnResponse:
+        req = pb.SpawnRequest()
+        for name in names:
+            aid = req.actors.add()
+            aid.name, aid.system, aid.parent = name, SYSTEM, parent
+        query = f"?revision={revision}" if revision else ""
+        status, body = await self.post(
+            f"/api/v1/system/{SYSTEM}/actors/spawn{query}", req.SerializeToString()
+        )
+        resp = pb.SpawnResponse.FromString(body)
+        assert status == expect, (status, resp)
+        return resp
+
+
+@asynccontextmanager
+async def spawn_node(
+    host: HostProc,
+    *systems: Any,
+    register: bool = True,
+    store: StateStore | None = None,
+    query: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Proxy]:
+    """An embedded node serving the Spawn API, the host registered with it (by default)."""
+    cfg = test_config(
+        **{
+            "spawn.enabled": True,
+            "spawn.port": 0,
+            "spawn.user_function_port": host.port,
+            "actors.default_timeout_ms": 10_000,
+            **overrides,
+        }
+    )
+    async with open_node(cfg, *systems, store=store) as node:
+        proxy = Proxy(node, node.spawn_proxy.port)
+        await host.reset()
+        if register:
+            outcome = await host.register(proxy.port, **(query or {}))
+            assert outcome["status"] == "OK", outcome
+        try:
+            yield proxy
+        finally:
+            proxy.pool.close()
+
+
+async def wait_until(probe: Any, what: str, timeout_s: float = 10.0) -> Any:
+    """Poll ``await probe()`` until truthy (a generous bound for a loaded machine)."""
+    with trio.move_on_after(timeout_s):
+        while True:
+            got = await probe()
+            if got:
+                return got
+            await trio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def of(turns: list[dict[str, Any]], actor: str) -> list[dict[str, Any]]:
+    return [t for t in turns if t["actor"] == actor]
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+async def test_registration_initial_state_default_and_init_actions(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host, register=False) as proxy:
+        outcome = await spawn_host.register(proxy.port)
+        # Spawn's proxy answers OK "Accepted" with its protocol version (1.2)
+        assert outcome == {
+            "http": 200,
+            "status": "OK",
+            "message": "Accepted",
+            "proxy": "spawnmesh",
+            "protocol": [1, 2],
+        }
+        # counter (named, stateful) is activated at registration: its init runs unasked
+        turns = await wait_until(lambda: _turns_of(spawn_host, "counter"), "counter's init")
+        init = turns[0]
+        assert init["action"] == "init" and init["payload"] == "noop"
+        assert init["caller"] == f"{SYSTEM}/counter"  # the actor is its own caller
+        # the registered state (byte for byte, its type URL) and tags are the initial ones
+        assert init["state"] == [COUNT_URL, base64.b64encode(count(5)[1]).decode()]
+        assert init["tags"] == {"origin": "registered", "suite": "spawn"}
+        # every default action is answered by the node with the state (init's n + 100)
+        for name in ("get", "Get", "get_state", "getState", "GetState"):
+            assert await proxy.value("counter", name) == count(105)
+        seen = await proxy.invoke("counter", "whoami")
+        assert json_of(seen)["tags"] == {"origin": "registered", "suite": "spawn", "inited": "yes"}
+        turns = of(await spawn_host.turns(), "counter")
+        assert [t["action"] for t in turns] == ["init", "whoami"]  # the defaults never left
+        # ... unless the host registered one of them: then they all go to the host
+        assert await proxy.value("custom", "get") == text("host-get")
+        assert await proxy.value("custom", "getState") == text("host-getState")
+        # state values are kept verbatim: unknown type URL, bytes the node cannot parse
+        odd = (COUNT_URL, b"\x08\x07\xfa\x01\x03abc")  # n=7 plus an unknown field 31
+        assert await proxy.value("counter", "checkpoint", odd) is not None
+        got = json_of(await proxy.invoke("counter", "whoami"))["state"]
+        assert got == [COUNT_URL, base64.b64encode(odd[1]).decode()]
+        assert await proxy.value("counter", "get") == odd
+
+
+async def _turns_of(host: HostProc, actor: str) -> list[dict[str, Any]]:
+    return of(await host.turns(), actor)
+
+
+async def test_context_metadata_caller_and_errors(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host) as proxy:
+        seen = json_of(await proxy.invoke("echo", "whoami", metadata={"trace": "t-1"}))
+        assert seen["metadata"] == {"trace": "t-1"}
+        assert seen["self"] == [SYSTEM, "echo", ""] and seen["caller"] is None
+        seen = json_of(await proxy.invoke("echo", "whoami", caller="counter"))
+        assert seen["caller"] == [SYSTEM, "counter"]
+        before = await proxy.value("counter", "get")
+        # a failing action: HTTP 500 and an InvocationResponse with status ERROR, as Spawn
+        failed = await proxy.invoke("counter", "fail", expect=500)
+        assert failed.status.message.startswith("actor_failed:")
+        assert "boom: failed on purpose" in failed.status.message
+        assert await proxy.value("counter", "get") == before  # the state did not change
+        missing = await proxy.invoke("nobody", "get", expect=500)
+        assert missing.status.message.startswith("actor_not_found:")
+        wrong = await proxy.invoke("counter", "no_such_action", expect=500)
+        assert wrong.status.message.startswith("action_not_found:")
+        status, body = await proxy.post(f"/api/v1/system/{SYSTEM}/actors/x/invoke", b"\xff\x01")
+        assert status == 500
+        assert pb.InvocationResponse.FromString(body).status.status == pb.ERROR
+        status, body = await proxy.post("/api/v1/system", b"\x12\x03abc")  # no actors
+        reg = pb.RegistrationResponse.FromString(body)
+        assert status == 500 and reg.status.status == pb.ERROR, reg
+        # the health routes of Spawn's proxy
+        pool = HttpPool("127.0.0.1", proxy.port)
+        try:
+            for path in ("/health", "/health/liveness", "/health/readiness"):
+                assert await pool.post(path, b"") == (200, b'{"status": "up"}')
+        finally:
+            pool.close()
+
+
+async def test_workflows_effects_broadcast_pipe_forward_checkpoint(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host) as proxy:
+        store = proxy.node.store
+        await proxy.invoke("counter", "effect", i64(3), metadata={"trace": "t-2"})
+        # the side effect ran on sink with the turn's metadata under its own
+        await wait_until(lambda: _sink_is(proxy, 3), "the side effect on sink")
+        sink_turns = [t for t in await spawn_host.turns() if t["actor"] == "sink"]
+        assert sink_turns[-1]["action"] == "add"
+        assert sink_turns[-1]["metadata"] == {"trace": "t-2", "effect": "1"}
+        assert sink_turns[-1]["caller"] == f"{SYSTEM}/counter"
+        # broadcast: sink subscribes to "news" with its heard action
+        await proxy.invoke("counter", "broadcast", i64(4))
+        await wait_until(lambda: _sink_is(proxy, 7), "the broadcast to sink")
+        assert [t["action"] for t in await _turns_of(spawn_host, "sink")][-1] == "heard"
+        # pipe: counter's output (2 * 10) goes to echo (+1); forward: its input (2) does
+        assert await proxy.value("counter", "pipe", i64(2)) == i64(21)
+        assert await proxy.value("counter", "forward", i64(2)) == i64(3)
+        # checkpoint: durable before the reply although counter writes behind every 60 s
+        await proxy.invoke("counter", "checkpoint", count(42))
+        stored = await store.load((SYSTEM, "counter"))
+        assert stored is not None and count(42)[1] in stored.blob
+
+
+async def _sink_is(proxy: Proxy, n: int) -> bool:
+    return await proxy.value("sink", "get") == count(n)
+
+
+async def test_unnamed_and_pooled_actors(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host) as proxy:
+        spawned = await proxy.spawn("c1", parent="cart")
+        assert spawned.status.status == pb.OK and spawned.status.message == "Accepted"
+        assert await proxy.value("c1", "add", i64(2)) == count(2)
+        # register_ref: spawned lazily by the invocation itself
+        assert await proxy.value("c2", "add", i64(5), register_ref="cart") == count(5)
+        assert await proxy.value("c2", "add", i64(1)) == count(6)  # by name from now on
+        seen = json_of(await proxy.invoke("c1", "whoami"))
+        assert seen["self"] == [SYSTEM, "c1", "cart"]  # turns carry the parent
+        cart_turns = [t for t in await spawn_host.turns() if t["parent"] == "cart"]
+        assert {t["actor"] for t in cart_turns} == {"c1", "c2"}
+        # an unknown template is refused
+        refused = await proxy.spawn("c9", parent="nope", expect=500)
+        assert refused.status.status == pb.ERROR
+        # a pool's instances carry the pool as parent
+        work = json_of(await proxy.invoke("pool", "work"))
+        assert work["parent"] == "pool" and work["name"].startswith("pool#")
+
+
+async def test_async_invocations_in_order_and_scheduled(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host) as proxy:
+        letters = "abcdefghijklmnopqrst"
+        for ch in letters:
+            resp = await proxy.invoke("log", "append", text(ch), is_async=True)
+            assert resp.WhichOneof("payload") is None  # replied at once, no payload
+        want = (
+            "type.googleapis.com/spawntck.Log",
+            wr.StringValue(value=letters).SerializeToString(),
+        )
+        await wait_until(lambda: _value_is(proxy, "log", want), "20 async appends in order")
+        # scheduled_to is Unix epoch milliseconds
+        at = wall_ms() + 400
+        resp = await proxy.invoke("log", "append", text("!"), scheduled_to=at)
+        assert resp.WhichOneof("payload") is None
+        assert await proxy.value("log", "get") == want  # not yet
+        want2 = (want[0], wr.StringValue(value=letters + "!").SerializeToString())
+        await wait_until(lambda: _value_is(proxy, "log", want2), "the scheduled append")
+        assert wall_ms() >= at
+
+
+async def _value_is(proxy: Proxy, actor: str, want: Parts) -> bool:
+    return await proxy.value(actor, "get") == want
+
+
+async def test_timer_actions_repeat_every_interval_in_ms(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host) as proxy:
+        # ticker was activated at registration; its timer (100 "seconds") runs every 100 ms
+        await wait_until(lambda: _ticks(spawn_host, 3), "three ticks")
+        t0 = trio.current_time()
+        n0 = len(await _turns_of(spawn_host, "ticker"))
+        await trio.sleep(1.0)
+        n1 = len(await _turns_of(spawn_host, "ticker"))
+        elapsed = trio.current_time() - t0
+        # 100 ms apart: about 10 a second; far from 1 a second (seconds) or thousands
+        assert 3 <= n1 - n0 <= elapsed * 10 + 3, (n0, n1, elapsed)
+        assert await proxy.value("ticker", "get") is not None
+
+
+async def _ticks(host: HostProc, n: int) -> bool:
+    return len(await _turns_of(host, "ticker")) >= n
+
+
+async def test_reregistration_merges_and_keeps_live_state(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host) as proxy:
+        assert await proxy.value("counter", "add", i64(1)) == count(106)
+        await proxy.spawn("c1", parent="cart")
+        assert await proxy.value("c1", "add", i64(7)) == count(7)
+        outcome = await spawn_host.register(proxy.port, variant="v2")
+        assert outcome["status"] == "OK"
+        assert await proxy.value("late", "hello") == text("late")  # the new actor
+        assert await proxy.value("counter", "add", i64(1)) == count(107)  # state kept
+        assert await proxy.value("c1", "add", i64(1)) == count(8)  # instance kept
+        inits = [t for t in await _turns_of(spawn_host, "counter") if t["action"] == "init"]
+        assert len(inits) == 1  # the live activation was not restarted
+
+
+async def test_spawn_with_revision_restores_that_revision(
+    spawn_host: HostProc, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    async with spawn_node(
+        spawn_host,
+        **{
+            "statestore.url": url,
+            "statestore.allow_plaintext": True,
+            "statestore.history_keep": 10,
+        },
+    ) as proxy:
+        store = proxy.node.store
+        await proxy.spawn("c5", parent="cart")
+        for n in (1, 2, 3):  # cart checkpoints every turn: revisions 1, 2, 3
+            await proxy.invoke("c5", "add", i64(n))
+        assert await proxy.value("c5", "get") == count(6)
+        history = await store.history((SYSTEM, "c5"))  # type: ignore[attr-defined]
+        assert [h.revision for h in history] == [1, 2, 3]
+        resp = await proxy.spawn("c5", parent="cart", revision=2)
+        assert resp.status.status == pb.OK
+        assert await proxy.value("c5", "get") == count(3)  # 1 + 2, as at revision 2
+        assert await proxy.value("c5", "add", i64(10)) == count(13)
+        bad = await proxy.spawn("c5", parent="cart", revision=99, expect=500)
+        assert "revision 99" in bad.status.message
+
+
+async def test_nested_call_from_an_action_joins_the_call_chain(spawn_host: HostProc) -> None:
+    async with spawn_node(spawn_host) as proxy:
+
+        def call(actor: str, action: str, value: Parts, system: str = SYSTEM) -> Parts:
+            return json_parts(
+                {
+                    "system": system,
+                    "actor": actor,
+                    "action": action,
+                    "type_url": value[0],
+                    "value": base64.b64encode(value[1]).decode(),
+                }
+            )
+
+        # counter asks echo from inside its action (caller = counter)
+        assert await proxy.value("counter", "call", call("echo", "echo", i64(1))) == i64(2)
+        seen = json_of(await proxy.invoke("counter", "call", call("echo", "whoami", i64(0))))
+        assert seen["caller"] == [SYSTEM, "counter"]
+        # calling back into itself is a cycle, reported at once instead of a deadlock
+        with trio.fail_after(5):
+            back = json_of(await proxy.invoke("counter", "call", call("counter", "get", i64(0))))
+        assert back["error"].startswith("call_cycle:")
