@@ -64,6 +64,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spawnmesh.runtime")
 
+STALE_RETRIES = 4
+"""A turn fenced off (StaleActivation) is retried on fresh state this many times: during a
+hand-off the old owner may still write once or twice before it lets go."""
+
 SLICE_S = 0.001
 """Longest stretch a task may run invocations without yielding to the scheduler."""
 
@@ -347,7 +351,7 @@ class Runtime:
         metadata: Mapping[str, str] | None,
         caller: ActorId | None,
         chain: tuple[Key, ...],
-        retried: bool = False,
+        retried: int = 0,
     ) -> Any:
         key = (target.system, target.name)
         if chain and key in chain:
@@ -378,7 +382,7 @@ class Runtime:
                 await self._load(act)
             result = await self._turn(act, action, payload, metadata, caller, chain)
         except StaleActivation:
-            if retried:
+            if retried >= STALE_RETRIES:
                 raise
             retry = True
         else:
@@ -386,8 +390,10 @@ class Runtime:
         finally:
             self._release(act)
         if retry:  # the stale activation was dropped; a fresh one loads the current state
+            if retried:  # fenced again: another activation is still writing (a hand-off in
+                await trio.sleep(0.01 * retried)  # progress elsewhere); let it finish
             return await self._invoke(
-                target, action, payload, metadata, caller, chain, retried=True
+                target, action, payload, metadata, caller, chain, retried + 1
             )
         if result.__class__ is not Reply:
             return result
