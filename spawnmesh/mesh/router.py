@@ -352,7 +352,8 @@ class Router:
                          "spawnmesh.peer": node}
                 with tracer.span(f"spawnmesh.peer.{kind}", "client", attrs):
                     req = msgspec.structs.replace(req, trace=tracer.carrier())
-                    reply = await self.peers.request(node, self._addr(node), req)
+                    reply = await self.peers.request(node, self._addr(node), req,
+                                                     deadline=deadline)
         except SpawnmeshError as exc:
             errors = metrics.peer_request_errors
             key = ("outbound", exc.code)
