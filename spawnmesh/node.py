@@ -119,6 +119,10 @@ class Node:
         self.stop_requested = trio.Event()
         """Set when an operator asked this node to exit (``spawnmesh leave``)."""
         self._nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._edge_calls = 0
+        """HTTP/CLI invocations in flight (shutdown lets them finish before draining)."""
+        self._edges_idle = trio.Event()
         for item in systems:
             self.register(item)
 
@@ -546,7 +550,34 @@ class Node:
         parent: str | None,
     ) -> object:
         """Invoke with a JSON payload (CLI, HTTP): convert it to the action's payload type and
-        the reply to JSON-able builtins."""
+        the reply to JSON-able builtins. Counted while in flight: shutdown waits for these
+        (a call already sent to another node must get its answer back to its HTTP client,
+        or the client would retry a call that was applied)."""
+        if self._stopping:
+            raise NodeShuttingDown(f"node {self.name} is shutting down")
+        self._edge_calls += 1
+        try:
+            return await self._admin_invoke(system, actor, action, payload, metadata=metadata,
+                                            timeout_ms=timeout_ms, is_async=is_async,
+                                            delay_ms=delay_ms, parent=parent)
+        finally:
+            self._edge_calls -= 1
+            if self._edge_calls == 0:
+                self._edges_idle.set()
+
+    async def _admin_invoke(
+        self,
+        system: str,
+        actor: str,
+        action: str,
+        payload: object,
+        *,
+        metadata: dict[str, str],
+        timeout_ms: int | None,
+        is_async: bool,
+        delay_ms: int | None,
+        parent: str | None,
+    ) -> object:
         target = ActorId(system, actor, parent)
         payload = convert(payload, self._payload_type(target, action))
         if is_async or delay_ms:
@@ -687,6 +718,13 @@ class Node:
             if self.router is not None:  # hand every actor off now, not at the next view poll
                 self.router.update_view(self.membership.live())
         grace = self.config.actors.shutdown_grace_ms / 1000 if grace_s is None else grace_s
+        self._stopping = True  # new edge calls are refused; those in flight get their answer
+        with trio.move_on_after(grace):
+            while self._edge_calls:
+                self._edges_idle = trio.Event()
+                await self._edges_idle.wait()
+            if self.router is not None:
+                await self.router.wait_sends()  # casts and broadcasts sent in the background
         clean = await self.runtime.drain(grace)
         if self.peers is not None:  # after the drain: peers' calls were forwarded meanwhile
             await self.peers.close()

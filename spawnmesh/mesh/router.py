@@ -135,6 +135,9 @@ class Router:
         self._nursery: trio.Nursery | None = None
         self._pool_counter = itertools.count()
         self._in_flight: dict[str, int] = {}
+        self._sending = 0
+        """Background sends (casts, broadcasts) in flight."""
+        self._sends_idle = trio.Event()
         self._owners: dict[tuple[str, str], str] = {}
         """Owners looked up under the current placement (cleared when it changes)."""
         self._dead: set[str] = set()
@@ -440,7 +443,22 @@ class Router:
     def _background(self, fn: Any, *args: Any) -> None:
         if self._nursery is None:
             raise PeerUnavailable(f"node {self.node_id}: the mesh router is not running")
-        self._nursery.start_soon(fn, *args)
+        self._sending += 1
+        self._nursery.start_soon(self._counted, fn, args)
+
+    async def _counted(self, fn: Any, args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self._sending -= 1
+            if not self._sending:
+                self._sends_idle.set()
+
+    async def wait_sends(self) -> None:
+        """Until every background send (casts, broadcasts) has finished (shutdown)."""
+        while self._sending:
+            self._sends_idle = trio.Event()
+            await self._sends_idle.wait()
 
     async def spawn_remote(self, owner: str, target: ActorId) -> None:
         """Tell ``owner`` about unnamed instance ``target`` (so calls by name find it)."""
