@@ -49,6 +49,7 @@ from typing import Any
 
 import h11
 import trio
+from google.protobuf.message import DecodeError
 
 SPEC = Path(__file__).resolve().parents[1] / "spec"
 COUNT_URL = "type.googleapis.com/spawntck.Count"
@@ -104,7 +105,11 @@ def count(n: int) -> tuple[str, bytes]:
 
 
 def int_of(url_value: Any) -> int:
-    return int(wr.Int64Value.FromString(url_value.value).value) if url_value.value else 0
+    """The count in an Any (0 if it holds none: the checkpoint action stores any bytes)."""
+    try:
+        return int(wr.Int64Value.FromString(url_value.value).value)
+    except DecodeError:
+        return 0
 
 
 def set_any(field: Any, url: str, value: bytes) -> None:
@@ -288,7 +293,10 @@ class Host:
         if method is None:
             self.json(resp, {"unknown": f"{who}.{inv.action_name}"})
         else:
-            await method(inv, resp)
+            try:
+                await method(inv, resp)
+            except Exception as exc:  # an SDK answers a failed action with an HTTP error
+                return 500, f"{type(exc).__name__}: {exc}".encode()
         return 200, resp.SerializeToString()
 
     @staticmethod

@@ -491,3 +491,47 @@ async def test_nested_call_from_an_action_joins_the_call_chain(spawn_host: HostP
         with trio.fail_after(5):
             back = json_of(await proxy.invoke("counter", "call", call("counter", "get", i64(0))))
         assert back["error"].startswith("call_cycle:")
+
+
+async def test_spawn_and_grpc_hosted_actors_call_each_other(spawn_host: HostProc) -> None:
+    from spawnmesh.host.convert import from_any
+    from spawnmesh.host.gen.spawnmesh.tck.v1 import Value
+    from spawnmesh.testing.host_conformance import open_host_harness
+
+    grpc_host = [sys.executable, str(ROOT / "examples/hosts/grpclib_host.py")]
+    overrides = {
+        "spawn.enabled": True,
+        "spawn.port": 0,
+        "spawn.user_function_port": spawn_host.port,
+    }
+    async with open_host_harness(grpc_host, overrides=overrides) as h:
+        proxy = Proxy(h.node, h.node.spawn_proxy.port)
+        try:
+            await spawn_host.reset()
+            outcome = await spawn_host.register(proxy.port, extra="tck")
+            assert outcome["status"] == "OK" and outcome["extra"] == "OK", outcome
+            # a gRPC-hosted actor (tck/counter, over a Connect stream) calls a Spawn actor
+            # (tck/spawnee) from inside its turn: its tck.Value goes there and back
+            got = await h.ref("counter").invoke("call", Value(n=3, text="spawnee"))
+            assert from_any(got, Value) == Value(n=3, text="nested")
+            turn = [t for t in await spawn_host.turns() if t["actor"] == "spawnee"][-1]
+            assert turn["caller"] == "tck/counter" and turn["system"] == "tck"
+            # a Spawn actor calls a gRPC-hosted one (tck/echo) from inside its turn
+            url = "type.googleapis.com/spawnmesh.tck.v1.Value"
+            spec = {
+                "system": "tck",
+                "actor": "echo",
+                "action": "echo",
+                "type_url": url,
+                "value": base64.b64encode(bytes(Value(n=4, text="hi"))).decode(),
+            }
+            echoed = await proxy.value("counter", "call", json_parts(spec))
+            assert echoed is not None and echoed[0] == url
+            assert Value.parse(echoed[1]) == Value(n=4, text="echo:hi")
+            # and a Spawn client reaches the gRPC-hosted actor directly
+            direct = await proxy.value(
+                "echo", "echo", (url, bytes(Value(n=5, text="x"))), system="tck"
+            )
+            assert direct is not None and Value.parse(direct[1]) == Value(n=5, text="echo:x")
+        finally:
+            proxy.pool.close()

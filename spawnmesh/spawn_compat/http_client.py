@@ -193,11 +193,15 @@ class HttpPool:
                 raise HostUnavailable(f"the host at {self.address} closed the connection")
             # InformationalResponse (100 Continue): keep reading
 
-    def close(self) -> None:
-        """Close idle connections and refuse new requests (in-flight ones finish)."""
-        self.closed = True
+    def close_idle(self) -> None:
+        """Close the idle connections (new requests open new ones)."""
         idle, self._idle = self._idle, []
         for conn in idle:
             self._open -= 1
             conn.stream.socket.close()
         self._slot.unpark_all()
+
+    def close(self) -> None:
+        """Close idle connections and refuse new requests (in-flight ones finish)."""
+        self.closed = True
+        self.close_idle()

@@ -130,10 +130,7 @@ class SpawnProxy:
                 task_status.started()
         finally:
             self.registry.nursery = None
-
-    def close(self) -> None:
-        """Close the connections to Spawn hosts (the node is stopping)."""
-        self.registry.close()
+            self.registry.close_idle()
 
     # ------------------------------------------------------------------ routes
 

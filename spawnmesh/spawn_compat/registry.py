@@ -245,9 +245,14 @@ class SpawnRegistry:
         log.warning("could not activate %s at registration: no owner in time", aid)
 
     def close(self) -> None:
-        """Close every host connection pool (the proxy is stopping)."""
+        """Close every host connection pool for good."""
         for ss in self.systems.values():
             ss.pool.close()
+
+    def close_idle(self) -> None:
+        """Close the idle host connections (the proxy stopped; turns may still reopen)."""
+        for ss in self.systems.values():
+            ss.pool.close_idle()
 
     # ------------------------------------------------------------------ handlers
 
