@@ -46,7 +46,7 @@ from spawnmesh.statestore.base import StateStore
 from spawnmesh.statestore.memory import MemoryStateStore
 from spawnmesh.supervisor import ChildSpec, Supervisor
 from spawnmesh.system import ActorSystem
-from spawnmesh.wire.peer import PeerNode
+from spawnmesh.wire.peer import PeerLimits, PeerNode
 
 log = logging.getLogger("spawnmesh.node")
 
@@ -648,6 +648,9 @@ class Node:
         self.peers = peers = PeerNode(
             self.name, wall_ms(), settings.cluster, self._peer_request,
             keyring=settings.keyring,
+            # closing waits for the answers owed as long as the drain may take: an answer
+            # cut off makes its caller retry a call that ran
+            limits=PeerLimits(drain_timeout_ms=max(5_000, self.config.actors.shutdown_grace_ms)),
         )
         self.router = Router(
             self.runtime, peers, self.metrics, self.name,
