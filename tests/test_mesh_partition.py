@@ -90,6 +90,10 @@ def lab_missing() -> str | None:
     """Why the lab cannot be built here, or None."""
     if sys.platform != "linux" or os.geteuid() != 0:
         return "the partition lab needs root on Linux (network namespaces, nftables)"
+    if any(shutil.which(t) is None for t in ("ip", "nft", "unshare", "nsenter")):
+        subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" /
+                                    "lab-deps.sh")],
+                       capture_output=True, timeout=600, check=False)  # installs what it can
     for tool in ("ip", "nft", "unshare", "nsenter"):
         if shutil.which(tool) is None:
             hint = " (apt-get install nftables)" if tool == "nft" else ""
