@@ -638,6 +638,7 @@ class Node:
             await self.runtime.activate_eager()
             self.runtime.start_schedule_recovery()
             self._ready = True
+            _trim_heap()
             self.started_at = trio.current_time()
             task_status.started()
 
@@ -736,6 +737,21 @@ class Node:
             await trio.to_thread.run_sync(self.tracing.shutdown)
         log.info("node %s drained (%s)", self.name, "clean" if clean else "with losses")
         return clean
+
+
+def _trim_heap() -> None:
+    """Give the memory freed by start-up (import-time garbage) back to the OS: glibc keeps it in
+    the heap otherwise (about 2-3 MB of idle RSS on a small device). A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import gc
+
+    gc.collect()  # start-up garbage first, so its pages can go back too
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols include libc's
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _serve_at(peers: PeerNode, host: str, port: int) -> Any:
