@@ -18,20 +18,20 @@ import re
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
+if TYPE_CHECKING:  # prometheus_client is imported at the first scrape (~2 MB of idle RSS)
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
 
 from spawnmesh.clock import wall_ms
+
+CONTENT_TYPE_PLAIN_0_0_4: Final = "text/plain; version=0.0.4; charset=utf-8"
+"""prometheus_client's content type of the text format 0.0.4 (spelled out: see above)."""
 
 __all__ = [
     "BATCH_BUCKETS",
@@ -114,6 +114,8 @@ class Histogram:
 
     def family(self, name: str, doc: str, node: str) -> HistogramMetricFamily:
         """This histogram as a Prometheus family with the ``node`` label."""
+        from prometheus_client.core import HistogramMetricFamily
+
         fam = HistogramMetricFamily(name, doc, labels=("node",))
         cumulative, _count, total = self.snapshot()
         fam.add_metric(
@@ -373,8 +375,8 @@ class Metrics:
         self._gauge_sources: list[GaugeSource] = []
         self._counter_sources: list[CounterSource] = []
         self._warned: set[str] = set()  # invalid samples already logged (log once, not per scrape)
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_MetricsCollector(self))
+        self._registry: Any = None
+        """prometheus_client's registry, made at the first scrape."""
 
     def observe_invocation(self, outcome: str, seconds: float) -> None:
         """Count one finished invocation: its outcome (``"ok"`` or an error code) and duration.
@@ -417,6 +419,11 @@ class Metrics:
 
     def render(self) -> bytes:
         """Render every metric in the Prometheus text format 0.0.4 (see :attr:`CONTENT_TYPE`)."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(_MetricsCollector(self))
         return generate_latest(self._registry)
 
     # -- read-only views, for tests and the node's JSON status ---------------------------------
@@ -437,6 +444,8 @@ class Metrics:
     # -- scrape-time rendering -----------------------------------------------------------------
 
     def _collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
         node = self.node
         inv = CounterMetricFamily(
             "spawnmesh_invocations",
@@ -488,6 +497,9 @@ class Metrics:
         yield errs
 
     def _collect_sources(self, node: str) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.samples import Sample
+
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         # (name, sorted labels) -> index into the family's samples: the last value of a
         # duplicated series wins, so the exposition never repeats a series.
@@ -569,8 +581,9 @@ def _as_counter_sample(
     return base, doc, labels, value
 
 
-class _MetricsCollector(Collector):
-    """Adapter between :class:`Metrics` and the prometheus_client registry."""
+class _MetricsCollector:
+    """Adapter between :class:`Metrics` and the prometheus_client registry (duck-typed: a
+    registry with ``auto_describe=False`` only calls ``collect``)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
