@@ -513,7 +513,7 @@ def test_dns_discovery_and_scaling_3_to_5_to_3_under_load(
                 known.append(f"adds applied twice: {extra}")
             if known:
                 pytest.xfail(
-                    f"known mesh defects around graceful leaves (docs/kubernetes.md): "
+                    f"known mesh defects around graceful leaves (docs/deploy-kubernetes.md): "
                     f"{'; '.join(known[:5])}; survivors' {retries}"
                 )
         finally:
