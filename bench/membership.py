@@ -14,7 +14,7 @@ From the simulator, for n = 20 (detection only), 100 and 1,000:
 * ``false_dead_per_node_hour_starved_on`` / ``_off``: 5 % of the nodes run only every second
   (scenario ``starve-frac``), Lifeguard on and off, in the same run;
 * ``msgs_per_node_per_s``, ``udp_bytes_per_node_per_s``, ``tcp_bytes_per_node_per_s``,
-  ``bytes_per_node_per_s``: steady state after a warm-up (scenario ``traffic``). Datagrams and
+  ``bytes_per_node_per_s``: steady state after a short warm-up (scenario ``traffic``). Datagrams and
   UDP bytes are counted; TCP is the push-pull rate (one exchange of two full tables, of the
   measured size, per node per ``ceil(n / 32)`` x 30 s: at n = 1,000 that is 16 minutes, longer
   than the window) plus the TCP fallback pings counted in the window;
@@ -116,7 +116,7 @@ def main() -> int:
         log(f"n={n} with memberlist's suspicion settings {MEMBERLIST}: {res}")
 
     log("== steady-state traffic (scenario traffic, after a warm-up)")
-    for n, seconds in ((100, 300), (1000, 120)):
+    for n, seconds in ((100, 300), (1000, 60)):
         rep = run("traffic", n, seconds * q)
         notes = rep.notes
         total = notes["udp_bytes_per_node_per_s"] + notes["tcp_bytes_per_node_per_s"]

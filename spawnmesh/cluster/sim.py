@@ -556,10 +556,10 @@ def _scenario_steady(sim: Sim, duration_ms: int) -> SimReport:
 
 
 def _scenario_traffic(sim: Sim, duration_ms: int) -> SimReport:
-    """Steady-state traffic: after a warm-up of two push-pull intervals (every node's first
-    anti-entropy exchange falls in the first one), count what ``duration`` adds, per node and
-    second: datagrams, UDP bytes, bytes of completed TCP exchanges."""
-    warm = 2 * sim.config.push_pull_interval_ms
+    """Steady-state traffic per node and second over ``duration`` after a warm-up of five
+    probe periods: datagrams and UDP bytes counted; TCP = push-pull at its steady rate (below)
+    plus the other TCP exchanges (fallback pings) counted."""
+    warm = 5 * sim.config.probe_interval_ms
     sim.run(warm)
     d0, u0, t0, p0 = sim.datagrams, sim.udp_bytes, sim.tcp_bytes, sim.push_pull_bytes
     sim.run(warm + duration_ms)
