@@ -269,10 +269,12 @@ class Router:
     ) -> Any:
         """Run the invocation on ``owner``; when ownership moved (NotOwner, a lost peer),
         re-route and retry until the caller's deadline (the default one if it has none)."""
-        if target.parent is None:
-            adef = self.runtime.definition_for(target)
-            if adef is not None and adef.kind is Kind.UNNAMED:
-                target = ActorId(target.system, target.name, adef.name)
+        adef = self.runtime.definition_for(target)
+        if target.parent is None and adef is not None and adef.kind is Kind.UNNAMED:
+            target = ActorId(target.system, target.name, adef.name)
+        pooled = adef is not None and adef.kind is Kind.POOLED
+        ad = adef.actions.get(action) if adef is not None else None
+        reply_type = ad.reply_type if ad is not None else None
         req = self._request(m.Kind.CALL, target, action, encode_value(payload), metadata,
                             caller, chain)
         # A caller without a deadline gets the default one, as a bound the owner applies to
@@ -282,7 +284,7 @@ class Router:
         give_up = (trio.current_time() + self._default_timeout_s
                    if deadline == math.inf else math.inf)
         return await self._call(owner, target, action, req, payload, metadata, caller, chain,
-                                give_up, deadline)
+                                give_up, deadline, pooled, reply_type)
 
     async def _call(
         self,
@@ -296,6 +298,8 @@ class Router:
         chain: tuple[Key, ...],
         give_up: float,
         deadline: float | None = None,
+        pooled: bool = False,
+        reply_type: Any = None,
     ) -> Any:
         backoff = 0.01
         while True:
@@ -308,22 +312,22 @@ class Router:
                     )
                 req.deadline_ms = math.ceil(left * 1000)
             self.metrics.remote_invocations_total += 1
-            self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
+            if pooled:  # calls in flight per member spread a pool's calls
+                self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
             try:
                 reply = await self._send(owner, req, deadline)
             except (NotOwner, PeerUnavailable, NoOwner) as exc:
                 self.metrics.not_owner_retries_total += 1
                 log.debug("%s.%s via %s: %s (re-routing)", target, action, owner, exc)
             else:
-                adef = self.runtime.definition_for(target)
-                ad = adef.actions.get(action) if adef is not None else None
-                return decode_reply(reply, ad.reply_type if ad is not None else None)
+                return decode_reply(reply, reply_type)
             finally:
-                n = self._in_flight[owner] - 1
-                if n:
-                    self._in_flight[owner] = n
-                else:
-                    del self._in_flight[owner]
+                if pooled:
+                    n = self._in_flight[owner] - 1
+                    if n:
+                        self._in_flight[owner] = n
+                    else:
+                        del self._in_flight[owner]
             await self._view_change_or(min(backoff, max(0.0, give_up - trio.current_time())))
             backoff = min(backoff * 2, 0.5)
             adef = self.runtime.definition_for(target)
