@@ -77,11 +77,16 @@ def fresh_database(dialect: str, tmp_path: Path) -> Iterator[sa.URL]:
 
 @asynccontextmanager
 async def sql_store(url: sa.URL | str, **kw: Any) -> AsyncIterator[SqlStateStore]:
-    """An opened SqlStateStore (encrypted with KEY1 unless told otherwise), closed afterwards."""
+    """An opened SqlStateStore (encrypted with KEY1 unless told otherwise), its writer process
+    ready (unless ``writer_process=False``), closed afterwards."""
     kw.setdefault("keyring", _keyring(KEY1))
     kw.setdefault("pool_size", 4)
     store = SqlStateStore(url, **kw)
     await store.open()
+    if store._proc is not None:  # batches go through the writer process once it is ready
+        with trio.fail_after(60):
+            while not await store._proc.poll_ready():  # noqa: ASYNC110 (no event for it)
+                await trio.sleep(0.02)
     try:
         yield store
     finally:

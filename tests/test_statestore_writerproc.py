@@ -52,6 +52,17 @@ async def _until(pred: Any, what: str, timeout_s: float = 15.0) -> None:
             await trio.sleep(0.02)
 
 
+async def ready(s: SqlStateStore) -> int:
+    """Wait until the store's writer process can take batches (until then the store writes in
+    the node's process); its answers so far."""
+    proc = s._proc
+    assert proc is not None
+    with trio.fail_after(60):
+        while not await proc.poll_ready():  # noqa: ASYNC110 (no event for a pipe byte)
+            await trio.sleep(0.02)
+    return proc.replies
+
+
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
     try:
@@ -116,12 +127,31 @@ def test_oversized_frame_is_an_error_not_an_allocation() -> None:
 # --------------------------------------------------------------------------- lifecycle
 
 
-async def test_child_starts_with_the_first_batch_and_exits_on_close(tmp_path: Path) -> None:
+async def test_child_starts_with_the_store_and_exits_on_close(tmp_path: Path) -> None:
     async with store_at(tmp_path / "s.db") as s:
-        assert s.writer_pid is None  # opening (CLI commands, loads) starts no process
-        assert await s.save_many([StateWrite(("s", "a"), 0, b"1")]) == [1]
-        pid = s.writer_pid
+        pid = s.writer_pid  # started by open(), not waited for
         assert pid is not None and _alive(pid)
+        # until it is ready, batches are written in this process
+        assert await s.save_many([StateWrite(("s", "a"), 0, b"1")]) == [1]
+        before = await ready(s)
+        assert await s.save_many([StateWrite(("s", "a"), 1, b"2")]) == [2]
+        assert s._proc is not None and s._proc.replies == before + 1  # through the child
+        assert s.writer_pid == pid
+    assert not _alive(pid)
+
+
+async def test_unused_child_is_stopped_at_once(tmp_path: Path) -> None:
+    """A store opened and closed without a write (a CLI command) does not wait for the child's
+    imports to finish."""
+    s = SqlStateStore(f"sqlite:///{tmp_path / 's.db'}", keyring=Keyring.parse(KEY))
+    # a child that would take 60 s to notice its stdin closed (aclose waits up to 10 s for a
+    # child that was asked to write)
+    s.writer_command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    await s.open()
+    pid = s.writer_pid
+    assert pid is not None
+    with trio.fail_after(5):
+        await s.aclose()
     assert not _alive(pid)
 
 
@@ -129,6 +159,7 @@ async def test_killed_child_fails_the_batch_and_a_new_one_takes_over(tmp_path: P
     """SIGKILL the child between batches: that batch fails with StatestoreUnavailable (the
     writer keeps it pending), the next starts a new child, and nothing written is lost."""
     async with store_at(tmp_path / "s.db") as s:
+        await ready(s)
         assert await s.save_many([StateWrite(("s", "a"), 0, b"1")]) == [1]
         pid = s.writer_pid
         assert pid is not None
@@ -137,9 +168,12 @@ async def test_killed_child_fails_the_batch_and_a_new_one_takes_over(tmp_path: P
         with pytest.raises(StatestoreUnavailable, match="writer process failed"):
             await s.save_many([StateWrite(("s", "a"), 1, b"2")])
         assert await s.save_many([StateWrite(("s", "a"), 1, b"2")]) == [2]
-        assert s.writer_pid not in (None, pid)
+        assert s.writer_pid not in (None, pid)  # a new child (written here while it starts)
+        answered = await ready(s)
+        assert await s.save_many([StateWrite(("s", "a"), 2, b"3")]) == [3]
+        assert s._proc is not None and s._proc.replies == answered + 1
         got = await s.load(("s", "a"))
-        assert got is not None and (got.revision, got.blob) == (2, b"2")
+        assert got is not None and (got.revision, got.blob) == (3, b"3")
 
 
 async def test_child_killed_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> None:
@@ -147,6 +181,7 @@ async def test_child_killed_mid_batch_leaves_all_or_nothing(tmp_path: Path) -> N
     retry either applies it or finds it applied (fenced off, never written twice)."""
     keys = [("s", f"k{i}") for i in range(5000)]
     async with store_at(tmp_path / "s.db") as s:
+        await ready(s)
         assert await s.save_many([StateWrite(k, 0, b"old") for k in keys]) == [1] * len(keys)
         pid = s.writer_pid
         assert pid is not None
@@ -180,15 +215,17 @@ async def test_child_ignores_sigint_and_sigterm(tmp_path: Path) -> None:
     """A terminal's Ctrl-C or a service manager's SIGTERM reaches the whole process group; the
     node drains through its writer process, so the child must outlive them."""
     async with store_at(tmp_path / "s.db") as s:
+        await ready(s)
         assert await s.save_many([StateWrite(("s", "a"), 0, b"1")]) == [1]
         pid = s.writer_pid
-        assert pid is not None
+        assert pid is not None and s._proc is not None
+        answered = s._proc.replies
         os.kill(pid, signal.SIGINT)
         os.kill(pid, signal.SIGTERM)
         await trio.sleep(0.2)
         assert _alive(pid)
         assert await s.save_many([StateWrite(("s", "a"), 1, b"2")]) == [2]
-        assert s.writer_pid == pid
+        assert s.writer_pid == pid and s._proc.replies == answered + 1
 
 
 def test_child_exits_when_the_node_process_is_killed(tmp_path: Path) -> None:
@@ -222,23 +259,23 @@ def test_child_exits_when_the_node_process_is_killed(tmp_path: Path) -> None:
 async def test_no_child_can_start_falls_back_to_writing_in_process(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Children that die before they are ready never cost a write: batches are written in the
+    node's process meanwhile, and after three such deaths the store stops starting them."""
     s = SqlStateStore(f"sqlite:///{tmp_path / 's.db'}", keyring=Keyring.parse(KEY))
     s.writer_command = [sys.executable, "-c", "import sys; sys.exit(3)"]
     await s.open()
     try:
-        failures = 0
-        while True:
-            try:
-                res = await s.save_many([StateWrite(("s", "a"), 0, b"1")])
-                break
-            except StatestoreUnavailable:
-                failures += 1
-                assert failures <= 3
-        assert res == [1] and failures == 3
+        rev = 0
+        with trio.fail_after(60):
+            while s._proc is not None:
+                assert await s.save_many([StateWrite(("s", "a"), rev, b"%d" % rev)]) == [rev + 1]
+                rev += 1
+                await trio.sleep(0.02)
         assert "writing state in the node's process instead" in caplog.text
         assert s.writer_pid is None
+        assert await s.save_many([StateWrite(("s", "a"), rev, b"last")]) == [rev + 1]
         got = await s.load(("s", "a"))
-        assert got is not None and got.blob == b"1"
+        assert got is not None and (got.revision, got.blob) == (rev + 1, b"last")
     finally:
         await s.aclose()
 
@@ -247,6 +284,7 @@ async def test_invalid_batch_is_refused_by_the_child_like_in_process(tmp_path: P
     from spawnmesh.errors import InvalidArgument
 
     async with store_at(tmp_path / "s.db") as s:
+        await ready(s)
         with pytest.raises(InvalidArgument, match="more than one write"):
             await s.save_many([StateWrite(("s", "a"), 0, b"1"), StateWrite(("s", "a"), 0, b"2")])
         with pytest.raises(InvalidArgument, match="negative base"):
@@ -257,6 +295,7 @@ async def test_invalid_batch_is_refused_by_the_child_like_in_process(tmp_path: P
 async def test_concurrent_batches_share_one_child(tmp_path: Path) -> None:
     """Overlapping save_many calls (the writer's lanes) each get their own reply."""
     async with store_at(tmp_path / "s.db") as s:
+        answered = await ready(s)
         results: dict[int, list[Any]] = {}
 
         async def batch(i: int) -> None:
@@ -270,3 +309,4 @@ async def test_concurrent_batches_share_one_child(tmp_path: Path) -> None:
         assert {i: len(r) for i, r in results.items()} == {i: 50 + i for i in range(6)}
         assert all(r == [1] * len(r) for r in results.values())
         assert s.writes == sum(50 + i for i in range(6))
+        assert s._proc is not None and s._proc.replies == answered + 6

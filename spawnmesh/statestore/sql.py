@@ -11,6 +11,10 @@ revisions are read first (locked on Postgres/MySQL; SQLite's ``BEGIN IMMEDIATE``
 writers), stale items are reported and the rest applied the same way. *Item by item* (if a racing
 insert or a row count still disagrees): each statement alone, inserts under savepoints. The fence
 is always in the statement itself, so a stale item never overwrites and never fails the others.
+
+Batches are written by a writer process (``writerproc``: sealing and SQL off the node's GIL) once
+it is ready, and in this process until then, or for good if it cannot start
+(``writer_process=False`` always writes here).
 """
 
 from __future__ import annotations
@@ -214,6 +218,9 @@ class SqlStateStore:
         self._proc: WriterProcess | None = None
         self._in_writer_process = False
         """Set in the writer process (nothing else runs there: no GIL to share)."""
+        self._inproc_lock = trio.Lock()
+        """Batches written in this process go one at a time (two SQLite write transactions
+        would only wait on each other)."""
         self._proc_setup: dict[str, Any] | None = None
         """What a writer process is started with (None: write in this process)."""
         self.writer_command: list[str] | None = None
@@ -396,12 +403,14 @@ class SqlStateStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        """Create the engine, check the connection and apply pending schema migrations. The
-        writer process (if any) starts with the first batch."""
+        """Create the engine, start the writer process (if any; not waited for: its imports
+        overlap the migration and the node's start), check the connection and apply pending
+        schema migrations."""
         if self._engine is None:
             self._engine = self._make_engine()
         if self._proc_setup is not None and self._proc is None:
             self._proc = WriterProcess(self._proc_setup, self.where, self.writer_command)
+            await self._proc.start()
         if self._keyring is None:
             log.warning("statestore %s: state is stored UNENCRYPTED (allow_plaintext)", self.where)
         await self._migrate()
@@ -645,13 +654,35 @@ class SqlStateStore:
         if not writes:
             await trio.lowlevel.checkpoint()
             return []
-        if self._proc is not None:
+        if self._proc is not None and await self._writer_ready(self._proc):
             # Encode and let go of the batch before waiting: rows that outlive a garbage
             # collection of the young generation get promoted, and enough of them trigger
             # full collections over every live actor (measured: 15% of the node's time).
             body = self._encode_rows(writes)
             del writes
             return await self._save_remote(body)
+        # In this process: no writer process, or it is still starting (its imports take a
+        # good part of a second, more on a busy machine; nothing waits for them).
+        async with self._inproc_lock:
+            return await self._save_here(writes)
+
+    async def _writer_ready(self, proc: WriterProcess) -> bool:
+        """Whether batches go to the writer process now; (re)starts it if none runs, and gives
+        up on it once children keep dying on start."""
+        if proc.pid is None and not proc.broken:
+            await proc.start()
+        if proc.broken:
+            if self._proc is proc:
+                log.error(
+                    "statestore %s: the writer process dies on start (see its errors above); "
+                    "writing state in the node's process instead", self.where,
+                )
+                self._proc = None
+                await proc.aclose()
+            return False
+        return await proc.poll_ready()
+
+    async def _save_here(self, writes: list[StateWrite]) -> list[WriteResult]:
         seen: set[ActorKey] = set()
         for w in writes:
             self._check_write(w)
@@ -690,17 +721,7 @@ class SqlStateStore:
             raise StatestoreUnavailable("statestore is not open")
         if not self._migrated:
             await self._migrate()
-        try:
-            reply = await proc.call(body)
-        except StatestoreUnavailable:
-            if proc.broken and self._proc is proc:
-                log.error(
-                    "statestore %s: the writer process dies on start (see its errors above); "
-                    "writing state in the node's process instead", self.where,
-                )
-                self._proc = None
-                await proc.aclose()
-            raise
+        reply = await proc.call(body)
         status = reply[0]
         if status == OK:
             results, counters = reply[1], reply[2]
@@ -872,8 +893,7 @@ class SqlStateStore:
     def _raw_sql(self, conn: Connection) -> _RawSql:
         raw = self._raw
         if raw is None:
-            raw = self._raw = _RawSql(conn.dialect, gil_shared=self._proc is None and
-                                      not self._in_writer_process)
+            raw = self._raw = _RawSql(conn.dialect, gil_shared=not self._in_writer_process)
         return raw
 
     def _write_history(self, conn: Connection, rows: list[_Row], now: int) -> None:

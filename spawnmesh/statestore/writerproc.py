@@ -45,8 +45,8 @@ _PIPE_BYTES = 1 << 20
 """Pipe capacity asked for (Linux): a batch of 1,000 rows of 200 bytes goes in one write."""
 _EXIT_WAIT_S = 10.0
 
-OK, UNAVAILABLE, INVALID, ERROR = 0, 1, 2, 3
-"""Reply status codes."""
+OK, UNAVAILABLE, INVALID, ERROR, READY = 0, 1, 2, 3, 4
+"""Reply status codes (READY: the child's first frame, once it can write)."""
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -123,7 +123,8 @@ _BROKEN_AFTER = 3
 
 
 class WriterProcess:
-    """Node side of one writer process: started on first use, restarted after it died.
+    """Node side of one writer process: started ahead by ``start`` (or by the first request),
+    restarted after it died.
 
     ``call`` sends one request and returns its decoded reply; requests may overlap (each
     caller reads replies in order until its own arrived), which lets the node prepare the
@@ -143,16 +144,63 @@ class WriterProcess:
         self._frames = FrameBuffer()
         self._answered = False
         """The running child has answered at least once."""
+        self._asked = False
+        """The running child was sent a request."""
+        self._ready = False
+        """The running child said READY (its imports are done)."""
         self._closed = False
         self._stillborn = 0
         """Children in a row that died before answering."""
         self.starts = 0
         """Child processes started (for tests: a restart after a crash counts)."""
+        self.replies = 0
+        """Requests answered by children (for tests: which batches went through one)."""
 
     @property
     def broken(self) -> bool:
         """Several children in a row died before answering: do not start another."""
         return self._stillborn >= _BROKEN_AFTER
+
+    async def poll_ready(self) -> bool:
+        """Whether the running child is ready for requests, without waiting: reads its READY
+        frame if it has arrived. A child found dead is forgotten (the next ``start`` makes a new
+        one)."""
+        proc = self._proc
+        if proc is None:
+            return False
+        if self._ready:
+            return True
+        stdout = proc.stdout
+        if self._recv_lock.locked() or not isinstance(stdout, trio.lowlevel.FdStream):
+            return False
+        try:
+            data = os.read(stdout.fileno(), 65536)  # the fd is non-blocking (trio's)
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            await self._died(proc, f"cannot read from it: {err!r}")
+            return False
+        if not data:
+            await self._died(proc, "it exited")
+            return False
+        self._frames.feed(data)
+        try:
+            await self._take_ready(proc)
+        except FrameError as err:
+            await self._died(proc, f"it sent garbage: {err}")
+        return self._ready
+
+    async def _take_ready(self, proc: trio.Process) -> None:
+        """Consume the READY frame if it is buffered (it comes before any reply)."""
+        if self._ready:
+            return
+        body = self._frames.pop()
+        if body is None:
+            return
+        if _decode(body) != [READY]:
+            await self._died(proc, "its first frame was not READY")
+            return
+        self._ready = True
 
     @property
     def pid(self) -> int | None:
@@ -168,6 +216,7 @@ class WriterProcess:
                 proc = self._proc or await self._start()
                 item = _Pending()
                 self._pending.append(item)
+                self._asked = True
                 stdin = proc.stdin
                 assert stdin is not None
                 try:
@@ -180,12 +229,22 @@ class WriterProcess:
                         break
                     reply = await self._read_reply(proc)
                     if reply is not None:
+                        self.replies += 1
                         self._answered = True
                         self._stillborn = 0
                         self._pending.popleft().reply = reply
             if item.error is not None:
                 raise item.error
             return item.reply
+
+    async def start(self) -> None:
+        """Start a child now (its imports take a good part of a second) unless one runs; never
+        raises (the first batch tries again)."""
+        if self._proc is None and not self._closed and not self.broken:
+            async with self._send_lock:
+                if self._proc is None:
+                    with contextlib.suppress(StatestoreUnavailable):
+                        await self._start()
 
     async def _start(self) -> trio.Process:
         if self._closed or self.broken:
@@ -208,6 +267,8 @@ class WriterProcess:
         self._proc = proc
         self._frames.clear()
         self._answered = False
+        self._asked = False
+        self._ready = False
         self.starts += 1
         assert proc.stdin is not None
         try:
@@ -224,9 +285,12 @@ class WriterProcess:
         frames = self._frames
         while True:
             try:
-                body = frames.pop()
+                await self._take_ready(proc)
+                body = frames.pop() if self._ready else None
             except FrameError as err:
                 await self._died(proc, f"it sent garbage: {err}")
+                return None
+            if self._proc is not proc:  # died meanwhile (_take_ready)
                 return None
             if body is not None:
                 return _decode(body)
@@ -268,6 +332,9 @@ class WriterProcess:
         if proc is None:
             return
         with trio.CancelScope(shield=True):
+            if not self._asked:  # started ahead and never used (a CLI command): no waiting
+                with contextlib.suppress(OSError):
+                    proc.kill()
             if proc.stdin is not None:
                 with contextlib.suppress(trio.BrokenResourceError, OSError):
                     await proc.stdin.aclose()
@@ -321,6 +388,7 @@ def serve(rfd: int, wfd: int) -> None:
         writer_process=False,
     )
     store._in_writer_process = True
+    _write_all(wfd, frame(_encode([READY])))  # imports done: the node may send batches now
     try:
         while True:
             head = _read_exact(reader, _HEADER.size)
