@@ -517,7 +517,7 @@ class Router:
             return None
         payload = decode_value(req.payload, _payload_type(adef, req.action))
         if kind is m.Kind.CALL:
-            chain = tuple((c[0], c[1]) for c in req.chain)
+            chain = tuple((c[0], c[1]) for c in req.chain) if req.chain else ()
             value = await self.runtime.invoke_as(target, req.action, payload, req.metadata,
                                                  req.caller, chain)
             return encode_value(value)
