@@ -26,6 +26,7 @@ and must keep it byte for byte)::
     sink     NAMED stateful, channel "news" -> heard; add, heard (n += v, tag last_meta)
     ticker   NAMED stateful, timer tick every 100 ms (n += 1)
     cart     UNNAMED stateful: add (n += v, checkpoint), whoami
+    bench    UNNAMED stateful: add (n += v), for bench/spawn_http.py
     pool     POOLED (2): work -> JSON {name, parent}
     custom   NAMED stateful, registers "get" itself (answers StringValue "host-get")
     log      NAMED stateful: append(StringValue s) -> state text + s
@@ -182,6 +183,8 @@ class Host:
         self.proxy = proxy
         self.variant = variant
         self.turns: list[dict[str, Any]] = []
+        self.log = True
+        """Keep a log of the turns (off for the benchmark)."""
 
     def registration(self, host_address: str, system: str = "") -> bytes:
         """The RegistrationRequest of this host's system (or, with ``system``, of a small
@@ -256,6 +259,7 @@ class Host:
         actor("sink", ["add", "heard"], channels=[("news", "heard")])
         actor("ticker", [], timers=[(100, "tick")])
         actor("cart", ["add", "whoami"], kind=pa.UNNAMED)
+        actor("bench", ["add"], kind=pa.UNNAMED)
         actor("pool", ["work"], kind=pa.POOLED, stateful=False, pool=2)
         actor("custom", ["get"])
         actor("log", ["append"])
@@ -267,6 +271,26 @@ class Host:
         inv = pp.ActorInvocation.FromString(body)
         ctx = inv.current_context
         who = inv.actor.parent or inv.actor.name.split("#")[0]
+        if self.log:
+            self.log_turn(inv)
+        if inv.action_name == "fail":
+            return 500, b"boom: failed on purpose"
+        resp = pp.ActorInvocationResponse(actor_name=inv.actor.name, actor_system=inv.actor.system)
+        uc = resp.updated_context
+        uc.CopyFrom(ctx)  # SDKs send the context back; state and tags changed below
+        method = getattr(self, f"a_{who}", None)
+        if method is None:
+            self.json(resp, {"unknown": f"{who}.{inv.action_name}"})
+        else:
+            try:
+                await method(inv, resp)
+            except Exception as exc:  # an SDK answers a failed action with an HTTP error
+                return 500, f"{type(exc).__name__}: {exc}".encode()
+        return 200, resp.SerializeToString()
+
+    def log_turn(self, inv: Any) -> None:
+        """Remember what the turn carried (GET /debug/turns)."""
+        ctx = inv.current_context
         self.turns.append(
             {
                 "actor": inv.actor.name,
@@ -284,20 +308,6 @@ class Host:
                 "payload": inv.WhichOneof("payload") or "",
             }
         )
-        if inv.action_name == "fail":
-            return 500, b"boom: failed on purpose"
-        resp = pp.ActorInvocationResponse(actor_name=inv.actor.name, actor_system=inv.actor.system)
-        uc = resp.updated_context
-        uc.CopyFrom(ctx)  # SDKs send the context back; state and tags changed below
-        method = getattr(self, f"a_{who}", None)
-        if method is None:
-            self.json(resp, {"unknown": f"{who}.{inv.action_name}"})
-        else:
-            try:
-                await method(inv, resp)
-            except Exception as exc:  # an SDK answers a failed action with an HTTP error
-                return 500, f"{type(exc).__name__}: {exc}".encode()
-        return 200, resp.SerializeToString()
 
     @staticmethod
     def json(resp: Any, value: object) -> None:
@@ -417,6 +427,11 @@ class Host:
         set_any(resp.value, *count(n))
         resp.checkpoint = True
 
+    async def a_bench(self, inv: Any, resp: Any) -> None:
+        n = int_of(inv.current_context.state) + int_of(inv.value)
+        set_any(resp.updated_context.state, *count(n))
+        set_any(resp.value, *count(n))
+
     async def a_pool(self, inv: Any, resp: Any) -> None:
         self.json(resp, {"name": inv.actor.name, "parent": inv.actor.parent})
 
@@ -509,9 +524,11 @@ async def main() -> None:
         help="name this host's address in the registration (spawnmesh extension)",
     )
     parser.add_argument("--variant", default="base")
+    parser.add_argument("--no-log", action="store_true", help="keep no turn log (benchmark)")
     args = parser.parse_args()
     proxy = Client(args.proxy or "127.0.0.1:9001")
     host = Host(args.system, proxy, args.variant)
+    host.log = not args.no_log
     listeners = await trio.open_tcp_listeners(args.port, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
 

@@ -53,6 +53,7 @@ LAYERS: list[tuple[str, int]] = [
     ("spawnmesh.system", 1),
     ("spawnmesh.host", 2),
     ("spawnmesh.host.*", 2),
+    ("spawnmesh.spawn_compat.http11", 0),
     ("spawnmesh.spawn_compat", 2),
     ("spawnmesh.spawn_compat.*", 2),
     ("spawnmesh.node", 2),
@@ -64,7 +65,7 @@ LAYERS: list[tuple[str, int]] = [
 ]
 
 SANS_IO = ["spawnmesh.cluster.*", "spawnmesh.wire.codec*", "spawnmesh.wire.messages*",
-           "spawnmesh.wire.handshake*"]
+           "spawnmesh.wire.handshake*", "spawnmesh.spawn_compat.http11"]
 SANS_IO_EXCEPT = ["spawnmesh.cluster.transport*", "spawnmesh.cluster.discovery*",
                   "spawnmesh.cluster.membership*"]
 IO_MODULES = {"trio", "asyncio", "socket", "selectors", "threading", "time", "anyio",

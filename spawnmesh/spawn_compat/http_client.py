@@ -1,4 +1,4 @@
-"""A small pooled HTTP/1.1 client on trio and h11: the node's calls to a Spawn host.
+"""A small pooled HTTP/1.1 client on trio: the node's calls to a Spawn host (codec: :mod:`.http11`).
 
 Each turn of a Spawn-registered actor is one ``POST /api/v1/actors/actions`` to the host. The
 pool keeps connections alive between turns (Spawn's proxy sends ``Connection: keep-alive``),
@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-import h11
 import trio
 
 from spawnmesh.errors import HostUnavailable
+from spawnmesh.spawn_compat import fastio
+from spawnmesh.spawn_compat.http11 import MessageReader, ProtocolError, request_bytes
 
 log = logging.getLogger("spawnmesh.spawn")
 
@@ -29,13 +30,13 @@ _RECEIVE_SIZE: Final = 64 * 1024
 
 
 class _Conn:
-    """One keep-alive connection: its stream and h11 state."""
+    """One keep-alive connection: its stream and its response reader."""
 
-    __slots__ = ("h11", "reused", "stream")
+    __slots__ = ("reader", "reused", "stream")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, max_response: int) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader = MessageReader(is_request=False, max_body_bytes=max_response)
         self.reused = False
 
 
@@ -84,22 +85,25 @@ class HttpPool:
         if self.closed:
             raise HostUnavailable(f"the connection pool to {self.address} is closed")
         self.requests_total += 1
-        headers = [
-            ("host", self.address),
-            ("content-type", content_type),
-            ("accept", "application/octet-stream"),
-            ("connection", "keep-alive"),
-            ("content-length", str(len(body))),
-        ]
-        request = h11.Request(method="POST", target=path, headers=headers)
+        request = request_bytes(
+            "POST",
+            path,
+            self.address,
+            body,
+            [
+                ("content-type", content_type),
+                ("accept", "application/octet-stream"),
+                ("connection", "keep-alive"),
+            ],
+        )
         conn = await self._acquire()
         try:
-            return await self._exchange(conn, request, body)
+            return await self._exchange(conn, request)
         except _Stale:
             pass
         conn = await self._acquire(fresh=True)
         try:
-            return await self._exchange(conn, request, body)
+            return await self._exchange(conn, request)
         except _Stale:
             raise HostUnavailable(f"{self.address} closed the connection") from None
 
@@ -123,27 +127,22 @@ class HttpPool:
                         ) from None
                     raise
                 self.connections_opened_total += 1
-                return _Conn(stream)
+                return _Conn(stream, self._max_response)
             fresh = False  # waited for a slot: an idle connection is as good as a new one
             await self._slot.park()
 
-    async def _exchange(self, conn: _Conn, request: h11.Request, body: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, conn: _Conn, request: bytes) -> tuple[int, bytes]:
         """Send one request on ``conn`` and read the answer; return the connection to the
         pool after a complete exchange, close it otherwise."""
         keep = False
         try:
-            h = conn.h11
-            data = h.send(request) + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
             try:
-                await conn.stream.send_all(data)
+                await fastio.send(conn.stream, request)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if conn.reused:
                     raise _Stale from None
                 raise HostUnavailable(f"sending to {self.address} failed: {exc}") from None
-            status, data = await self._read(conn)
-            if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-                conn.h11.start_next_cycle()
-                keep = True
+            status, data, keep = await self._read(conn)
             return status, data
         finally:
             if keep and not self.closed:
@@ -154,44 +153,33 @@ class HttpPool:
                 self._slot.unpark()
                 conn.stream.socket.close()
 
-    async def _read(self, conn: _Conn) -> tuple[int, bytes]:
-        status = 0
-        chunks: list[bytes] = []
-        size = 0
+    async def _read(self, conn: _Conn) -> tuple[int, bytes, bool]:
+        """(status, body, whether the connection may be reused)."""
+        reader = conn.reader
         got_any = False
-        h = conn.h11
         while True:
             try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
+                msg = reader.next()
+            except ProtocolError as exc:
+                if exc.status == 413:
+                    raise HostUnavailable(
+                        f"the host at {self.address} answered more than {self._max_response} bytes"
+                    ) from None
                 raise HostUnavailable(
                     f"the host at {self.address} answered malformed HTTP: {exc}"
                 ) from None
-            if event is h11.NEED_DATA:
-                try:
-                    data = await conn.stream.receive_some(_RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    if conn.reused and not got_any:
-                        raise _Stale from None
-                    raise HostUnavailable(f"reading from {self.address} failed: {exc}") from None
-                if not data and conn.reused and not got_any:
-                    raise _Stale
-                got_any = True
-                h.receive_data(data)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self._max_response:
-                    raise HostUnavailable(
-                        f"the host at {self.address} answered more than {self._max_response} bytes"
-                    )
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return status, b"".join(chunks) if len(chunks) != 1 else chunks[0]
-            elif isinstance(event, h11.ConnectionClosed):
-                raise HostUnavailable(f"the host at {self.address} closed the connection")
-            # InformationalResponse (100 Continue): keep reading
+            if msg is not None:
+                return msg.status, msg.body, msg.keep_alive
+            try:
+                data = await fastio.receive(conn.stream, _RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if conn.reused and not got_any:
+                    raise _Stale from None
+                raise HostUnavailable(f"reading from {self.address} failed: {exc}") from None
+            if not data and conn.reused and not got_any:
+                raise _Stale
+            got_any = True
+            reader.feed(data)
 
     def close_idle(self) -> None:
         """Close the idle connections (new requests open new ones)."""

@@ -1,11 +1,11 @@
-"""A small HTTP/1.1 server on trio and h11 for the Spawn proxy port.
+"""A small HTTP/1.1 server on trio for the Spawn proxy port (the codec: :mod:`.http11`).
 
 It mirrors the ops server (``spawnmesh/ops/http.py``) with what a protocol endpoint needs: a
 handler per request taking the method, path, query and body; keep-alive connections (Spawn SDKs
-reuse theirs); request heads bounded by h11, bodies by ``max_body_bytes`` (refused with 413 from
-the ``Content-Length`` alone), every read and write by ``idle_timeout_s``, connections by
-``max_connections``. Malformed HTTP gets a 400 and the connection is closed; an exception in a
-handler becomes a logged 500 and the server goes on.
+reuse theirs) and pipelined requests; heads bounded to 64 KiB, bodies by ``max_body_bytes``
+(refused with 413 from the ``Content-Length`` alone), every read and write by
+``idle_timeout_s``, connections by ``max_connections``. Malformed HTTP gets its 4xx and the
+connection is closed; an exception in a handler becomes a logged 500 and the server goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ from collections.abc import Awaitable, Callable
 from typing import Final, NamedTuple
 from urllib.parse import unquote
 
-import h11
 import trio
+
+from spawnmesh.spawn_compat import fastio
+from spawnmesh.spawn_compat.http11 import (
+    CONTINUE,
+    Message,
+    MessageReader,
+    ProtocolError,
+    response_bytes,
+)
 
 log = logging.getLogger("spawnmesh.spawn")
 
@@ -68,16 +76,15 @@ def split_target(target: bytes) -> tuple[list[str], str] | None:
 
 
 class _Connection:
-    """Serves requests on one connection until it closes or idles out."""
+    """Serves requests on one connection until it closes, errs or idles out."""
 
     def __init__(
         self, stream: trio.SocketStream, handler: Handler, max_body: int, idle_s: float
     ) -> None:
         self.stream = stream
         self.handler = handler
-        self.max_body = max_body
         self.idle_s = idle_s
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        self.reader = MessageReader(is_request=True, max_body_bytes=max_body)
         try:
             self.peer = str(stream.socket.getpeername()[0])
         except OSError:
@@ -85,111 +92,70 @@ class _Connection:
 
     async def run(self) -> None:
         try:
-            while True:
-                if not await self._one():
-                    return
-                self.conn.start_next_cycle()
+            while await self._one():
+                pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away
         finally:
             await trio.aclose_forcefully(self.stream)
 
+    async def _read(self) -> Message | None:
+        """The next request (None: the client closed, or idled out between requests)."""
+        reader = self.reader
+        stream = self.stream
+        continued = False
+        while True:
+            msg = reader.next()
+            if msg is not None:
+                return msg
+            if reader.wants_continue and not continued:
+                continued = True
+                await fastio.send(stream, CONTINUE)
+            with trio.move_on_after(self.idle_s):
+                data = await fastio.receive(stream, _RECEIVE_SIZE)
+                reader.feed(data)
+                if not data and reader.idle:
+                    return None
+                continue
+            if reader.idle:
+                return None  # an idle keep-alive connection: just close
+            raise ProtocolError("request not received in time", 408)
+
     async def _one(self) -> bool:
         """Serve one request; whether the connection may carry another."""
-        conn = self.conn
-        body: bytes | None = None
-        with trio.move_on_after(self.idle_s) as scope:
-            try:
-                event = await self._next_event()
-                if not isinstance(event, h11.Request):
-                    return False  # closed
-                request = event
-                too_big = self._too_big(event)
-                if too_big is not None:
-                    await self._send(too_big, close=True)
-                    return False
-                body = await self._body()
-            except h11.RemoteProtocolError as exc:
-                await self._protocol_error(exc)
-                return False
-        if scope.cancelled_caught:
+        try:
+            msg = await self._read()
+        except ProtocolError as exc:
+            with trio.move_on_after(self.idle_s):
+                await self.stream.send_all(
+                    response_bytes(
+                        exc.status,
+                        f"malformed HTTP request: {exc}".encode(),
+                        [("content-type", "text/plain; charset=utf-8")],
+                        close=True,
+                    )
+                )
             return False
-        if body is None:
-            await self._send(_error(413, f"body exceeds {self.max_body} bytes"), close=True)
+        if msg is None:
             return False
-        target = split_target(request.target)
+        target = split_target(msg.target)
+        method = msg.method.decode("ascii", "replace")
         if target is None:
             response = _error(400, "the request target must be an absolute path")
         else:
-            method = request.method.decode("ascii", "replace")
             try:
                 response = await self.handler(
-                    Request(method, target[0], target[1], body, self.peer)
+                    Request(method, target[0], target[1], msg.body, self.peer)
                 )
             except Exception:
-                log.exception("spawn proxy: %s %s failed", method, request.target)
+                log.exception("spawn proxy: %s %r failed", method, msg.target)
                 response = _error(500, "internal error")
+        headers = [("content-type", response.content_type), *response.headers]
+        data = response_bytes(response.status, response.body, headers, close=not msg.keep_alive)
         with trio.move_on_after(self.idle_s):
-            await self._send(response, close=False)
-            return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+            await fastio.send(self.stream, data)
+            return msg.keep_alive
         return False
-
-    async def _next_event(self) -> object:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if self.conn.they_are_waiting_for_100_continue:
-                await self.stream.send_all(
-                    self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                )
-            self.conn.receive_data(await self.stream.receive_some(_RECEIVE_SIZE))
-
-    def _too_big(self, request: h11.Request) -> Response | None:
-        for name, value in request.headers:
-            if name == b"content-length" and (len(value) > 18 or int(value) > self.max_body):
-                return _error(413, f"body exceeds {self.max_body} bytes")
-        return None
-
-    async def _body(self) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = await self._next_event()
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self.max_body:
-                    return None
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            else:
-                raise h11.RemoteProtocolError("unexpected event in body", 400)
-
-    async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
-        with trio.move_on_after(self.idle_s):
-            try:
-                await self._send(_error(status, f"malformed HTTP request: {exc}"), close=True)
-            except h11.LocalProtocolError:
-                pass
-
-    async def _send(self, response: Response, *, close: bool) -> None:
-        headers = [
-            ("content-type", response.content_type),
-            ("content-length", str(len(response.body))),
-            *response.headers,
-        ]
-        if close:
-            headers.append(("connection", "close"))
-        conn = self.conn
-        data = conn.send(h11.Response(status_code=response.status, headers=headers))
-        if response.body:
-            data += conn.send(h11.Data(data=response.body))
-        data += conn.send(h11.EndOfMessage())
-        await self.stream.send_all(data)
 
 
 async def serve_http(

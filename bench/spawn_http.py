@@ -1,0 +1,243 @@
+"""Spawn's HTTP protocol through a node, against a plain HTTP round trip on the same stack.
+
+Every figure comes from separate processes on loopback, in the same run:
+
+- Spawn path: this client (trio, the node's pooled h11 client) POSTs an ``InvocationRequest``
+  to a node process (``spawnmesh run``-like: trio, the Spawn API, memory store); the node runs
+  the turn by POSTing an ``ActorInvocation`` to the Spawn-protocol host process
+  (``tests/spawn_host.py``: trio + h11, Google protobuf), which answers with the new state (a
+  count + 1). Two HTTP round trips per invocation. Sequential: one caller on one actor (an
+  instance of the host's ``bench`` template). Concurrent: 32 callers, each on its own instance.
+- raw: the same client POSTs a body of the same size to the same host process's ``/echo``
+  (the body back): one HTTP round trip between two processes on the same stack.
+
+The client alternates blocks (raw sequential, Spawn sequential, raw concurrent, Spawn
+concurrent) so both sides of each ratio see the same machine load; totals are summed per kind.
+
+Usage: python bench/spawn_http.py [--seq 4000] [--conc 8000] [--rounds 4]
+Prints the figures, then one JSON line. Other work on the machine makes absolute figures
+noisy; the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONCURRENCY = 32
+SYSTEM = "spawn-tck"
+INT_URL = "type.googleapis.com/google.protobuf.Int64Value"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def serve_node(spawn_port: int, host_port: int) -> None:
+    """A node with the Spawn API (memory store, clustering off), until killed."""
+    import trio
+
+    from spawnmesh.config import load_config
+    from spawnmesh.node import open_node
+
+    async def main() -> None:
+        cfg = load_config(
+            env={},
+            overrides={
+                "statestore.url": "memory://",
+                "ops.port": 0,
+                "cluster.enabled": False,
+                "spawn.enabled": True,
+                "spawn.port": spawn_port,
+                "spawn.user_function_port": host_port,
+                "log.level": "warning",
+            },
+        )
+        async with open_node(cfg):
+            await trio.sleep_forever()
+
+    trio.run(main)
+
+
+def start_host() -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "spawn_host.py"),
+            "--proxy",
+            "",
+            "--port",
+            "0",
+            "--no-log",
+        ],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("READY"):
+        proc.kill()
+        raise SystemExit(f"the Spawn host did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def invocation(name: str) -> bytes:
+    from google.protobuf import wrappers_pb2
+
+    from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+
+    req = pb.InvocationRequest(action_name="add", register_ref="bench")
+    req.system.name = SYSTEM
+    req.actor.id.name = name
+    req.actor.id.system = SYSTEM
+    req.value.type_url = INT_URL
+    req.value.value = wrappers_pb2.Int64Value(value=1).SerializeToString()
+    return req.SerializeToString()
+
+
+async def client(
+    spawn_port: int, host_port: int, n_seq: int, n_conc: int, rounds: int
+) -> dict[str, float]:
+    import trio
+
+    from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+    from spawnmesh.spawn_compat.http_client import HttpPool
+
+    node = HttpPool("127.0.0.1", spawn_port, max_connections=CONCURRENCY)
+    host = HttpPool("127.0.0.1", host_port, max_connections=CONCURRENCY)
+    register = HttpPool("127.0.0.1", host_port)
+    status, out = await register.post(f"/debug/register?proxy=127.0.0.1:{spawn_port}", b"")
+    assert status == 200 and json.loads(out)["status"] == "OK", out
+    register.close()
+    bodies = [invocation(f"b{i}") for i in range(CONCURRENCY)]
+    paths = [f"/api/v1/system/{SYSTEM}/actors/b{i}/invoke" for i in range(CONCURRENCY)]
+    raw_body = bodies[0]
+
+    async def spawn_call(i: int) -> None:
+        status, body = await node.post(paths[i], bodies[i])
+        if status != 200:
+            raise RuntimeError(f"invoke failed: {pb.InvocationResponse.FromString(body)}")
+
+    async def raw_call(i: int) -> None:
+        status, body = await host.post("/echo", raw_body)
+        if status != 200 or len(body) != len(raw_body):
+            raise RuntimeError("echo failed")
+
+    async def block(call: Any, n: int, workers: int) -> float:
+        per = n // workers
+
+        async def worker(i: int) -> None:
+            for _ in range(per):
+                await call(i)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(workers):
+                nursery.start_soon(worker, i)
+        return (per * workers) / (time.perf_counter() - t0) if per else 0.0
+
+    for warm in (raw_call, spawn_call):  # connections, activations, caches
+        await block(warm, 200, CONCURRENCY)
+    totals: dict[str, list[float]] = {
+        "raw_seq": [],
+        "spawn_seq": [],
+        "raw_conc": [],
+        "spawn_conc": [],
+    }
+    for _ in range(rounds):
+        totals["raw_seq"].append(await block(raw_call, n_seq // rounds, 1))
+        totals["spawn_seq"].append(await block(spawn_call, n_seq // rounds, 1))
+        totals["raw_conc"].append(await block(raw_call, n_conc // rounds, CONCURRENCY))
+        totals["spawn_conc"].append(await block(spawn_call, n_conc // rounds, CONCURRENCY))
+    node.close()
+    host.close()
+
+    def mean(xs: list[float]) -> float:  # rate over equal work: harmonic mean of the blocks
+        return len(xs) / sum(1 / x for x in xs)
+
+    out_rates = {k: mean(v) for k, v in totals.items()}
+    out_rates["body_bytes"] = len(raw_body)
+    return out_rates
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--seq", type=int, default=4000, help="sequential calls per kind")
+    p.add_argument("--conc", type=int, default=8000, help="concurrent calls per kind")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved blocks per kind")
+    p.add_argument("--serve-node", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_node:
+        serve_node(*args.serve_node)
+        return
+    import trio
+
+    host, host_port = start_host()
+    spawn_port = free_port()
+    node = subprocess.Popen(
+        [sys.executable, __file__, "--serve-node", str(spawn_port), str(host_port)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", spawn_port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or node.poll() is not None:
+                    raise SystemExit("the node did not start") from None
+                time.sleep(0.05)
+        rates = trio.run(client, spawn_port, host_port, args.seq, args.conc, args.rounds)
+    finally:
+        for proc in (node, host):
+            proc.terminate()
+            proc.wait()
+    load = os.getloadavg()[0]
+    seq_ratio = rates["spawn_seq"] / rates["raw_seq"]
+    conc_ratio = rates["spawn_conc"] / rates["raw_conc"]
+    print(
+        f"body {rates['body_bytes']:.0f} bytes; {args.rounds} interleaved rounds; "
+        f"load average {load:.1f} on {os.cpu_count()} CPUs (other work makes absolute "
+        "figures noisy)"
+    )
+    print(
+        f"sequential  Spawn invoke via node and host {rates['spawn_seq']:8.0f}/s   "
+        f"raw HTTP round trip {rates['raw_seq']:8.0f}/s   ratio {seq_ratio:.2f}"
+    )
+    print(
+        f"32 callers  Spawn invoke via node and host {rates['spawn_conc']:8.0f}/s   "
+        f"raw HTTP round trip {rates['raw_conc']:8.0f}/s   ratio {conc_ratio:.2f}"
+    )
+    print(
+        json.dumps(
+            {
+                "spawn_http_seq_invokes_per_s": round(rates["spawn_seq"]),
+                "spawn_http_conc_invokes_per_s": round(rates["spawn_conc"]),
+                "raw_http_roundtrip_per_s": round(rates["raw_seq"]),
+                "raw_http_conc_roundtrip_per_s": round(rates["raw_conc"]),
+                "spawn_seq_ratio": round(seq_ratio, 3),
+                "spawn_conc_ratio": round(conc_ratio, 3),
+                "cpus": os.cpu_count(),
+                "load_avg": round(load, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
