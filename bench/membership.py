@@ -53,7 +53,7 @@ SERF_BYTES_PER_NODE_PER_S = 213
 """Serf (memberlist LAN profile) measured on this machine, from the issue (for scale)."""
 MEMBERLIST = {"suspicion_mult": 4, "suspicion_k": 2, "ring_probe": False}
 """memberlist's DefaultLANConfig suspicion settings on the same core (k = mult - 2)."""
-N1000_PARTITION_S = 33.0
+N1000_PARTITION_S = 34.0
 """converge_after_partition_s at n = 1,000 from the --full run recorded in docs/membership.md."""
 
 

@@ -31,7 +31,7 @@ def test_crash_detected_by_all_within_bound(seed: int) -> None:
 @pytest.mark.parametrize("seed", [21, 22])
 def test_five_percent_loss_no_false_deaths(seed: int) -> None:
     # TCP fallback off so that only UDP ping / ping-req / refutation keep members alive.
-    rep = run_scenario("loss", seed, 50, duration_ms=5 * 60_000, tcp_ping=False)
+    rep = run_scenario("loss", seed, 50, duration_ms=3 * 60_000, tcp_ping=False)
     assert not rep.violations, ok(rep)
     assert rep.false_dead == 0, ok(rep)
     assert rep.false_suspect > 0, ok(rep)  # loss did cause suspicions, all refuted
