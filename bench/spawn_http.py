@@ -108,8 +108,17 @@ def invocation(name: str) -> bytes:
     return req.SerializeToString()
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def client(
-    spawn_port: int, host_port: int, n_seq: int, n_conc: int, rounds: int
+    spawn_port: int, host_port: int, n_seq: int, n_conc: int, rounds: int, pids: dict[str, int]
 ) -> dict[str, float]:
     import trio
 
@@ -136,18 +145,25 @@ async def client(
         if status != 200 or len(body) != len(raw_body):
             raise RuntimeError("echo failed")
 
-    async def block(call: Any, n: int, workers: int) -> float:
+    cpu: dict[str, float] = {}
+
+    async def block(call: Any, n: int, workers: int, kind: str = "") -> float:
         per = n // workers
 
         async def worker(i: int) -> None:
             for _ in range(per):
                 await call(i)
 
+        before = {k: cpu_s(pid) for k, pid in pids.items()}
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for i in range(workers):
                 nursery.start_soon(worker, i)
-        return (per * workers) / (time.perf_counter() - t0) if per else 0.0
+        rate = (per * workers) / (time.perf_counter() - t0) if per else 0.0
+        for k, pid in pids.items() if kind else ():  # CPU per call, summed per kind
+            key = f"{kind}_{k}_cpu_us"
+            cpu[key] = cpu.get(key, 0.0) + (cpu_s(pid) - before[k]) * 1e6 / (per * workers)
+        return rate
 
     for warm in (raw_call, spawn_call):  # connections, activations, caches
         await block(warm, 200, CONCURRENCY)
@@ -158,8 +174,8 @@ async def client(
         "spawn_conc": [],
     }
     for _ in range(rounds):
-        totals["raw_seq"].append(await block(raw_call, n_seq // rounds, 1))
-        totals["spawn_seq"].append(await block(spawn_call, n_seq // rounds, 1))
+        totals["raw_seq"].append(await block(raw_call, n_seq // rounds, 1, "raw"))
+        totals["spawn_seq"].append(await block(spawn_call, n_seq // rounds, 1, "spawn"))
         totals["raw_conc"].append(await block(raw_call, n_conc // rounds, CONCURRENCY))
         totals["spawn_conc"].append(await block(spawn_call, n_conc // rounds, CONCURRENCY))
     node.close()
@@ -170,6 +186,7 @@ async def client(
 
     out_rates = {k: mean(v) for k, v in totals.items()}
     out_rates["body_bytes"] = len(raw_body)
+    out_rates.update({k: v / rounds for k, v in cpu.items()})
     return out_rates
 
 
@@ -202,7 +219,8 @@ def main() -> None:
                 if time.monotonic() > deadline or node.poll() is not None:
                     raise SystemExit("the node did not start") from None
                 time.sleep(0.05)
-        rates = trio.run(client, spawn_port, host_port, args.seq, args.conc, args.rounds)
+        pids = {"node": node.pid, "host": host.pid, "client": os.getpid()}
+        rates = trio.run(client, spawn_port, host_port, args.seq, args.conc, args.rounds, pids)
     finally:
         for proc in (node, host):
             proc.terminate()
@@ -224,6 +242,12 @@ def main() -> None:
         f"raw HTTP round trip {rates['raw_conc']:8.0f}/s   ratio {conc_ratio:.2f}"
     )
     print(
+        "CPU per sequential call (us, from /proc): Spawn path: client "
+        f"{rates['spawn_client_cpu_us']:.0f} + node {rates['spawn_node_cpu_us']:.0f} + host "
+        f"{rates['spawn_host_cpu_us']:.0f};  raw: client {rates['raw_client_cpu_us']:.0f} + "
+        f"host {rates['raw_host_cpu_us']:.0f}"
+    )
+    print(
         json.dumps(
             {
                 "spawn_http_seq_invokes_per_s": round(rates["spawn_seq"]),
@@ -232,6 +256,13 @@ def main() -> None:
                 "raw_http_conc_roundtrip_per_s": round(rates["raw_conc"]),
                 "spawn_seq_ratio": round(seq_ratio, 3),
                 "spawn_conc_ratio": round(conc_ratio, 3),
+                "node_cpu_us_per_invoke": round(rates["spawn_node_cpu_us"]),
+                "host_cpu_us_per_turn": round(rates["spawn_host_cpu_us"]),
+                "raw_host_cpu_us_per_roundtrip": round(rates["raw_host_cpu_us"]),
+                "client_cpu_us_spawn_raw": [
+                    round(rates["spawn_client_cpu_us"]),
+                    round(rates["raw_client_cpu_us"]),
+                ],
                 "cpus": os.cpu_count(),
                 "load_avg": round(load, 1),
             }
