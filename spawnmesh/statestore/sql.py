@@ -218,6 +218,11 @@ class SqlStateStore:
         self._proc: WriterProcess | None = None
         self._in_writer_process = False
         """Set in the writer process (nothing else runs there: no GIL to share)."""
+        self._count_lock = threading.Lock()
+        """Counters are bumped from two threads at once in the writer process."""
+        self._child_start = 0
+        self._child_totals = [0, 0, 0, 0, 0]
+        """The writer process's counter totals seen so far (and which child reported them)."""
         self._inproc_lock = trio.Lock()
         """Batches written in this process go one at a time (two SQLite write transactions
         would only wait on each other)."""
@@ -388,7 +393,8 @@ class SqlStateStore:
                     return fn(conn)
             except exc.DBAPIError as err:
                 if attempt + 1 < _ATTEMPTS and not err.connection_invalidated and _transient(err):
-                    self.retries += 1
+                    with self._count_lock:
+                        self.retries += 1
                     # back off in this worker thread (a deadlock victim retries at once)
                     threading.Event().wait(0.005 * (2**attempt) * (1 + self._rng.random()))
                     continue
@@ -724,12 +730,18 @@ class SqlStateStore:
         reply = await proc.call(body)
         status = reply[0]
         if status == OK:
-            results, counters = reply[1], reply[2]
-            self.batches += counters[0]
-            self.writes += counters[1]
-            self.rechecks += counters[2]
-            self.fallbacks += counters[3]
-            self.retries += counters[4]
+            results, totals = reply[1], reply[2]
+            if proc.starts != self._child_start:  # a new child counts from zero
+                self._child_start, self._child_totals = proc.starts, [0, 0, 0, 0, 0]
+            seen = self._child_totals
+            # replies may come out of order: count only what is beyond the totals seen
+            added = [max(0, t - s) for t, s in zip(totals, seen, strict=True)]
+            self._child_totals = [max(t, s) for t, s in zip(totals, seen, strict=True)]
+            self.batches += added[0]
+            self.writes += added[1]
+            self.rechecks += added[2]
+            self.fallbacks += added[3]
+            self.retries += added[4]
             return [r if r.__class__ is int else StaleActivation(r) for r in results]
         if status == INVALID:
             raise InvalidArgument(reply[1])
@@ -738,9 +750,10 @@ class SqlStateStore:
         assert status == ERROR
         raise StatestoreUnavailable(f"statestore {self.where}: writer process: {reply[1]}")
 
-    def save_rows_sync(self, body: bytes) -> list[Any]:
+    def save_rows_sync(self, body: bytes | memoryview) -> list[Any]:
         """The writer process's side of ``save_many``: a request in, a reply out (``OK``, the
-        results with StaleActivations as their messages, and the counters it added)."""
+        results with StaleActivations as their messages, and the counters' totals). Called
+        from two threads at once on a database server."""
         now, rows = _decode_batch(body)
         check = self._check_row
         for r in rows:
@@ -752,17 +765,15 @@ class SqlStateStore:
                     raise InvalidArgument(f"{r[0]}/{r[1]}: more than one write in a batch")
                 seen.add((r[0], r[1]))
         if self._engine is None:
-            self._engine = self._make_engine()
-        before = (self.batches, self.writes, self.rechecks, self.fallbacks, self.retries)
+            with self._count_lock:
+                if self._engine is None:
+                    self._engine = self._make_engine()
         params = self._seal_rows(rows)
         del rows
         out = self._guard(self._save_sync, params, now)
-        after = (self.batches, self.writes, self.rechecks, self.fallbacks, self.retries)
-        return [
-            OK,
-            [r if r.__class__ is int else str(r) for r in out],
-            [a - b for a, b in zip(after, before, strict=True)],
-        ]
+        with self._count_lock:
+            totals = [self.batches, self.writes, self.rechecks, self.fallbacks, self.retries]
+        return [OK, [r if r.__class__ is int else str(r) for r in out], totals]
 
     def dispose_sync(self) -> None:
         """Release the pool (the writer process, on its way out)."""
@@ -811,18 +822,22 @@ class SqlStateStore:
                 lambda conn: self._save_txn(conn, params, order, now, "optimistic")
             )
         except _Retry:
-            self.rechecks += 1
+            with self._count_lock:
+                self.rechecks += 1
             try:
                 out = self._transaction(
                     lambda conn: self._save_txn(conn, params, order, now, "checked")
                 )
             except _Retry:
-                self.fallbacks += 1
+                with self._count_lock:
+                    self.fallbacks += 1
                 out = self._transaction(
                     lambda conn: self._save_txn(conn, params, order, now, "slow")
                 )
-        self.batches += 1
-        self.writes += sum(1 for r in out if r.__class__ is int)
+        written = sum(1 for r in out if r.__class__ is int)
+        with self._count_lock:
+            self.batches += 1
+            self.writes += written
         return out
 
     def _save_txn(
@@ -1185,9 +1200,9 @@ class _RawSql:
     """The hot statements as driver SQL (skips SQLAlchemy's per-row parameter processing).
 
     Fenced updates: SQLite runs one prepared ``UPDATE ... WHERE revision = ?`` per row in C
-    (``executemany``); Postgres and MySQL/MariaDB run one multi-row UPDATE joined to the batch
-    (``FROM (VALUES ...)`` / ``JOIN (SELECT ... UNION ALL ...)``) with the fence in its WHERE,
-    so a batch costs one round trip per 500 rows instead of one per row.
+    (``executemany``; or one ``UPDATE ... FROM (VALUES ...)`` per chunk in the node's process);
+    Postgres one ``UPDATE ... FROM unnest(...)`` with the fence in its WHERE, MySQL/MariaDB one
+    fenced upsert (``_upsert_sql``), so a batch costs one round trip per 500 rows, not per row.
     """
 
     def __init__(self, dialect: sa.Dialect, *, gil_shared: bool) -> None:
@@ -1200,6 +1215,7 @@ class _RawSql:
         self.q = q
         cols = ("system", "name", "revision", "data", "key_id", "state_type", "parent", "tags",
                 "owner", "created_ms", "updated_ms")
+        self.cols = cols
         self.insert_sql = (
             f"INSERT INTO {t} ({', '.join(q(c) for c in cols)}) "
             f"VALUES ({', '.join([ph] * len(cols))})"
@@ -1212,19 +1228,17 @@ class _RawSql:
         self.table = t
         self._many: dict[int, str] = {}
         self._pg_unnest: str | None = None
-        self.tvc_row: str | None = None
-        """Row prefix of a table value constructor ("" on MariaDB >= 10.3, "ROW" on MySQL >=
-        8.0.19), None where there is none."""
+        self.row_alias = False
+        """MySQL 8.0.19+ names the row an upsert tried to insert with an alias (``AS new``);
+        MariaDB and older MySQL with ``VALUES(col)``."""
         version = tuple(getattr(dialect, "server_version_info", None) or ())
         self.sqlite_update_from = gil_shared and self.kind == "sqlite" and version >= (3, 33)
         """UPDATE ... FROM (SQLite 3.33+): one multi-row fenced update per chunk, where the
         thread shares the GIL with a busy trio thread (``executemany`` releases and retakes
         it per row); alone in the writer process, ``executemany`` costs less (measured 3.3 vs
         4.3 us of CPU a row)."""
-        if getattr(dialect, "is_mariadb", False):
-            self.tvc_row = "" if version >= (10, 3, 3) else None
-        elif self.binary_idents and version >= (8, 0, 19):
-            self.tvc_row = "ROW"
+        if self.binary_idents and not getattr(dialect, "is_mariadb", False):
+            self.row_alias = version >= (8, 0, 19)
 
     def _ident(self, v: str | None) -> Any:
         return v.encode() if self.binary_idents and v is not None else v
@@ -1251,17 +1265,17 @@ class _RawSql:
             return self._update_rows_sqlite(conn, rows, now)
         if self.kind == "postgresql":
             return self._update_rows_pg(conn, rows, now)
-        total = 0
+        # MySQL / MariaDB: a fenced upsert (see _upsert_sql). A row reports 2 when it was
+        # updated, 1 (or 0) when fenced off or inserted: all updated iff the sum is 2 a row.
         for chunk in _chunks(rows):
-            # key_id and updated_ms are the same for a whole chunk: bound once, not per row
             flat: list[Any] = []
             for p in chunk:
-                flat += (idn(p[_S]), idn(p[_N]), p[_BASE], p[_DATA], p[_TYPE], idn(p[_PARENT]),
-                         p[_TAGS], p[_OWNER])
-            flat += (chunk[0][_KID], now)
-            res = conn.exec_driver_sql(self._update_many_sql(len(chunk)), tuple(flat))
-            total += int(res.rowcount)
-        return total
+                flat += (idn(p[_S]), idn(p[_N]), p[_REV], p[_DATA], p[_KID], p[_TYPE],
+                         idn(p[_PARENT]), p[_TAGS], p[_OWNER], now, now)
+            res = conn.exec_driver_sql(self._upsert_sql(len(chunk)), tuple(flat))
+            if int(res.rowcount) != 2 * len(chunk):
+                return -1  # not all applied: the caller rolls back (an insert too) and rechecks
+        return len(rows)
 
     def _update_rows_sqlite(self, conn: Connection, rows: list[_Row], now: int) -> int:
         # One statement per chunk: executemany would run (and release the GIL around) one
@@ -1325,29 +1339,33 @@ class _RawSql:
             total += int(conn.exec_driver_sql(self._pg_unnest, cols).rowcount)
         return total
 
-    def _update_many_sql(self, n: int) -> str:
+    def _upsert_sql(self, n: int) -> str:
+        """MySQL / MariaDB fenced update of ``n`` rows as one upsert: ``INSERT ... VALUES
+        (...), ... ON DUPLICATE KEY UPDATE col = IF(revision = new revision - 1, new col, col)``
+        for every column, ``revision`` last (assignments see the columns set before them).
+        Measured on MariaDB 10.11: 7.7 us of server CPU a row against 13.5 for an
+        ``UPDATE ... JOIN`` of the rows as a derived table (the raw upsert: 5.0). A row whose
+        base is stale is left as it was; one that does not exist is inserted, which the row
+        count reveals (the batch is then rolled back and rechecked)."""
         sql = self._many.get(n)
         if sql is not None:
             return sql
         q, ph, t = self.q, self.ph, self.table
-        # MySQL / MariaDB (Postgres uses unnest, SQLite executemany)
-        vcols = ("system", "name", "base", "data", "state_type", "parent", "tags", "owner")
-        first = "SELECT " + ", ".join(f"{ph} AS {q(c)}" for c in vcols)
-        if n == 1:
-            union = first
-        elif self.tvc_row is not None:  # table value constructor: much cheaper to parse
-            row = f"{self.tvc_row}(" + ", ".join([ph] * len(vcols)) + ")"
-            union = f"{first} UNION ALL VALUES " + ", ".join([row] * (n - 1))
-        else:
-            other = "SELECT " + ", ".join([ph] * len(vcols))
-            union = " UNION ALL ".join([first] + [other] * (n - 1))
-        sets = ", ".join(f"t.{q(c)} = v.{q(c)}" for c in vcols[3:])
-        sets += f", t.{q('key_id')} = {ph}, t.{q('updated_ms')} = {ph}"
+        row = "(" + ", ".join([ph] * len(self.cols)) + ")"
+
+        def new(c: str) -> str:
+            return f"new.{q(c)}" if self.row_alias else f"VALUES({q(c)})"
+
+        rev = q("revision")
+        fence = f"{rev} = {new('revision')} - 1"
+        sets = ", ".join(
+            f"{q(c)} = IF({fence}, {new(c)}, {q(c)})"
+            for c in ("data", "key_id", "state_type", "parent", "tags", "owner", "updated_ms")
+        )
         sql = (
-            f"UPDATE {t} AS t JOIN ({union}) AS v "
-            f"ON t.{q('system')} = v.{q('system')} AND t.{q('name')} = v.{q('name')} "
-            f"SET t.{q('revision')} = t.{q('revision')} + 1, {sets} "
-            f"WHERE t.{q('revision')} = v.{q('base')}"
+            f"INSERT INTO {t} ({', '.join(q(c) for c in self.cols)}) "
+            f"VALUES {', '.join([row] * n)}{' AS new' if self.row_alias else ''} "
+            f"ON DUPLICATE KEY UPDATE {sets}, {rev} = IF({fence}, {new('revision')}, {rev})"
         )
         if len(self._many) < 64:
             self._many[n] = sql

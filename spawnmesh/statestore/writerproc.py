@@ -8,12 +8,15 @@ this module: the node only encodes the batch (msgpack, about 0.1 us a row) and a
 revisions that come back; the child validates, seals and runs the very same fenced statements
 (``SqlStateStore`` with ``writer_process=False``) on its own connection.
 
-Protocol on the child's stdin/stdout: frames of a 4-byte big-endian length and a msgpack body.
-The first frame is the setup (URL, keys, options); then each request ``[now_ms, rows]`` gets one
-reply, in order: ``[0, results, counters]`` (per row the new revision, or the StaleActivation's
-message as a string; counters are the batches/writes/rechecks/fallbacks/retries it added) or
-``[1, message]`` (StatestoreUnavailable), ``[2, message]`` (InvalidArgument), ``[3, message]``
-(an unexpected error). The child exits when its stdin closes (the node closed the store, or
+Protocol on the child's stdin/stdout: frames of a 4-byte big-endian length and a body. The
+node's first frame is the setup (msgpack: URL, keys, options), the child's first is ``[4]``
+(READY: imports done). Then each request, an 8-byte id and ``[now_ms, rows]`` in msgpack, gets
+one reply ``[id, 0, results, totals]`` (per row the new revision, or the StaleActivation's message
+as a string; totals are the child's batches/writes/rechecks/fallbacks/retries so far) or
+``[id, 1, message]`` (StatestoreUnavailable), ``[id, 2, message]`` (InvalidArgument), ``[id, 3,
+message]`` (an unexpected error). A child on a database server handles two requests at once, on
+two connections (one encodes while the server runs the other), so replies may come out of order;
+on SQLite, one at a time. The child exits when its stdin closes (the node closed the store, or
 died: a SIGKILLed node leaves no orphan once the batch in hand is done) and ignores SIGINT and
 SIGTERM, which a terminal or a service manager may send to the whole process group: the node
 drains through it on shutdown.
@@ -29,7 +32,8 @@ import signal
 import struct
 import subprocess
 import sys
-from collections import deque
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -40,6 +44,7 @@ from spawnmesh.errors import StatestoreUnavailable
 log = logging.getLogger("spawnmesh.statestore")
 
 _HEADER = struct.Struct(">I")
+_ID = struct.Struct(">Q")
 _MAX_FRAME = 1 << 30
 _PIPE_BYTES = 1 << 20
 """Pipe capacity asked for (Linux): a batch of 1,000 rows of 200 bytes goes in one write."""
@@ -127,10 +132,10 @@ class WriterProcess:
     restarted after it died.
 
     ``call`` sends one request and returns its decoded reply; requests may overlap (each
-    caller reads replies in order until its own arrived), which lets the node prepare the
-    next batch while the child writes the previous one. ``broken`` turns true once several
-    children in a row died before answering (it cannot start here): the store then writes
-    in its own process.
+    caller reads replies, whoever's they are, until its own arrived), which lets the node
+    prepare the next batch while the child writes the previous one. ``broken`` turns true
+    once several children in a row died before answering (it cannot start here): the store
+    then writes in its own process.
     """
 
     def __init__(self, setup: dict[str, Any], where: str, command: list[str] | None = None) -> None:
@@ -138,7 +143,8 @@ class WriterProcess:
         self._setup = _encode(setup)
         self._where = where
         self._proc: trio.Process | None = None
-        self._pending: deque[_Pending] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 0
         self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
         self._frames = FrameBuffer()
@@ -215,12 +221,14 @@ class WriterProcess:
             async with self._send_lock:
                 proc = self._proc or await self._start()
                 item = _Pending()
-                self._pending.append(item)
+                self._next_id += 1
+                request = self._next_id
+                self._pending[request] = item
                 self._asked = True
                 stdin = proc.stdin
                 assert stdin is not None
                 try:
-                    await stdin.send_all(frame(body))
+                    await stdin.send_all(frame(_ID.pack(request) + body))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
                     await self._died(proc, f"cannot write to it: {err!r}")
             while not item.done():
@@ -229,10 +237,14 @@ class WriterProcess:
                         break
                     reply = await self._read_reply(proc)
                     if reply is not None:
+                        answered = self._pending.pop(reply[0], None)
+                        if answered is None:
+                            await self._died(proc, f"it answered request {reply[0]}, not asked")
+                            continue
                         self.replies += 1
                         self._answered = True
                         self._stillborn = 0
-                        self._pending.popleft().reply = reply
+                        answered.reply = reply[1:]
             if item.error is not None:
                 raise item.error
             return item.reply
@@ -322,8 +334,9 @@ class WriterProcess:
             f"{proc.returncode}); the batch's outcome is unknown and it will be retried"
         )
         log.warning("%s", err)
-        while self._pending:
-            self._pending.popleft().error = err
+        pending, self._pending = self._pending, {}
+        for item in pending.values():
+            item.error = err
 
     async def aclose(self) -> None:
         """Let the child finish and exit (its stdin closes); kill it if it does not."""
@@ -365,7 +378,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def serve(rfd: int, wfd: int) -> None:
-    """The child's loop: read the setup, then answer requests until stdin closes."""
+    """The child's loop: read the setup, then answer requests until stdin closes (two at a time
+    in threads on a database server: the GIL is free while one waits for the server)."""
     from spawnmesh.errors import InvalidArgument
     from spawnmesh.statestore.crypto import Keyring
     from spawnmesh.statestore.sql import SqlStateStore
@@ -376,11 +390,12 @@ def serve(rfd: int, wfd: int) -> None:
         return
     setup = _decode(_read_exact(reader, _HEADER.unpack(head)[0]) or b"")
     keys = setup["keys"]
+    workers = 1 if str(setup["url"]).startswith("sqlite") else 2
     store = SqlStateStore(
         setup["url"],
         keyring=Keyring([(k, v) for k, v in keys]) if keys else None,
         allow_plaintext=setup["allow_plaintext"],
-        pool_size=1,
+        pool_size=workers,
         node_id=setup["node_id"],
         history_keep=setup["history_keep"],
         history_max_age_s=setup["history_max_age_s"],
@@ -388,26 +403,40 @@ def serve(rfd: int, wfd: int) -> None:
         writer_process=False,
     )
     store._in_writer_process = True
+    write_lock = threading.Lock()
+
+    def handle(request: int, body: memoryview) -> None:
+        try:
+            reply: list[Any] = [request, *store.save_rows_sync(body)]
+        except StatestoreUnavailable as err:
+            reply = [request, UNAVAILABLE, str(err)]
+        except InvalidArgument as err:
+            reply = [request, INVALID, str(err)]
+        except Exception as err:  # report it; the node logs it and retries
+            log.exception("writer process: unexpected error")
+            reply = [request, ERROR, f"{type(err).__name__}: {err}"]
+        data = frame(_encode(reply))
+        with write_lock:
+            _write_all(wfd, data)
+
     _write_all(wfd, frame(_encode([READY])))  # imports done: the node may send batches now
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="writer") if workers > 1 else None
     try:
         while True:
             head = _read_exact(reader, _HEADER.size)
             if head is None:
                 return
             body = _read_exact(reader, _HEADER.unpack(head)[0])
-            if body is None:
+            if body is None or len(body) < _ID.size:
                 return
-            try:
-                reply: list[Any] = store.save_rows_sync(body)
-            except StatestoreUnavailable as err:
-                reply = [UNAVAILABLE, str(err)]
-            except InvalidArgument as err:
-                reply = [INVALID, str(err)]
-            except Exception as err:  # report it; the node logs it and retries
-                log.exception("writer process: unexpected error")
-                reply = [ERROR, f"{type(err).__name__}: {err}"]
-            _write_all(wfd, frame(_encode(reply)))
+            request = _ID.unpack_from(body)[0]
+            if pool is None:
+                handle(request, memoryview(body)[_ID.size :])
+            else:
+                pool.submit(handle, request, memoryview(body)[_ID.size :])
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # requests taken are answered before the child exits
         store.dispose_sync()
 
 
