@@ -269,10 +269,13 @@ class SqlStateStore:
 
     @property
     def write_lanes(self) -> int:
-        """Batches worth writing at once (read by the state writer): two with a writer
-        process (the node encodes the next batch while the child writes one), else one (two
-        SQLite transactions in threads would only wait on each other's lock)."""
-        return 2 if self._proc_setup is not None else 1
+        """Batches worth writing at once (read by the state writer). With a writer process:
+        two on SQLite (the node encodes the next batch while the child writes one), three on a
+        database server (the child works on two at once); without: one (two SQLite
+        transactions in threads would only wait on each other's lock)."""
+        if self._proc_setup is None:
+            return 1
+        return 2 if self.dialect == "sqlite" else 3
 
     @property
     def dialect(self) -> str:
