@@ -9,6 +9,7 @@ when an actor is defined, so the per-turn cost is a single C call.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Protocol
 
 import msgspec
@@ -91,9 +92,10 @@ class BytesCodec:
 
 
 def _is_protobuf(tp: type) -> bool:
-    try:
-        import betterproto2
-    except ImportError:  # pragma: no cover - optional
+    # A betterproto2 message class exists only if betterproto2 was imported: never import it
+    # here just to answer no (a node without protobuf types does not load it at all).
+    betterproto2 = sys.modules.get("betterproto2")
+    if betterproto2 is None:
         return False
     return isinstance(tp, type) and issubclass(tp, betterproto2.Message)
 
