@@ -397,10 +397,12 @@ async def test_async_invocations_in_order_and_scheduled(spawn_host: HostProc) ->
         )
         await wait_until(lambda: _value_is(proxy, "log", want), "20 async appends in order")
         # scheduled_to is Unix epoch milliseconds
-        at = wall_ms() + 400
+        at = wall_ms() + 600
         resp = await proxy.invoke("log", "append", text("!"), scheduled_to=at)
         assert resp.WhichOneof("payload") is None
-        assert await proxy.value("log", "get") == want  # not yet
+        early = await proxy.value("log", "get")
+        if wall_ms() < at - 50:  # (a heavily loaded machine may have got past it already)
+            assert early == want  # not yet
         want2 = (want[0], wr.StringValue(value=letters + "!").SerializeToString())
         await wait_until(lambda: _value_is(proxy, "log", want2), "the scheduled append")
         assert wall_ms() >= at
@@ -412,15 +414,14 @@ async def _value_is(proxy: Proxy, actor: str, want: Parts) -> bool:
 
 async def test_timer_actions_repeat_every_interval_in_ms(spawn_host: HostProc) -> None:
     async with spawn_node(spawn_host) as proxy:
-        # ticker was activated at registration; its timer (100 "seconds") runs every 100 ms
-        await wait_until(lambda: _ticks(spawn_host, 3), "three ticks")
+        # ticker was activated at registration; its timer (100 "seconds") runs every 100 ms:
+        # six ticks come within seconds (not 100 s apart), and never more often than the
+        # interval allows (not every 100 us)
         t0 = trio.current_time()
-        n0 = len(await _turns_of(spawn_host, "ticker"))
-        await trio.sleep(1.0)
-        n1 = len(await _turns_of(spawn_host, "ticker"))
-        elapsed = trio.current_time() - t0
-        # 100 ms apart: about 10 a second; far from 1 a second (seconds) or thousands
-        assert 3 <= n1 - n0 <= elapsed * 10 + 3, (n0, n1, elapsed)
+        await wait_until(lambda: _ticks(spawn_host, 6), "six ticks")
+        await trio.sleep(0.3)
+        n = len(await _turns_of(spawn_host, "ticker"))
+        assert n <= (trio.current_time() - t0) / 0.1 + 5, n
         assert await proxy.value("ticker", "get") is not None
 
 
