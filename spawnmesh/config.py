@@ -255,6 +255,13 @@ class StatestoreConfig:
         min=1,
         max=1_024,
     )
+    writer_process: str = setting(
+        "auto",
+        "Seal and write state batches in a child process, off the node's interpreter: 'auto' "
+        "starts it once the node has written 2,000 rows (a light node, e.g. an edge device, "
+        "never pays for a second interpreter), 'on' at start, 'off' never.",
+        choices=("auto", "on", "off"),
+    )
     history_keep: int = setting(
         0,
         "Past revisions (count) kept per actor for `spawnmesh state history` and point-in-time "

@@ -75,7 +75,7 @@ def open_store(config: NodeConfig, node_id: str) -> StateStore:
     return open_statestore(
         s.url, key=s.key, key_file=s.key_file, allow_plaintext=s.allow_plaintext,
         pool_size=s.pool_size, node_id=node_id, history_keep=s.history_keep,
-        history_max_age_s=s.history_max_age_ms / 1000,
+        history_max_age_s=s.history_max_age_ms / 1000, writer_process=s.writer_process,
     )
 
 

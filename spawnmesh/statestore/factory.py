@@ -16,7 +16,7 @@ from spawnmesh.errors import ConfigError
 from spawnmesh.statestore.base import StateStore
 from spawnmesh.statestore.crypto import load_keyring
 from spawnmesh.statestore.memory import MemoryStateStore
-from spawnmesh.statestore.sql import SqlStateStore
+from spawnmesh.statestore.sql import WRITER_PROCESS_AFTER_ROWS, SqlStateStore
 
 log = logging.getLogger("spawnmesh.statestore")
 
@@ -77,6 +77,7 @@ def open_statestore(
     node_id: str = "",
     history_keep: int = 0,
     history_max_age_s: float = 0.0,
+    writer_process: str = "auto",
 ) -> StateStore:
     """A statestore for ``url`` (not yet opened: ``await store.open()`` before use).
 
@@ -108,4 +109,6 @@ def open_statestore(
         node_id=node_id,
         history_keep=history_keep,
         history_max_age_s=history_max_age_s,
+        writer_process=writer_process != "off",
+        writer_process_after_rows=WRITER_PROCESS_AFTER_ROWS if writer_process == "auto" else 0,
     )

@@ -172,6 +172,12 @@ def _tags_json(tags: Mapping[str, str]) -> str | None:
     return json.dumps(dict(tags), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+WRITER_PROCESS_AFTER_ROWS = 2_000
+"""The node's default ``writer_process_after_rows`` (``statestore.writer_process = auto``):
+the writer process pays off under write load and only costs memory otherwise (a light node,
+e.g. an edge device, never starts one)."""
+
+
 class SqlStateStore:
     """The durable :class:`~spawnmesh.statestore.base.StateStore` on SQLAlchemy Core.
 
@@ -194,6 +200,7 @@ class SqlStateStore:
         connect_timeout_s: float = 5.0,
         clock: Callable[[], int] = now_ms,
         writer_process: bool = True,
+        writer_process_after_rows: int = 0,
     ) -> None:
         if keyring is None and not allow_plaintext:
             raise ValueError("SqlStateStore without a keyring needs allow_plaintext=True")
@@ -226,6 +233,11 @@ class SqlStateStore:
         self._inproc_lock = trio.Lock()
         """Batches written in this process go one at a time (two SQLite write transactions
         would only wait on each other)."""
+        self._proc_after_rows = max(0, writer_process_after_rows)
+        """0: the writer process starts with ``open()``; else once this many rows (or one
+        batch of 100) were written in this process."""
+        self._rows_here = 0
+        """Rows written in this process while no writer process ran (what starts one)."""
         self._proc_setup: dict[str, Any] | None = None
         """What a writer process is started with (None: write in this process)."""
         self.writer_command: list[str] | None = None
@@ -412,12 +424,12 @@ class SqlStateStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        """Create the engine, start the writer process (if any; not waited for: its imports
-        overlap the migration and the node's start), check the connection and apply pending
-        schema migrations."""
+        """Create the engine, start the writer process (if any, and not deferred to the write
+        load: ``writer_process_after_rows``; not waited for: its imports overlap the migration
+        and the node's start), check the connection and apply pending schema migrations."""
         if self._engine is None:
             self._engine = self._make_engine()
-        if self._proc_setup is not None and self._proc is None:
+        if self._proc_setup is not None and self._proc is None and not self._proc_after_rows:
             self._proc = WriterProcess(self._proc_setup, self.where, self.writer_command)
             await self._proc.start()
         if self._keyring is None:
@@ -663,6 +675,14 @@ class SqlStateStore:
         if not writes:
             await trio.lowlevel.checkpoint()
             return []
+        if self._proc is None and self._proc_setup is not None:
+            self._rows_here += len(writes)
+            if self._rows_here >= self._proc_after_rows or len(writes) >= 100:
+                # Load worth a second process (a light node, e.g. an edge device, never
+                # starts one: it costs a second interpreter's memory). Not waited for: its
+                # imports take a good part of a second; batches are written here meanwhile.
+                self._proc = WriterProcess(self._proc_setup, self.where, self.writer_command)
+                await self._proc.start()
         if self._proc is not None and await self._writer_ready(self._proc):
             # Encode and let go of the batch before waiting: rows that outlive a garbage
             # collection of the young generation get promoted, and enough of them trigger
