@@ -239,7 +239,8 @@ class WriteBehindRun:
     changes: int
     batches: int
     node_cpu_us: float
-    """CPU microseconds of the node's process per persisted row (turns included)."""
+    """CPU microseconds of the node's process per persisted row, turns included (per state
+    change when changes outnumber rows: each row needs one)."""
     writer_cpu_us: float
     """CPU microseconds of the writer process per persisted row (0 without one)."""
 
@@ -278,8 +279,10 @@ async def write_behind(url: sa.URL, n_actors: int, seconds: float, writer: str) 
             b1, c1, k1 = store.batches, time.process_time(), child_cpu_s(store)
             stop = True
         rows = max(1, w1 - w0)
+        # the node's CPU per row it could persist: each needs a state change, and when the
+        # writer lags, changes outnumber rows (they are coalesced)
         return WriteBehindRun((w1 - w0) / (t1 - t0), i1 - i0, b1 - b0,
-                              (c1 - c0) * 1e6 / rows, (k1 - k0) * 1e6 / rows)
+                              (c1 - c0) * 1e6 / max(rows, i1 - i0), (k1 - k0) * 1e6 / rows)
 
 
 async def drain(url: sa.URL, n_actors: int, writer: str) -> float:
