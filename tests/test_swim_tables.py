@@ -338,9 +338,13 @@ def settings_table() -> str:
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SwimConfig")
     docs: dict[str, str] = {}
     for node, after in zip(cls.body, cls.body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(after.value.value).split())
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
     presets = [cfgmod.lan(), cfgmod.wan(), cfgmod.local()]
     rows = [
         "| setting | unit | lan | wan | local | meaning and formula |",
