@@ -310,3 +310,38 @@ async def test_concurrent_batches_share_one_child(tmp_path: Path) -> None:
         assert all(r == [1] * len(r) for r in results.values())
         assert s.writes == sum(50 + i for i in range(6))
         assert s._proc is not None and s._proc.replies == answered + 6
+
+
+async def test_auto_mode_starts_the_child_with_the_write_load(tmp_path: Path) -> None:
+    """``statestore.writer_process = auto``: no second interpreter for a light node; it starts
+    once enough rows were written here (or one big batch arrives)."""
+    async with store_at(tmp_path / "s.db", writer_process_after_rows=50) as s:
+        assert s.writer_pid is None  # not with open()
+        for i in range(4):
+            assert await s.save_many([StateWrite(("s", f"a{i}"), 0, b"x")] * 1) == [1]
+        assert s.writer_pid is None  # 4 rows: still light
+        batch = [StateWrite(("s", f"b{i}"), 0, b"x") for i in range(60)]
+        assert await s.save_many(batch) == [1] * 60  # written here while the child starts
+        assert s.writer_pid is not None
+        answered = await ready(s)
+        assert await s.save_many([StateWrite(("s", "a0"), 1, b"y")]) == [2]
+        assert s._proc is not None and s._proc.replies == answered + 1
+
+
+async def test_auto_mode_gives_up_for_good_on_a_child_that_cannot_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = SqlStateStore(
+        f"sqlite:///{tmp_path / 's.db'}", keyring=Keyring.parse(KEY), writer_process_after_rows=1
+    )
+    s.writer_command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    await s.open()
+    try:
+        with trio.fail_after(60):
+            for rev in range(60):
+                assert await s.save_many([StateWrite(("s", "a"), rev, b"v")]) == [rev + 1]
+                await trio.sleep(0.02)
+        assert caplog.text.count("writing state in the node's process instead") == 1
+        assert s.writer_pid is None
+    finally:
+        await s.aclose()

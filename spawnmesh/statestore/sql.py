@@ -707,6 +707,7 @@ class SqlStateStore:
                     "writing state in the node's process instead", self.where,
                 )
                 self._proc = None
+                self._proc_setup = None  # for good: the write-load start would only retry
                 await proc.aclose()
             return False
         return await proc.poll_ready()
