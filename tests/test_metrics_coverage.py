@@ -101,6 +101,18 @@ async def test_every_family_of_a_busy_clustered_node_is_documented_and_conventio
         for i in range(10):  # some actors active again at scrape time
             await ref(nodes[0], f"k{i}").invoke("add", 1)
 
+        # the first probe comes one probe interval after the start, which a fast run
+        # (or a slow machine's scheduling) can beat: wait for it rather than race it
+        async def probes() -> float:
+            return sum(
+                [value(parse(await scrape(n.ops_port)), "spawnmesh_cluster_probes_total")
+                 for n in nodes]
+            )  # fmt: skip
+
+        with trio.fail_after(15):
+            while not await probes():  # noqa: ASYNC110 - polling a scrape, not an event
+                await trio.sleep(0.05)
+
         docs = DOC.read_text()
         documented = set(re.findall(r"`(spawnmesh_[a-z0-9_]+)`", docs))
         per_node = {}
