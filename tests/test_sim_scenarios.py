@@ -50,17 +50,25 @@ def test_partition_heals_to_agreement(scenario: str) -> None:
 
 
 def test_starved_node_lifeguard_reduces_false_positives() -> None:
-    # One node runs only every 2 s: with Lifeguard it refutes every suspicion in time (buddy
-    # rule, the accuser told at once) and never accuses others (its stalls are discounted).
-    on = [run_scenario("starve", s, 30) for s in (41, 42)]
-    off = [run_scenario("starve", s, 30, lifeguard=False) for s in (41, 42)]
+    # One node runs only every 2 s. With Lifeguard it never accuses others (its stalls are
+    # discounted) and refutes nearly every suspicion in time (buddy rule, the accuser told at
+    # once); nobody healthy dies. Not all: a suspicion that starts just as the node stalls, and
+    # that enough members confirm, expires after the minimum timeout (1.48 s at n = 30 with the
+    # lan preset) before the node's next turn, or one member misses the refutation's few
+    # retransmissions. Both are rare (about 1 in 20 seeds), hence six seeds and a ratio.
+    seeds = range(41, 47)
+    on = [run_scenario("starve", s, 30) for s in seeds]
+    off = [run_scenario("starve", s, 30, lifeguard=False) for s in seeds]
     detail = "\n".join(ok(r) for r in on + off)
-    assert sum(r.false_dead for r in on) == 0, detail
-    assert sum(r.false_dead for r in off) >= 20, detail
-    assert sum(r.false_suspect for r in on) < sum(r.false_suspect for r in off), detail
-    assert sum(r.notes["starved_probe_failures"] for r in on) == 0, detail
-    assert sum(r.notes["starved_probe_failures"] for r in off) >= 50, detail
-    assert all(r.notes["starved_score"] > 0 for r in on), detail
+    for r in on:
+        assert r.notes["false_dead_healthy"] == r.notes["false_dead_by_starved"] == 0, detail
+        assert r.notes["starved_probe_failures"] == 0, detail
+        assert r.notes["starved_score"] > 0, detail
+    assert sum(r.false_dead for r in on) * 20 <= sum(r.false_dead for r in off), detail
+    assert sum(r.false_dead for r in off) >= 120, detail
+    assert sum(r.notes["false_dead_by_starved"] for r in off) >= 120, detail
+    assert sum(r.false_suspect for r in on) * 2 < sum(r.false_suspect for r in off), detail
+    assert sum(r.notes["starved_probe_failures"] for r in off) >= 250, detail
 
 
 def test_five_percent_starved_lifeguard_twenty_times_fewer_false_deaths() -> None:

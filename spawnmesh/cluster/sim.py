@@ -667,6 +667,7 @@ def _scenario_starve(sim: Sim, duration_ms: int) -> SimReport:
     sim.at(5_000, lambda: sim.starve(slow, 2_000))
     sim.run(duration_ms)
     rep = sim.report("starve", 0)
+    rep.notes.update({f"false_dead_{k}": v for k, v in sim.false_dead_kinds.items()})
     rep.notes["starved_score"] = sim.nodes[slow].swim.awareness.score
     rep.notes["starved_probe_failures"] = sim.nodes[slow].swim.stats.probe_failures
     return rep

@@ -388,6 +388,17 @@ class Swim:
         if primary or extra:
             out.datagrams.append((addr, m.pack(primary + extra if extra else primary)))
 
+    def _buddy(self, name: str) -> list[bytes]:
+        """Lifeguard's buddy rule, applied to every packet we address to a member (probes,
+        relayed probes, acks, gossip): if we suspect it, tell it, so it can refute at once.
+        Dissemination alone is not enough: a member that was briefly deaf missed the few
+        retransmissions of its own suspicion and would otherwise learn of it only from a direct
+        probe, which in a small cluster may come after the suspicion has expired."""
+        x = self.table.by_name.get(name)
+        if x is None or x.status is not Status.SUSPECT or not self.config.lifeguard:
+            return []
+        return [m.encode_message(m.Suspect(name, x.incarnation, self.name))]
+
     def _retransmit_limit(self) -> int:
         return self.config.retransmit_limit(self.table.live_count)
 
@@ -411,9 +422,10 @@ class Swim:
         for name in self.targets.sample(self.config.gossip_nodes, ok):
             if not len(self.queue):
                 break
-            extra = self.queue.get(budget, self._retransmit_limit())
+            buddy = self._buddy(name)
+            extra = self.queue.get(budget - sum(map(len, buddy)), self._retransmit_limit())
             if extra:
-                out.datagrams.append((table[name].addr, m.pack(extra)))
+                out.datagrams.append((table[name].addr, m.pack(buddy + extra)))
 
     def _push_pull(self, now_ms: int, out: Output, dead: bool) -> None:
         if dead:  # rare (every reconnect interval): scan, so a lone dead member is found too
@@ -463,10 +475,7 @@ class Swim:
             self._probes.append(_Probe(seq, name, x.addr, now_ms + timeout, now_ms + interval))
             self.stats.probes += 1
             primary = [m.encode_message(m.Ping(seq, name, self.name, self.addr))]
-            if x.status == Status.SUSPECT and cfg.lifeguard:
-                # Lifeguard buddy rule: tell a suspected member first, so it can refute at once.
-                primary.append(m.encode_message(m.Suspect(name, x.incarnation, self.name)))
-            self._send(out, x.addr, primary)
+            self._send(out, x.addr, primary + self._buddy(name))
 
     def _indirect(self, p: _Probe, now_ms: int, out: Output) -> None:
         cfg = self.config
@@ -529,7 +538,7 @@ class Swim:
         self._relays[seq] = _Relay(msg.seq, msg.source_addr, msg.nack, msg.target)
         heapq.heappush(self._relay_heap, (now_ms + self.config.probe_timeout_ms, seq))
         ping = m.encode_message(m.Ping(seq, msg.target, self.name, self.addr))
-        self._send(out, msg.target_addr, [ping])
+        self._send(out, msg.target_addr, [ping, *self._buddy(msg.target)])
 
     def _expire_relays(self, now_ms: int, out: Output) -> None:
         heap = self._relay_heap
@@ -578,7 +587,8 @@ class Swim:
     def _dispatch(self, msg: m.Message, src: Addr, now_ms: int, out: Output) -> None:
         if isinstance(msg, m.Ping):
             if msg.target in ("", self.name):
-                self._send(out, msg.source_addr, [m.encode_message(m.Ack(msg.seq))])
+                ack = m.encode_message(m.Ack(msg.seq))
+                self._send(out, msg.source_addr, [ack, *self._buddy(msg.source)])
         elif isinstance(msg, m.Ack):
             self._on_ack(msg.seq, now_ms, out)
         elif isinstance(msg, m.Alive):
