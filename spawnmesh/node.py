@@ -760,7 +760,9 @@ def _trim_heap() -> None:
         return
     import ctypes
     import gc
+    import re
 
+    re.purge()  # patterns the libraries compiled at import time, used once
     gc.collect()  # start-up garbage first, so its pages can go back too
     try:
         ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols include libc's
