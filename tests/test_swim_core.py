@@ -202,6 +202,33 @@ def test_buddy_rule_piggybacks_suspicion_on_ping() -> None:
     assert any(m.Alive("b", 1, b.addr, b"") in msgs for msgs in back), back
 
 
+def test_buddy_rule_on_acks_and_relayed_pings() -> None:
+    """Every packet to a suspect carries the suspicion, not only our own pings: the ack to its
+    ping and a ping relayed for someone else (a member deaf for a moment hears of it first)."""
+    net = Net(["a", "b", "c"], lan().replace(gossip_interval_ms=0, push_pull_interval_ms=0))
+    net.join_all()
+    a, b, c = net.by_name["a"], net.by_name["b"], net.by_name["c"]
+    net.handle(a, a.receive(c.addr, m.encode([m.Suspect("b", 0, "c")]), net.now))
+    assert net.status("a", "b") is Status.SUSPECT
+    net.fifo.clear()
+    # b pings a: a's ack tells b it is suspected, and b refutes from the ack
+    out = a.receive(b.addr, m.encode([m.Ping(77, "a", "b", b.addr)]), net.now)
+    acks = [m.decode(d) for addr, d in out.datagrams if addr == b.addr]
+    assert acks and acks[0][:2] == [m.Ack(77), m.Suspect("b", 0, "a")], acks
+    b.receive(a.addr, m.encode(acks[0]), net.now)
+    assert b.incarnation == 1
+    # c asks a to probe b for it: the relayed ping carries the suspicion too
+    net.handle(a, a.receive(c.addr, m.encode([m.Suspect("b", 0, "c")]), net.now))
+    out = a.receive(c.addr, m.encode([m.PingReq(5, "b", b.addr, "c", c.addr, True)]), net.now)
+    relayed = [m.decode(d) for addr, d in out.datagrams if addr == b.addr]
+    assert relayed and isinstance(relayed[0][0], m.Ping), relayed
+    assert relayed[0][1] == m.Suspect("b", 0, "a"), relayed
+    # a member we hold alive is told of no suspicion of itself (other news still rides along)
+    out = a.receive(c.addr, m.encode([m.Ping(78, "a", "c", c.addr)]), net.now)
+    to_c = [m.decode(d) for addr, d in out.datagrams if addr == c.addr]
+    assert to_c and not any(isinstance(x, m.Suspect) and x.name == "c" for x in to_c[0]), to_c
+
+
 def test_graceful_leave_is_left_never_dead() -> None:
     net = Net(["a", "b", "c"])
     net.join_all()
