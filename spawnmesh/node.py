@@ -902,15 +902,29 @@ def _announce(node: Node, systems: Sequence[ActorSystem]) -> None:
 
 
 def _example_command(node: Node, url: str) -> str:
-    exe = "spawnmesh"
-    argv0 = sys.argv[0] if sys.argv else ""
-    if os.path.basename(argv0) == "spawnmesh":  # e.g. .venv/bin/spawnmesh, not on PATH
-        rel = os.path.relpath(argv0)
-        exe = rel if not rel.startswith("..") else argv0
+    exe = _command_name(sys.argv[0] if sys.argv else "")
     for adef in node.runtime.definitions():
         if adef.name == "counter" and "add" in adef.actions:
             return f"{exe} invoke --node {url} {adef.system} counter add --data 1"
     return ""
+
+
+def _command_name(argv0: str) -> str:
+    """How to call this executable again from the current directory: ``spawnmesh`` when that
+    name on PATH is this file, else a path to paste (``.venv/bin/spawnmesh``,
+    ``./spawnmesh``, or absolute when it is outside the current directory)."""
+    import shutil
+
+    exe = "spawnmesh"
+    if os.path.basename(argv0) != exe:
+        return exe
+    on_path = shutil.which(exe)
+    if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+        return exe
+    rel = os.path.relpath(argv0)
+    if rel.startswith(os.pardir) or os.path.isabs(argv0):
+        return os.path.abspath(argv0)
+    return rel if os.sep in rel else os.path.join(os.curdir, rel)
 
 
 def _safe_url(url: str) -> str:
