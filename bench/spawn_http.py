@@ -97,7 +97,7 @@ def start_host() -> tuple[subprocess.Popen[bytes], int]:
 def invocation(name: str) -> bytes:
     from google.protobuf import wrappers_pb2
 
-    from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+    from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
 
     req = pb.InvocationRequest(action_name="add", register_ref="bench")
     req.system.name = SYSTEM
@@ -122,7 +122,7 @@ async def client(
 ) -> dict[str, float]:
     import trio
 
-    from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+    from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
     from spawnmesh.spawn_compat.http_client import HttpPool
 
     node = HttpPool("127.0.0.1", spawn_port, max_connections=CONCURRENCY)

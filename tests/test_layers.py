@@ -51,6 +51,9 @@ LAYERS: list[tuple[str, int]] = [
     ("spawnmesh.logs", 1),
     ("spawnmesh.refs", 1),
     ("spawnmesh.system", 1),
+    ("spawnmesh.pb.codegen", 2),
+    ("spawnmesh.pb", 0),
+    ("spawnmesh.pb.*", 0),
     ("spawnmesh.host", 2),
     ("spawnmesh.host.*", 2),
     ("spawnmesh.spawn_compat.http11", 0),
@@ -65,7 +68,7 @@ LAYERS: list[tuple[str, int]] = [
 ]
 
 SANS_IO = ["spawnmesh.cluster.*", "spawnmesh.wire.codec*", "spawnmesh.wire.messages*",
-           "spawnmesh.wire.handshake*", "spawnmesh.spawn_compat.http11"]
+           "spawnmesh.wire.handshake*", "spawnmesh.spawn_compat.http11", "spawnmesh.pb.gen*"]
 SANS_IO_EXCEPT = ["spawnmesh.cluster.transport*", "spawnmesh.cluster.discovery*",
                   "spawnmesh.cluster.membership*"]
 IO_MODULES = {"trio", "asyncio", "socket", "selectors", "threading", "time", "anyio",

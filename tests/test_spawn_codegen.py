@@ -2,7 +2,7 @@
 
 ``spec/spawn/actors/*.proto`` feed both the betterproto2 code of the gRPC host API
 (``spawnmesh/host/gen``, checked by test_host_codegen.py) and the Google protobuf modules of the
-Spawn HTTP path (``spawnmesh/spawn_compat/gen``, checked here); ``make proto`` writes both.
+node's hot paths (``spawnmesh/pb/gen``, checked here); ``make proto`` writes both.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pb2
 
-from spawnmesh.spawn_compat import codegen
-from spawnmesh.spawn_compat.gen.spawn.actors import actor_pb2, protocol_pb2
+from spawnmesh.pb import codegen
+from spawnmesh.pb.gen.spawn.actors import actor_pb2, protocol_pb2
+from spawnmesh.pb.gen.spawnmesh.tck.v1 import tck_pb2
+from spawnmesh.pb.gen.spawnmesh.v1 import host_pb2
 
 SPAWN_FIELDS: dict[str, dict[str, int]] = {
     # Transcribed from eigr/spawn priv/protos/spawn/actors/actor.proto and protocol.proto
@@ -123,7 +125,7 @@ SPAWN_ENUMS = {
 
 def _messages() -> dict[str, dict[str, int]]:
     out = {}
-    for module in (actor_pb2, protocol_pb2):
+    for module in (actor_pb2, protocol_pb2, host_pb2, tck_pb2):
         for desc in module.DESCRIPTOR.message_types_by_name.values():
             out[desc.full_name] = {f.name: f.number for f in desc.fields}
     return out
@@ -173,7 +175,7 @@ def _normal(fd: descriptor_pb2.FileDescriptorProto) -> bytes:
 
 def _committed_set() -> dict[str, bytes]:
     out = {}
-    for module in (actor_pb2, protocol_pb2):
+    for module in (actor_pb2, protocol_pb2, host_pb2, tck_pb2):
         fd = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(fd)
         out[fd.name] = _normal(fd)
@@ -189,7 +191,7 @@ def test_generated_modules_match_spec() -> None:
     """The committed modules were generated from the .proto files as they are now (compared
     as descriptors, so a newer protoc's cosmetic changes do not matter): else `make proto`."""
     pytest.importorskip("grpc_tools", reason="needs the dev extra (grpcio-tools)")
-    assert _committed_set() == _fresh_set(), "spawnmesh/spawn_compat/gen is stale: make proto"
+    assert _committed_set() == _fresh_set(), "spawnmesh/pb/gen is stale: make proto"
 
 
 def test_staleness_is_detected(tmp_path: Path) -> None:

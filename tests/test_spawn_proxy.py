@@ -29,7 +29,7 @@ from google.protobuf import wrappers_pb2 as wr
 
 from spawnmesh.clock import wall_ms
 from spawnmesh.node import Node, open_node
-from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
 from spawnmesh.spawn_compat.http_client import HttpPool
 from spawnmesh.statestore import StateStore
 from tests.conftest import test_config

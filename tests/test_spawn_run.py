@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import wrappers_pb2 as wr
 
-from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
 from tests.e2e import http_get, new_key, running_node
 from tests.test_spawn_proxy import COUNT_URL, INT_URL, SYSTEM, start_host, stop_host
 

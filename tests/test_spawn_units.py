@@ -20,7 +20,7 @@ from spawnmesh.host.gen.spawnmesh.tck.v1 import Value
 from spawnmesh.ids import ActorId
 from spawnmesh.mesh.router import decode_reply, decode_value, encode_value
 from spawnmesh.node import open_node
-from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
 from spawnmesh.spawn_compat.http_client import HttpPool
 from spawnmesh.spawn_compat.http_server import Request, Response, serve_http, split_target
 from spawnmesh.spawn_compat.turns import build_invocation, read_response

@@ -16,11 +16,12 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from spawnmesh.config import HostConfig
 from spawnmesh.errors import ActorFailed, HostUnavailable, InvocationTimeout, SpawnmeshError
 from spawnmesh.host.bridge import Bridge
-from spawnmesh.host.gen import spawn
 from spawnmesh.host.gen.google import rpc
-from spawnmesh.host.gen.spawnmesh import v1
 from spawnmesh.host.status import DOMAIN, RichStatusCodec, error_from_status
 from spawnmesh.ops.tracing import TRACE_KEYS
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as proto
+
+HANDLE_TURN = "/spawnmesh.v1.HostService/HandleTurn"
 
 
 class CallbackTransport:
@@ -42,13 +43,13 @@ class CallbackTransport:
         return self._load
 
     async def call(
-        self, inv: spawn.ActorInvocation, timeout_ms: int
-    ) -> spawn.ActorInvocationResponse:
+        self, inv: proto.ActorInvocation, timeout_ms: int
+    ) -> proto.ActorInvocationResponse:
         if self._closed:
             raise HostUnavailable(f"the host at {self.address} was replaced or removed")
         self._load += 1
         try:
-            resp: spawn.ActorInvocationResponse = await self._bridge.to_aio(
+            resp: proto.ActorInvocationResponse = await self._bridge.to_aio(
                 self._handle_turn, inv, timeout_ms
             )
             return resp
@@ -56,8 +57,8 @@ class CallbackTransport:
             self._load -= 1
 
     async def _handle_turn(
-        self, inv: spawn.ActorInvocation, timeout_ms: int
-    ) -> spawn.ActorInvocationResponse:
+        self, inv: proto.ActorInvocation, timeout_ms: int
+    ) -> proto.ActorInvocationResponse:
         """On the asyncio loop: one HandleTurn call, errors mapped to spawnmesh errors."""
         if self._channel is None:
             self._channel = grpclib.client.Channel(
@@ -65,12 +66,20 @@ class CallbackTransport:
             )
         metadata = self._metadata
         ctx = inv.current_context
-        if ctx is not None and "traceparent" in ctx.metadata:  # tracing on: W3C in gRPC metadata
-            metadata = {**(metadata or {}), **{k: ctx.metadata[k] for k in TRACE_KEYS
-                                                if k in ctx.metadata}}
-        stub = v1.HostServiceStub(self._channel, metadata=metadata)
+        if "traceparent" in ctx.metadata:  # tracing on: W3C context in gRPC metadata
+            metadata = {
+                **(metadata or {}),
+                **{k: ctx.metadata[k] for k in TRACE_KEYS if k in ctx.metadata},
+            }
+        method: grpclib.client.UnaryUnaryMethod[
+            proto.ActorInvocation, proto.ActorInvocationResponse
+        ] = grpclib.client.UnaryUnaryMethod(
+            self._channel, HANDLE_TURN, proto.ActorInvocation, proto.ActorInvocationResponse
+        )
         try:
-            return await stub.handle_turn(inv, timeout=timeout_ms / 1000 if timeout_ms else None)
+            return await method(
+                inv, timeout=timeout_ms / 1000 if timeout_ms else None, metadata=metadata
+            )
         except GRPCError as exc:
             raise _turn_error(inv, exc) from None
         except (OSError, StreamTerminatedError) as exc:
@@ -87,11 +96,11 @@ class CallbackTransport:
             self._bridge.aio_soon(channel.close)
 
 
-def _turn_error(inv: spawn.ActorInvocation, exc: GRPCError) -> SpawnmeshError:
+def _turn_error(inv: proto.ActorInvocation, exc: GRPCError) -> SpawnmeshError:
     msg = exc.message or exc.status.name
     details: Any = exc.details or ()
     aid = inv.actor
-    who = f"{aid.system}/{aid.name}" if aid is not None else "?"
+    who = f"{aid.system}/{aid.name}"
     if any(isinstance(d, rpc.ErrorInfo) and d.domain == DOMAIN for d in details):
         err = error_from_status(exc.status, msg, details)
         if isinstance(err, ActorFailed) and not err.actor:

@@ -81,9 +81,9 @@ def main() -> int:
     """Regenerate ``spawnmesh/host/gen`` in place."""
     files = generate(OUT)
     print(f"wrote {len(files)} files to {OUT.relative_to(ROOT)}")
-    from spawnmesh.spawn_compat import codegen as spawn_codegen  # the same spec/spawn/ files,
+    from spawnmesh.pb import codegen as pb_codegen  # the same files as Google protobuf,
 
-    return spawn_codegen.main()  # as Google protobuf for the Spawn HTTP path
+    return pb_codegen.main()  # for the node's hot paths
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Values across the host boundary: Python payloads <-> ``google.protobuf.Any``, ids <-> protobuf.
 
-A host's payloads, replies and state are ``Any`` messages, passed through byte for byte. A value
-from the SDK side becomes an ``Any`` by :func:`to_any`: a betterproto2 message is packed under
-its type URL; any other value travels as ``spawn.JSONType`` (JSON text). :func:`from_any` is the
-reverse for an SDK action's annotated payload type.
+A host's payloads, replies and state are ``Any`` messages, passed through byte for byte; inside
+the node they are betterproto2 ``Any`` values (cheap to build: only nested messages are costly to
+encode). A value from the SDK side becomes an ``Any`` by :func:`to_any`: a betterproto2 message
+is packed under its type URL; any other value travels as ``spawn.JSONType`` (JSON text).
+:func:`from_any` is the reverse for an SDK action's annotated payload type. :func:`any_in`,
+:func:`set_any` and :func:`set_id` cross to and from the Google protobuf (upb) messages of the
+node's hot path (:mod:`spawnmesh.pb`).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 import betterproto2
 import msgspec
@@ -21,6 +24,23 @@ from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
 from spawnmesh.host.gen.message_pool import default_message_pool
 from spawnmesh.host.gen.spawn import actors as pb_actors
 from spawnmesh.ids import ActorId
+from spawnmesh.pb.gen.spawn.actors import actor_pb2
+
+
+class IdLike(Protocol):
+    """Spawn's ActorId as either runtime generates it (betterproto2 or upb)."""
+
+    name: str
+    system: str
+    parent: str
+
+
+class AnyLike(Protocol):
+    """``google.protobuf.Any`` as either runtime generates it."""
+
+    type_url: str
+    value: bytes
+
 
 JSON_URL = default_message_pool.type_to_url[spawn.JsonType]
 """Type URL of ``spawn.JSONType``, the envelope of non-protobuf values."""
@@ -95,8 +115,27 @@ def pb_id(aid: ActorId | None) -> pb_actors.ActorId | None:
     return pb_actors.ActorId(name=aid.name, system=aid.system, parent=aid.parent or "")
 
 
-def actor_id(pid: pb_actors.ActorId | None, system: str = "", parent: str = "") -> ActorId:
+def actor_id(pid: IdLike | None, system: str = "", parent: str = "") -> ActorId:
     """Spawn's ActorId as ours (``system``/``parent``: defaults for empty fields)."""
     if pid is None or not pid.name:
         raise InvalidArgument("an actor id needs a name")
     return ActorId(pid.system or system, pid.name, pid.parent or parent or None)
+
+
+def any_in(value: AnyLike) -> AnyMsg:
+    """A protobuf ``Any`` (upb) as the node's ``Any`` value, bytes untouched."""
+    return AnyMsg(type_url=value.type_url, value=value.value)
+
+
+def set_any(field: AnyLike, value: AnyMsg) -> None:
+    """Fill a upb ``Any`` field from the node's ``Any`` value (marks the field present)."""
+    field.type_url = value.type_url
+    field.value = value.value
+
+
+def set_id(msg: actor_pb2.ActorId, aid: ActorId) -> None:
+    """Fill a upb ActorId from ours (marks the field present)."""
+    msg.name = aid.name
+    msg.system = aid.system
+    if aid.parent:
+        msg.parent = aid.parent

@@ -6,6 +6,10 @@ system's transports (a Connect stream session, or the host's own HostService), a
 ``ActorInvocationResponse`` becomes a :class:`Reply` (new state, value, workflow). A system with
 no live transport fails fast with :class:`HostUnavailable`; a transport that goes away fails the
 turns it carries. The runtime resets the state of every failed turn.
+
+The messages of a turn and of ``Invoke`` are Google protobuf (upb) messages (:mod:`spawnmesh.pb`):
+they are built and read once per invocation, where betterproto2's pure-Python codec cost the node
+about half of its CPU. Registration, a cold path, keeps the betterproto2 messages.
 """
 
 from __future__ import annotations
@@ -33,12 +37,21 @@ from spawnmesh.errors import (
     from_wire,
 )
 from spawnmesh.host import registration
-from spawnmesh.host.convert import actor_id, any_or_none, from_any, pb_id, to_any
+from spawnmesh.host.convert import (
+    actor_id,
+    any_in,
+    any_or_none,
+    from_any,
+    set_any,
+    set_id,
+    to_any,
+)
 from spawnmesh.host.gen import spawn
 from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
-from spawnmesh.host.gen.spawnmesh import v1
 from spawnmesh.host.registration import RegistrationInvalid
 from spawnmesh.ids import ActorId
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as proto
+from spawnmesh.pb.gen.spawnmesh.v1 import host_pb2
 
 if TYPE_CHECKING:
     from spawnmesh.actors.runtime import Runtime
@@ -55,8 +68,8 @@ class Transport(Protocol):
         ...
 
     async def call(
-        self, inv: spawn.ActorInvocation, timeout_ms: int
-    ) -> spawn.ActorInvocationResponse:
+        self, inv: proto.ActorInvocation, timeout_ms: int
+    ) -> proto.ActorInvocationResponse:
         """Run one turn on the host; raises a SpawnmeshError (HostUnavailable when lost)."""
         ...
 
@@ -71,7 +84,9 @@ class StreamSession:
     ``send`` enqueues a NodeMessage for the stream's writer and is called on the asyncio loop
     (through the bridge); :meth:`deliver` and :meth:`close` are called in the trio thread."""
 
-    def __init__(self, bridge: Bridge, send: Callable[[v1.NodeMessage], None], peer: str) -> None:
+    def __init__(
+        self, bridge: Bridge, send: Callable[[host_pb2.NodeMessage], None], peer: str
+    ) -> None:
         self._bridge = bridge
         self._send = send
         self.peer = peer
@@ -88,29 +103,35 @@ class StreamSession:
         return len(self._pending)
 
     async def call(
-        self, inv: spawn.ActorInvocation, timeout_ms: int
-    ) -> spawn.ActorInvocationResponse:
+        self, inv: proto.ActorInvocation, timeout_ms: int
+    ) -> proto.ActorInvocationResponse:
         if self.closed:
             raise HostUnavailable(f"the host of {self.system} disconnected")
         tid = next(self._ids)
         self._pending[tid] = trio.lowlevel.current_task()
-        self._bridge.aio_soon(
-            self._send, v1.NodeMessage(turn=v1.Turn(id=tid, invocation=inv, timeout_ms=timeout_ms))
-        )
+        msg = host_pb2.NodeMessage()
+        turn = msg.turn
+        turn.id = tid
+        turn.invocation.CopyFrom(inv)
+        turn.timeout_ms = timeout_ms
+        self._bridge.aio_soon(self._send, msg)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             if self._pending.pop(tid, None) is not None and not self.closed:
-                self._bridge.aio_soon(self._send, v1.NodeMessage(cancel=v1.CancelTurn(id=tid)))
+                cancel = host_pb2.NodeMessage()
+                cancel.cancel.id = tid
+                self._bridge.aio_soon(self._send, cancel)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        result: v1.TurnResult = await trio.lowlevel.wait_task_rescheduled(abort)
-        if result.error is not None:
+        result: host_pb2.TurnResult = await trio.lowlevel.wait_task_rescheduled(abort)
+        kind = result.WhichOneof("outcome")
+        if kind == "response":
+            return result.response
+        if kind == "error":
             raise turn_error(inv, result.error, self.node)
-        if result.response is None:
-            raise InvalidArgument(f"the host answered turn {tid} with neither response nor error")
-        return result.response
+        raise InvalidArgument(f"the host answered turn {tid} with neither response nor error")
 
-    def deliver(self, result: v1.TurnResult) -> None:
+    def deliver(self, result: host_pb2.TurnResult) -> None:
         """A TurnResult arrived: wake the turn waiting for it (late ones are dropped)."""
         task = self._pending.pop(result.id, None)
         if task is not None:
@@ -131,11 +152,13 @@ class StreamSession:
             )
 
 
-def turn_error(inv: spawn.ActorInvocation, err: v1.TurnError, node: str = "") -> SpawnmeshError:
+def turn_error(
+    inv: proto.ActorInvocation, err: host_pb2.TurnError, node: str = ""
+) -> SpawnmeshError:
     """The error a TurnError stands for (a handler failure unless it names another code)."""
     if err.code in ("", ActorFailed.code):
         aid = inv.actor
-        who = f"{aid.system}/{aid.name}" if aid is not None else "?"
+        who = f"{aid.system}/{aid.name}"
         return ActorFailed(who, err.type or "HostError", err.message, err.traceback, node)
     return from_wire({"code": err.code, "message": err.message})
 
@@ -309,25 +332,27 @@ class HostRegistry:
             raise HostUnavailable(f"no host of actor system {sid.system!r} is registered")
         transport = hs.pick()
         defname = sid.parent or sid.name
-        caller = pb_id(ctx.caller)
-        state = any_or_none(ctx.state) if hs.stateful.get(defname, False) else None
+        inv = proto.ActorInvocation(action_name=action)
+        set_id(inv.actor, sid)
+        cc = inv.current_context
+        set_id(cc.self, sid)
+        if ctx.caller is not None:
+            set_id(inv.caller, ctx.caller)
+            set_id(cc.caller, ctx.caller)
+        if hs.stateful.get(defname, False):
+            state = any_or_none(ctx.state)
+            if state is not None:
+                set_any(cc.state, state)
+        if ctx.metadata:
+            cc.metadata.update(ctx.metadata)
+        tags = hs.tags.get(defname)
+        if tags:
+            cc.tags.update(tags)
         value = to_any(payload)
-        inv = spawn.ActorInvocation(
-            actor=pb_id(sid),
-            action_name=action,
-            caller=caller,
-            current_context=spawn.Context(
-                state=state,
-                metadata=dict(ctx.metadata),
-                tags=hs.tags.get(defname, {}),
-                caller=caller,
-                self=pb_id(sid),
-            ),
-        )
         if value is None:
-            inv.noop = spawn.Noop()
+            inv.noop.SetInParent()
         else:
-            inv.value = value
+            set_any(inv.value, value)
         deadline = trio.current_effective_deadline()
         timeout_ms = (
             0
@@ -345,8 +370,7 @@ class HostRegistry:
             else:  # the host continues the trace from the turn's context metadata
                 attrs = {"spawnmesh.actor": str(sid), "spawnmesh.action": action}
                 with tracer.span("spawnmesh.host.turn", "client", attrs):
-                    assert inv.current_context is not None
-                    inv.current_context.metadata.update(tracer.carrier())
+                    cc.metadata.update(tracer.carrier())
                     resp = await transport.call(inv, timeout_ms)
         except SpawnmeshError as exc:
             errors = metrics.host_turn_errors
@@ -356,38 +380,40 @@ class HostRegistry:
             self._inflight.pop(key, None)
         return self._reply(sid, resp)
 
-    def _reply(self, sid: ActorId, resp: spawn.ActorInvocationResponse) -> Reply:
-        reply = Reply(resp.value)
-        uc = resp.updated_context
-        if uc is not None and uc.state is not None:
-            reply.state = uc.state
-        wf = resp.workflow
-        if wf is not None:
+    def _reply(self, sid: ActorId, resp: proto.ActorInvocationResponse) -> Reply:
+        value = any_in(resp.value) if resp.HasField("value") else None
+        reply = Reply(value)
+        if resp.HasField("updated_context") and resp.updated_context.HasField("state"):
+            reply.state = any_in(resp.updated_context.state)
+        if resp.HasField("workflow"):
+            wf = resp.workflow
             for eff in wf.effects:
-                req = eff.request
-                if req is None:
+                if not eff.HasField("request"):
                     continue
-                target = actor_id(req.actor.id if req.actor else None, sid.system, req.register_ref)
+                req = eff.request
+                pid = req.actor.id if req.HasField("actor") else None
+                target = actor_id(pid, sid.system, req.register_ref)
                 delay = max(0, req.scheduled_to - wall_ms()) if req.scheduled_to else None
+                payload = any_in(req.value) if req.HasField("value") else None
                 reply.effect(
                     target,
                     req.action_name,
-                    self._payload_for(target, req.action_name, req.value),
+                    self._payload_for(target, req.action_name, payload),
                     metadata=dict(req.metadata) or None,
                     delay_ms=delay,
                 )
-            if wf.broadcast is not None:
+            if wf.HasField("broadcast"):
                 b = wf.broadcast
-                reply.broadcast(
-                    b.channel_group, from_any(b.value, None), action=b.action_name or None
-                )
-            route = wf.pipe or wf.forward
-            if route is not None:
+                out = any_in(b.value) if b.HasField("value") else None
+                reply.broadcast(b.channel_group, from_any(out, None), action=b.action_name or None)
+            routing = wf.WhichOneof("routing")
+            if routing is not None:
+                route = wf.pipe if routing == "pipe" else wf.forward
                 if not route.actor or not route.action_name:
                     raise InvalidArgument("a pipe or forward needs an actor and an action_name")
                 target = ActorId(sid.system, route.actor, route.register_ref or None)
-                if wf.pipe is not None:
-                    reply.value = self._payload_for(target, route.action_name, resp.value)
+                if routing == "pipe":
+                    reply.value = self._payload_for(target, route.action_name, value)
                     reply.pipe(target, route.action_name)
                 else:
                     reply.forward(target, route.action_name)
@@ -407,22 +433,22 @@ class HostRegistry:
     # ------------------------------------------------------------------ the host's calls
 
     async def invoke(
-        self, req: spawn.InvocationRequest, timeout_ms: int | None
-    ) -> spawn.InvocationResponse:
+        self, req: proto.InvocationRequest, timeout_ms: int | None
+    ) -> proto.InvocationResponse:
         """A host's (or any gRPC client's) InvocationRequest, run like any invocation."""
-        system = req.system.name if req.system is not None else ""
-        pid = req.actor.id if req.actor is not None else None
-        target = actor_id(pid, system, req.register_ref)
+        pid = req.actor.id if req.HasField("actor") else None
+        target = actor_id(pid, req.system.name, req.register_ref)
         if not target.system:
             raise InvalidArgument("the invocation names no actor system")
         if not req.action_name:
             raise InvalidArgument("the invocation names no action")
-        payload = self._payload_for(target, req.action_name, req.value)
+        arg = any_in(req.value) if req.HasField("value") else None
+        payload = self._payload_for(target, req.action_name, arg)
         metadata: Mapping[str, str] = dict(req.metadata)
         turn = None
-        if req.caller is not None and req.caller.name:
+        if req.caller.name:
             turn = self._inflight.get((req.caller.system or target.system, req.caller.name))
-        if req.async_ or req.scheduled_to:
+        if getattr(req, "async") or req.scheduled_to:
             self.runtime.cast_nowait(
                 target,
                 req.action_name,
@@ -430,7 +456,7 @@ class HostRegistry:
                 metadata=metadata,
                 at_epoch_ms=req.scheduled_to or None,
                 caller=actor_id(req.caller, target.system)
-                if turn is None and req.caller and req.caller.name
+                if turn is None and req.caller.name
                 else None,
             )
             await trio.lowlevel.checkpoint()
@@ -444,16 +470,15 @@ class HostRegistry:
             finally:
                 if token is not None:
                     _CURRENT.reset(token)
-        resp = spawn.InvocationResponse(
-            status=spawn.RequestStatus(status=spawn.Status.OK),
-            system=spawn.actors.ActorSystem(name=target.system),
-            actor=spawn.actors.Actor(id=pb_id(target)),
-        )
+        resp = proto.InvocationResponse()
+        resp.status.status = proto.OK
+        resp.system.name = target.system
+        set_id(resp.actor.id, target)
         out = to_any(value)
         if out is None:
-            resp.noop = spawn.Noop()
+            resp.noop.SetInParent()
         else:
-            resp.value = out
+            set_any(resp.value, out)
         return resp
 
     async def spawn(self, req: spawn.SpawnRequest) -> spawn.SpawnResponse:

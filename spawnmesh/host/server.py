@@ -3,7 +3,9 @@
 Handlers run on the bridge's asyncio loop and cross into trio for everything that touches the
 node (:class:`~spawnmesh.host.hosts.HostRegistry`). Every request passes the token check (when a
 token is configured) and the message size bound before it is decoded; errors leave as gRPC
-status codes by the one table of :mod:`spawnmesh.host.status`.
+status codes by the one table of :mod:`spawnmesh.host.status`. ``Invoke`` and ``Connect``, the
+per-invocation paths, decode and encode with Google protobuf (upb, :mod:`spawnmesh.pb`);
+``Register`` and ``Spawn`` with the betterproto2 messages.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from spawnmesh.errors import AuthenticationFailed, FrameTooLarge, SpawnmeshError
 from spawnmesh.host.bridge import Bridge, open_bridge
 from spawnmesh.host.callback import CallbackTransport
 from spawnmesh.host.gen import spawn
-from spawnmesh.host.gen.spawnmesh import v1
 from spawnmesh.host.hosts import HostRegistry, StreamSession
 from spawnmesh.host.registration import RegistrationInvalid
 from spawnmesh.host.status import RichStatusCodec, grpc_error
 from spawnmesh.ops.tracing import TRACE_KEYS
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as proto
+from spawnmesh.pb.gen.spawnmesh.v1 import host_pb2
 
 if TYPE_CHECKING:
     from spawnmesh.actors.runtime import Runtime
@@ -67,9 +70,9 @@ def _bound(stream: grpclib.server.Stream[Any, Any], limit: int) -> None:
         stream._stream = _Bounded(stream._stream, limit)  # type: ignore[assignment]
 
 
-def _frame(msg: Any) -> bytes:
+def _frame(msg: host_pb2.NodeMessage) -> bytes:
     """One gRPC length-prefixed message (uncompressed)."""
-    body = bytes(msg)
+    body = msg.SerializeToString()
     return b"\x00" + len(body).to_bytes(4, "big") + body
 
 
@@ -99,13 +102,13 @@ class NodeService:
                 self._spawn, unary, spawn.SpawnRequest, spawn.SpawnResponse
             ),
             SERVICE + "Invoke": grpclib.const.Handler(
-                self._invoke, unary, spawn.InvocationRequest, spawn.InvocationResponse
+                self._invoke, unary, proto.InvocationRequest, proto.InvocationResponse
             ),
             SERVICE + "Connect": grpclib.const.Handler(
                 self._connect,
                 grpclib.const.Cardinality.STREAM_STREAM,
-                v1.HostMessage,
-                v1.NodeMessage,
+                host_pb2.HostMessage,
+                host_pb2.NodeMessage,
             ),
         }
 
@@ -147,17 +150,20 @@ class NodeService:
 
     async def _connect(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         first = await self._recv(stream)
-        if first.register is None:
+        if first.WhichOneof("kind") != "register":
             raise GRPCError(
                 Status.INVALID_ARGUMENT, "the first message of Connect must be a registration"
             )
-        queue: asyncio.Queue[v1.NodeMessage] = asyncio.Queue()
+        request = spawn.RegistrationRequest.parse(first.register.SerializeToString())
+        queue: asyncio.Queue[host_pb2.NodeMessage] = asyncio.Queue()
         session = StreamSession(self.bridge, queue.put_nowait, _peer(stream))
         attached = False
         try:
-            response = await self._call(self.hosts.register, first.register, session)
+            response = await self._call(self.hosts.register, request, session)
             attached = True
-            await stream.send_message(v1.NodeMessage(registered=response))
+            registered = host_pb2.NodeMessage()
+            registered.registered.ParseFromString(bytes(response))
+            await stream.send_message(registered)
             writer = asyncio.ensure_future(self._write(stream, queue))
             try:
                 await self._read(stream, session)
@@ -175,9 +181,10 @@ class NodeService:
             msg = await stream.recv_message()
             if msg is None:
                 return
-            if msg.result is not None:
+            kind = msg.WhichOneof("kind")
+            if kind == "result":
                 self.bridge.trio_soon(deliver, msg.result)
-            elif msg.register is not None:
+            elif kind == "register":
                 raise GRPCError(
                     Status.FAILED_PRECONDITION,
                     "this stream is registered; open a new one to re-register",
@@ -185,7 +192,7 @@ class NodeService:
 
     @staticmethod
     async def _write(
-        stream: grpclib.server.Stream[Any, Any], queue: asyncio.Queue[v1.NodeMessage]
+        stream: grpclib.server.Stream[Any, Any], queue: asyncio.Queue[host_pb2.NodeMessage]
     ) -> None:
         """Send what is queued; messages queued together leave in one DATA frame (one
         syscall instead of one per turn when many turns are in flight)."""

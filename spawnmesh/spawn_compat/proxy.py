@@ -35,7 +35,7 @@ from spawnmesh.errors import (
 from spawnmesh.host.gen import spawn
 from spawnmesh.host.registration import RegistrationInvalid
 from spawnmesh.ids import ActorId
-from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
 from spawnmesh.spawn_compat.http_server import Request, Response, serve_http
 from spawnmesh.spawn_compat.registry import REGISTERED_MESSAGE, SpawnRegistry
 from spawnmesh.spawn_compat.values import RawAny, any_parts

@@ -17,8 +17,8 @@ from google.protobuf.message import DecodeError
 
 from spawnmesh.errors import InvalidArgument
 from spawnmesh.ids import ActorId
-from spawnmesh.spawn_compat.gen.spawn.actors import actor_pb2
-from spawnmesh.spawn_compat.gen.spawn.actors import protocol_pb2 as pb
+from spawnmesh.pb.gen.spawn.actors import actor_pb2
+from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
 
 Parts = tuple[str, bytes]
 """An ``Any`` as ``(type_url, value bytes)``."""
