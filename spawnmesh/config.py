@@ -537,11 +537,11 @@ class HostConfig:
         unit="bytes",
     )
     bridge: str = setting(
-        "thread",
-        "How grpclib's asyncio runs beside the trio node: thread (a native asyncio loop in a "
-        "dedicated thread) or trio-asyncio (inside trio). Chosen by measurement: "
-        "docs/host-protocol.md.",
-        choices=("thread", "trio-asyncio"),
+        "stepped",
+        "How grpclib's asyncio runs beside the trio node: stepped (a native asyncio loop "
+        "whose iterations a trio task runs, in the trio thread) or thread (a native asyncio "
+        "loop in a dedicated thread). Chosen by measurement: docs/host-protocol.md.",
+        choices=("stepped", "thread"),
     )
     transport: str = setting(
         "any",

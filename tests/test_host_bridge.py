@@ -1,5 +1,6 @@
-"""The trio <-> asyncio bridge, both kinds: results, errors and cancellation in both directions,
-and a real grpclib server and client on loopback through it."""
+"""The trio <-> asyncio bridge, both kinds (stepped and thread): results, errors and
+cancellation in both directions, a drained shutdown, and a real grpclib server and client on
+loopback through it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpclib.server
 import pytest
 import trio
 
-from spawnmesh.host.bridge import BRIDGES, Bridge, open_bridge
+from spawnmesh.host.bridge import BRIDGES, Bridge, can_step, open_bridge
 from spawnmesh.host.gen.spawn import JsonType
 
 pytestmark = pytest.mark.parametrize("kind", BRIDGES)
@@ -144,5 +145,42 @@ async def test_grpclib_server_and_client_through_the_bridge(kind: str) -> None:
                 channel.close()
 
         assert await bridge.to_aio(call_many) == [f"M{i}" for i in range(20)]
-        server.close()
-        await bridge.to_aio(server.wait_closed)
+
+        async def stop() -> None:  # on the loop: the server is not thread-safe
+            server.close()
+            await server.wait_closed()
+
+        await bridge.to_aio(stop)
+
+
+async def test_leaving_the_bridge_cancels_asyncio_tasks_and_lets_them_finish(kind: str) -> None:
+    """Shutdown drains: a task still running on the loop is cancelled and its cleanup runs."""
+    cleaned: list[str] = []
+    async with open_bridge(kind) as bridge:
+        started = trio.Event()
+
+        async def forever() -> None:
+            try:
+                bridge.trio_soon(started.set)
+                await asyncio.sleep(3600)
+            finally:
+                await asyncio.sleep(0.01)  # cleanup that itself awaits
+                cleaned.append("done")
+
+        async def spawn() -> None:
+            asyncio.get_running_loop().create_task(forever())
+
+        await bridge.to_aio(spawn)
+        await started.wait()
+    assert cleaned == ["done"]
+
+
+async def test_this_python_can_step_its_event_loop(kind: str) -> None:
+    """The stepped bridge's use of BaseEventLoop internals holds here (else it falls back)."""
+    loop = asyncio.SelectorEventLoop()
+    try:
+        assert can_step(loop)
+    finally:
+        loop.close()
+    async with open_bridge(kind) as bridge:
+        assert bridge.name == kind

@@ -21,15 +21,16 @@ pytestmark = pytest.mark.slow
 
 
 async def test_grpclib_host_over_the_connect_stream_passes() -> None:
-    async with open_host_harness(GRPCLIB_HOST, overrides={"host.bridge": "thread"}) as h:
+    """The Connect stream transport, on the default (stepped) bridge."""
+    async with open_host_harness(GRPCLIB_HOST) as h:
         report = await run_checks(h)
     assert report.ok, report.text()
 
 
 async def test_grpclib_host_serving_hostservice_passes() -> None:
-    """The host-served transport (the node calls HandleTurn), on the trio-asyncio bridge."""
+    """The host-served transport (the node calls HandleTurn), on the thread bridge."""
     cmd = [*GRPCLIB_HOST, "--serve", "127.0.0.1:0"]
-    async with open_host_harness(cmd, overrides={"host.bridge": "trio-asyncio"}) as h:
+    async with open_host_harness(cmd, overrides={"host.bridge": "thread"}) as h:
         report = await run_checks(h)
     assert report.ok, report.text()
 

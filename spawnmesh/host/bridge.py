@@ -10,14 +10,26 @@ through a :class:`Bridge`, built on four primitives:
   task; cancelling the trio caller cancels the task.
 
 Two implementations, chosen by ``host.bridge`` (docs/host-protocol.md has the measurements):
-``thread`` runs a native asyncio loop in a dedicated thread (crossings are
-``call_soon_threadsafe`` / ``TrioToken.run_sync_soon``); ``trio-asyncio`` runs the asyncio
-loop inside trio with trio-asyncio (one thread; crossings are plain calls).
+
+- ``stepped`` (the default): a native asyncio loop whose iterations a trio task runs, in the
+  trio thread. Its selector never blocks; when nothing is ready the task waits, through trio,
+  for the selector's epoll fd to become readable, for the loop's next timer, or for a callback
+  from trio. Crossings are plain calls: no thread hand-off, no wake-up syscall, no GIL contention.
+  It steps the loop with ``BaseEventLoop._run_once``, which every CPython since 3.4 has; where
+  it is missing the bridge falls back to ``thread``.
+- ``thread``: a native asyncio loop in a dedicated thread; crossings are
+  ``call_soon_threadsafe`` / ``TrioToken.run_sync_soon`` (a syscall and a thread wake-up each).
+
+trio-asyncio, the third candidate, ran asyncio inside trio too but cost more per asyncio event
+than the thread's crossings; it was measured and dropped (docs/host-protocol.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import selectors
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,7 +40,11 @@ import trio
 
 T = TypeVar("T")
 
-BRIDGES = ("thread", "trio-asyncio")
+BRIDGES = ("stepped", "thread")
+DRAIN_S = 5.0
+"""How long closing a bridge waits for the asyncio tasks it cancels to finish."""
+
+log = logging.getLogger("spawnmesh.host")
 
 
 class Bridge:
@@ -163,32 +179,107 @@ class ThreadBridge(Bridge):
         self._token.run_sync_soon(fn, *args)
 
 
-class TrioAsyncioBridge(Bridge):
-    """An asyncio loop run by trio-asyncio inside the trio thread."""
+class _PollingSelector(selectors.EpollSelector):
+    """asyncio's selector that never blocks: the trio task stepping the loop waits instead."""
 
-    name = "trio-asyncio"
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        return super().select(0)
+
+
+def can_step(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this CPython's event loop has what :class:`SteppedBridge` uses."""
+    return all(hasattr(loop, a) for a in ("_run_once", "_ready", "_scheduled", "_selector"))
+
+
+class SteppedBridge(Bridge):
+    """A native asyncio loop stepped by a trio task in the trio thread (:meth:`drive`)."""
+
+    name = "stepped"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nursery: trio.Nursery) -> None:
+        super().__init__(loop, nursery)
+        self._parked: trio.CancelScope | None = None
 
     def aio_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self.loop.call_soon(fn, *args)
+        self._wake()
 
     def trio_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        fn(*args)  # same thread, and asyncio callbacks run inside a trio task
+        fn(*args)  # same thread, and asyncio callbacks run inside the driver's trio task
+
+    def _wake(self) -> None:
+        if self._parked is not None:
+            self._parked.cancel()
+            self._parked = None
+
+    async def drive(self, until: Callable[[], bool] | None = None) -> None:
+        """Run the loop's iterations in this trio task: step while callbacks are ready; when
+        none is, wait for the selector's epoll fd, the next timer or an :meth:`aio_soon`.
+        Runs until cancelled, or until ``until()`` is true after a step."""
+        loop: Any = self.loop
+        fd = loop._selector.fileno()
+        clock = loop.time
+        set_running = asyncio.events._set_running_loop
+        patched = sys.modules.get("trio_asyncio")
+        if patched is not None:  # it makes asyncio look up a trio task's loop in this variable
+            patched.current_loop.set(loop)
+        while True:
+            set_running(loop)
+            try:
+                loop._run_once()
+            finally:
+                set_running(None)
+            if until is not None and until():
+                return
+            if loop._ready:
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.CancelScope() as scope:
+                if loop._scheduled:
+                    scope.deadline = trio.current_time() + max(
+                        0.0, loop._scheduled[0]._when - clock()
+                    )
+                self._parked = scope
+                await trio.lowlevel.wait_readable(fd)
+            self._parked = None
+
+    async def drain(self) -> None:
+        """With the driver gone: cancel every task still on the loop and step the loop until
+        they finish (at most DRAIN_S)."""
+        tasks = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        with trio.move_on_after(DRAIN_S):
+            await self.drive(until=lambda: all(t.done() for t in tasks))
 
 
 @asynccontextmanager
-async def open_bridge(kind: str = "thread") -> AsyncIterator[Bridge]:
-    """A bridge of ``kind`` (``thread`` or ``trio-asyncio``) for the duration of the block;
-    leaving it cancels what still runs on both sides and stops the loop."""
-    if kind == "trio-asyncio":
-        import trio_asyncio  # type: ignore[import-untyped]
-
-        async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
-            yield TrioAsyncioBridge(loop, nursery)
-            nursery.cancel_scope.cancel()
-        return
-    if kind != "thread":
+async def open_bridge(kind: str = "stepped") -> AsyncIterator[Bridge]:
+    """A bridge of ``kind`` (one of :data:`BRIDGES`) for the duration of the block; leaving it
+    cancels what still runs on both sides and closes the loop."""
+    if kind not in BRIDGES:
         raise ValueError(f"unknown bridge {kind!r}: one of {', '.join(BRIDGES)}")
-    loop = asyncio.SelectorEventLoop()  # not the policy's: trio-asyncio may have patched it
+    if kind == "stepped":
+        loop = asyncio.SelectorEventLoop(_PollingSelector())
+        if can_step(loop):
+            stepped: SteppedBridge | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    stepped = SteppedBridge(loop, nursery)
+                    nursery.start_soon(stepped.drive)
+                    yield stepped
+                    nursery.cancel_scope.cancel()
+            finally:
+                if stepped is not None:
+                    with trio.CancelScope(shield=True):
+                        await stepped.drain()
+                loop.close()
+            return
+        loop.close()
+        log.warning(
+            "this Python's asyncio loop cannot be stepped: host.bridge falls back to thread"
+        )
+    loop = asyncio.SelectorEventLoop()
     thread = threading.Thread(
         target=_run_loop, args=(loop,), name="spawnmesh-host-aio", daemon=True
     )
