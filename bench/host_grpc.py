@@ -3,17 +3,23 @@
 Every figure comes from separate processes on loopback, in the same run:
 
 - host path: a client process (plain asyncio, grpclib) calls NodeService.Invoke on a node
-  process (trio, host API on the given bridge); the node hands the turn to the betterproto2 /
-  grpclib example host process over its Connect stream; the host replies with the new state
-  (a cart line's quantity + 1). So each invocation crosses gRPC twice. Sequential: one caller,
-  one cart. Concurrent: 32 callers, each on its own cart.
+  process (trio, host API on the given bridge); the node hands the turn to a host process over
+  its Connect stream; the host replies with the new state (a cart line's quantity + 1). So each
+  invocation crosses gRPC twice. Sequential: one caller, one cart. Concurrent: 32 callers, each
+  on its own cart. Two hosts, both grpclib on asyncio, differing only in their message codec:
+  ``upb`` (this file's host, Google protobuf messages generated from spec/) and
+  ``betterproto2`` (examples/hosts/grpclib_host.py, betterproto2's pure-Python codec, which
+  costs that host about 150 us per turn more).
 - raw: a plain grpclib unary echo of a 200-byte message between two asyncio processes.
 
-One client process alternates blocks of raw echo calls and host invocations (250 sequential,
-then 1,000 with 32 callers), so both sides of each ratio see the same machine load.
+The client makes both kinds of call the same way (``Channel.request``, no deadline), with Google
+protobuf messages for the invocations: what the client's codec costs is the client's, not the
+mesh's. One client process alternates blocks of raw echo calls and host invocations (250
+sequential, then 1,000 with 32 callers), so both sides of each ratio see the same machine load.
 
-Usage: python bench/host_grpc.py [--seq 2000] [--conc 6000] [--bridges thread,trio-asyncio]
-Prints the figures, then one JSON line (the headline host figures use the first bridge).
+Usage: python bench/host_grpc.py [--seq 2000] [--conc 6000] [--bridges stepped,thread]
+                                 [--hosts upb,betterproto2]
+Prints the figures, then one JSON line (the headline uses the first bridge and the first host).
 Other work on the machine makes absolute figures noisy; the ratios compare like with like.
 """
 
@@ -34,6 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 CONCURRENCY = 32
 ECHO_PATH = "/bench.Echo/Echo"
+INVOKE_PATH = "/spawnmesh.v1.NodeService/Invoke"
+HOSTS = {
+    "upb": [sys.executable, __file__, "upb-host"],
+    "betterproto2": [sys.executable, str(ROOT / "examples/hosts/grpclib_host.py"), "--node"],
+}
 
 
 # ---------------------------------------------------------------------------- processes
@@ -94,47 +105,118 @@ def serve_node(port_file: str, bridge: str) -> None:
     trio.run(main)
 
 
+def serve_upb_host(node_port: int) -> None:
+    """A host on grpclib + Google protobuf messages: registers the "tck" system over a Connect
+    stream (the example host's registration) and runs cart turns, one asyncio task per turn as
+    the example host does. Prints "registered tck" once the node accepted it."""
+    import grpclib.client
+    import grpclib.const
+
+    sys.path.insert(0, str(ROOT / "examples" / "hosts"))
+    from grpclib_host import registration  # type: ignore[import-not-found]
+
+    from spawnmesh.pb.gen.spawnmesh.tck.v1 import tck_pb2
+    from spawnmesh.pb.gen.spawnmesh.v1 import host_pb2
+
+    prefix = "type.googleapis.com/"
+    cart_url, value_url = (prefix + m.DESCRIPTOR.full_name for m in (tck_pb2.Cart, tck_pb2.Value))
+
+    def add_item(turn: Any, out: Any) -> None:
+        inv = turn.invocation
+        res = out.result
+        res.id = turn.id
+        cart = tck_pb2.Cart()
+        state = inv.current_context.state
+        if state.value:
+            cart.ParseFromString(state.value)
+        item = tck_pb2.LineItem.FromString(inv.value.value)
+        for line in cart.items:
+            if line.sku == item.sku:
+                line.qty += item.qty
+                break
+        else:
+            cart.items.append(item)
+        resp = res.response
+        resp.actor_name = inv.actor.name
+        resp.actor_system = inv.actor.system
+        new = resp.updated_context.state
+        new.type_url = cart_url
+        new.value = cart.SerializeToString()
+        resp.value.type_url = value_url
+        resp.value.value = tck_pb2.Value(n=len(cart.items)).SerializeToString()
+
+    async def main() -> None:
+        channel = grpclib.client.Channel("127.0.0.1", node_port)
+        async with channel.request(
+            "/spawnmesh.v1.NodeService/Connect",
+            grpclib.const.Cardinality.STREAM_STREAM,
+            host_pb2.HostMessage,
+            host_pb2.NodeMessage,
+        ) as stream:
+            hello = host_pb2.HostMessage()
+            hello.register.ParseFromString(bytes(registration("tck")))
+            await stream.send_message(hello)
+            first = await stream.recv_message()
+            assert first is not None and first.WhichOneof("kind") == "registered"
+            print("registered tck", flush=True)
+            lock = asyncio.Lock()
+
+            async def answer(turn: Any) -> None:
+                out = host_pb2.HostMessage()
+                add_item(turn, out)
+                async with lock:
+                    await stream.send_message(out)
+
+            tasks = set()
+            async for msg in stream:
+                if msg.WhichOneof("kind") == "turn":
+                    task = asyncio.create_task(answer(msg.turn))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+    asyncio.run(main())
+
+
 def client_mixed(echo_port: int, node_port: int, n_seq: int, n_conc: int) -> None:
     """Alternate blocks of raw echo calls and host invocations (sequential, then with 32
     concurrent callers), so both sides see the same machine load; print their rates."""
     import grpclib.client
     import grpclib.const
 
-    from spawnmesh.host.gen import spawn
-    from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
-    from spawnmesh.host.gen.message_pool import default_message_pool
     from spawnmesh.host.gen.spawn import JsonType
-    from spawnmesh.host.gen.spawn import actors as pb
-    from spawnmesh.host.gen.spawnmesh import v1
-    from spawnmesh.host.gen.spawnmesh.tck.v1 import LineItem
+    from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as proto
+    from spawnmesh.pb.gen.spawnmesh.tck.v1 import tck_pb2
+
+    unary = grpclib.const.Cardinality.UNARY_UNARY
 
     async def main() -> None:
         echo_ch = grpclib.client.Channel("127.0.0.1", echo_port)
         node_ch = grpclib.client.Channel("127.0.0.1", node_port)
-        stub = v1.NodeServiceStub(node_ch)
         msg = JsonType(content="x" * 197)  # 200 bytes encoded
         assert len(bytes(msg)) == 200
-        item = AnyMsg.pack(LineItem(sku="tea", qty=1, price_cents=4), default_message_pool)
-        reqs = [
-            spawn.InvocationRequest(
-                system=pb.ActorSystem(name="tck"),
-                action_name="add_item",
-                value=item,
-                actor=pb.Actor(id=pb.ActorId(name=f"bench-cart-{i}", system="tck", parent="cart")),
-            )
-            for i in range(CONCURRENCY)
-        ]
+        item = tck_pb2.LineItem(sku="tea", qty=1, price_cents=4)
+        reqs = []
+        for i in range(CONCURRENCY):
+            req = proto.InvocationRequest(action_name="add_item")
+            req.system.name = "tck"
+            req.actor.id.name, req.actor.id.system = f"bench-cart-{i}", "tck"
+            req.actor.id.parent = "cart"
+            req.value.Pack(item)
+            reqs.append(req)
 
         async def echo(_: int) -> None:
-            async with echo_ch.request(
-                ECHO_PATH, grpclib.const.Cardinality.UNARY_UNARY, JsonType, JsonType
-            ) as st:
+            async with echo_ch.request(ECHO_PATH, unary, JsonType, JsonType) as st:
                 await st.send_message(msg, end=True)
                 await st.recv_message()
                 await st.recv_trailing_metadata()
 
         async def invoke(i: int) -> None:
-            await stub.invoke(reqs[i], timeout=30)
+            async with node_ch.request(
+                INVOKE_PATH, unary, proto.InvocationRequest, proto.InvocationResponse
+            ) as st:
+                await st.send_message(reqs[i], end=True)
+                await st.recv_message()
+                await st.recv_trailing_metadata()
 
         async def block(call: Any, n: int, workers: int) -> float:
             left = [n]
@@ -200,18 +282,13 @@ def _client(echo_port: int, node_port: int, n_seq: int, n_conc: int) -> dict[str
     return result
 
 
-def run_pair(tmp: Path, echo_port: int, bridge: str, n_seq: int, n_conc: int) -> dict[str, float]:
-    """Node (on ``bridge``) + example host; the client alternates raw and host blocks."""
+def run_pair(
+    tmp: Path, echo_port: int, bridge: str, host_kind: str, n_seq: int, n_conc: int
+) -> dict[str, float]:
+    """Node (on ``bridge``) + a host; the client alternates raw and host blocks."""
     node, port = _start(["node", bridge], tmp, f"node-{bridge}")
     host = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "examples/hosts/grpclib_host.py"),
-            "--node",
-            f"127.0.0.1:{port}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
+        [*HOSTS[host_kind], f"127.0.0.1:{port}"], cwd=ROOT, stdout=subprocess.PIPE
     )
     try:
         assert host.stdout is not None
@@ -233,34 +310,40 @@ def main() -> None:
         return serve_node(sys.argv[3], sys.argv[2])
     if mode == "client":
         return client_mixed(*(int(a) for a in sys.argv[2:6]))
+    if mode == "upb-host":
+        return serve_upb_host(int(sys.argv[2].rpartition(":")[2]))
     p = argparse.ArgumentParser(description="host actor invocations over gRPC vs raw grpclib")
     p.add_argument("--seq", type=int, default=2000)
     p.add_argument("--conc", type=int, default=6000)
-    p.add_argument("--bridges", default="thread,trio-asyncio")
+    p.add_argument("--bridges", default="stepped,thread")
+    p.add_argument("--hosts", default="upb,betterproto2")
     args = p.parse_args()
     import tempfile
 
     bridges = [b for b in args.bridges.split(",") if b]
-    res: dict[str, dict[str, float]] = {}
+    hosts = [h for h in args.hosts.split(",") if h]
+    runs = [(bridges[0], h) for h in hosts] + [(b, hosts[0]) for b in bridges[1:]]
+    res: dict[tuple[str, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         echo, echo_port = _start(["echo-server"], tmp, "echo")
         try:
-            for b in bridges:
-                r = res[b] = run_pair(tmp, echo_port, b, args.seq, args.conc)
+            for b, h in runs:
+                r = res[b, h] = run_pair(tmp, echo_port, b, h, args.seq, args.conc)
                 print(
-                    f"{b:13s} bridge: host seq {r['host_seq']:6.0f}/s vs raw echo "
-                    f"{r['raw_seq']:6.0f}/s ({r['host_seq'] / r['raw_seq']:.2f});  "
-                    f"conc({CONCURRENCY}) host {r['host_conc']:6.0f}/s vs raw "
-                    f"{r['raw_conc']:6.0f}/s ({r['host_conc'] / r['raw_conc']:.2f})",
+                    f"{b:12s} bridge, {h:12s} host: seq {r['host_seq']:5.0f}/s vs raw echo "
+                    f"{r['raw_seq']:5.0f}/s ({r['host_seq'] / r['raw_seq']:.3f});  "
+                    f"conc({CONCURRENCY}) {r['host_conc']:5.0f}/s vs raw "
+                    f"{r['raw_conc']:5.0f}/s ({r['host_conc'] / r['raw_conc']:.3f})",
                     flush=True,
                 )
         finally:
             echo.kill()
             echo.wait()
-    head = res[bridges[0]]
+    head = res[runs[0]]
     out: dict[str, Any] = {
         "bridge": bridges[0],
+        "host": hosts[0],
         "host_seq_invokes_per_s": round(head["host_seq"]),
         "host_conc_invokes_per_s": round(head["host_conc"]),
         "raw_grpclib_seq_per_s": round(head["raw_seq"]),
@@ -268,8 +351,8 @@ def main() -> None:
         "host_seq_ratio": round(head["host_seq"] / head["raw_seq"], 3),
         "host_conc_ratio": round(head["host_conc"] / head["raw_conc"], 3),
     }
-    for b in bridges[1:]:
-        key, r = b.replace("-", "_"), res[b]
+    for (b, h), r in list(res.items())[1:]:
+        key = (h if b == bridges[0] else f"{b}_bridge").replace("-", "_")
         out[f"{key}_host_seq_ratio"] = round(r["host_seq"] / r["raw_seq"], 3)
         out[f"{key}_host_conc_ratio"] = round(r["host_conc"] / r["raw_conc"], 3)
     out["cpus"] = os.cpu_count()
