@@ -16,9 +16,11 @@ from typing import Any, Protocol
 
 import betterproto2
 import msgspec
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
-from spawnmesh.codec import convert, to_builtins
-from spawnmesh.errors import InvalidArgument
+from spawnmesh.codec import convert, to_builtins, type_name
+from spawnmesh.errors import InvalidArgument, StateCorrupt
 from spawnmesh.host.gen import spawn
 from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
 from spawnmesh.host.gen.message_pool import default_message_pool
@@ -120,6 +122,27 @@ def actor_id(pid: IdLike | None, system: str = "", parent: str = "") -> ActorId:
     if pid is None or not pid.name:
         raise InvalidArgument("an actor id needs a name")
     return ActorId(pid.system or system, pid.name, pid.parent or parent or None)
+
+
+class AnyCodec:
+    """The state codec of host actors, whose state is an ``Any``: the same bytes as
+    betterproto2's ``bytes(Any)``, built and parsed with upb (0.5 us against 6 us)."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self) -> None:
+        self.type_name = type_name(AnyMsg)
+
+    def encode(self, value: Any) -> bytes:
+        out: bytes = any_pb2.Any(type_url=value.type_url, value=value.value).SerializeToString()
+        return out
+
+    def decode(self, blob: bytes) -> AnyMsg:
+        try:
+            msg = any_pb2.Any.FromString(blob)
+        except DecodeError as exc:
+            raise StateCorrupt(f"cannot decode google.protobuf.Any: {exc}") from exc
+        return AnyMsg(type_url=msg.type_url, value=msg.value)
 
 
 def any_in(value: AnyLike) -> AnyMsg:

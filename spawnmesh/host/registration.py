@@ -23,6 +23,7 @@ from spawnmesh.actors.definition import (
     WriteThrough,
 )
 from spawnmesh.errors import DefinitionError
+from spawnmesh.host.convert import AnyCodec
 from spawnmesh.host.gen import spawn
 from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
 from spawnmesh.host.gen.spawn import actors as pb
@@ -182,6 +183,8 @@ def _actor(
     except DefinitionError as exc:
         bad.append((where, str(exc)))
         return None
+    if stateful:
+        adef.codec = AnyCodec()
     return adef
 
 
