@@ -295,6 +295,46 @@ async def test_server_answers_malformed_http_with_400() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_server_bounds_a_stalled_request_with_408_and_an_idle_connection_silently() -> None:
+    """The idle reaper: a request that stops half-way gets 408 and is closed; a quiet
+    keep-alive connection is closed without an answer; a busy handler is never cut."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: serve_http(
+                echo,
+                "127.0.0.1",
+                0,
+                max_body_bytes=1000,
+                idle_timeout_s=0.2,
+                task_status=task_status,
+            )
+        )
+
+        async def read_all(stream: trio.SocketStream) -> bytes:
+            data = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(1000):
+                    data += chunk
+            return data
+
+        stalled = await trio.open_tcp_stream("127.0.0.1", port)
+        await stalled.send_all(b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc")
+        t0 = trio.current_time()
+        assert (await read_all(stalled)).startswith(b"HTTP/1.1 408")
+        assert 0.2 <= trio.current_time() - t0 < 1.0
+        quiet = await trio.open_tcp_stream("127.0.0.1", port)
+        await quiet.send_all(b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nz")
+        answer = await read_all(quiet)  # the answer, then EOF when it idles out
+        assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+        slow = await trio.open_tcp_stream("127.0.0.1", port)  # the handler sleeps 5 s
+        await slow.send_all(b"POST /slow HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n")
+        with trio.move_on_after(0.6):  # three idle bounds: still waiting for the handler
+            assert await slow.receive_some(1000) != b""
+        for s in (stalled, quiet, slow):
+            await s.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_client_reports_an_unreachable_host() -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]

@@ -6,7 +6,8 @@ A Spawn invocation does four of them on the node; the messages are small, so a w
 always fits the socket buffer and a read often finds its bytes waiting. These helpers try the
 system call first (``os.write``/``os.read`` on the stream's descriptor, public API) and fall
 back to trio's waiting only when the socket is not ready. They are not checkpoints when the
-socket is ready: callers (the proxy's request loop) yield elsewhere.
+socket is ready: callers (the proxy's request loop) yield elsewhere. They take no timeout:
+the server's connections are bounded by its idle reaper, the client's by its caller's scopes.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ reuse theirs) and pipelined requests; heads bounded to 64 KiB, bodies by ``max_b
 (refused with 413 from the ``Content-Length`` alone), every read and write by
 ``idle_timeout_s``, connections by ``max_connections``. Malformed HTTP gets its 4xx and the
 connection is closed; an exception in a handler becomes a logged 500 and the server goes on.
+
+The idle bound costs nothing per request: a connection notes when it starts waiting on its
+socket, and one reaper task per server, waking every quarter of the bound (at most 5 s),
+cancels the connections that have waited longer (a cancel scope per read and write cost the
+node some 14 us per Spawn invocation). A connection is closed between ``idle_timeout_s`` and
+1.25 times it (at most 5 s more) after it went quiet.
 """
 
 from __future__ import annotations
@@ -85,22 +91,50 @@ class _Connection:
         self.handler = handler
         self.idle_s = idle_s
         self.reader = MessageReader(is_request=True, max_body_bytes=max_body)
+        self.scope = trio.CancelScope()
+        """The connection's lifetime; :meth:`expire` cancels it."""
+        self.waiting_since: float | None = None
+        """trio time at which the connection began to wait on its socket (None: it is not
+        waiting, e.g. while the handler runs)."""
+        self.expired = False
         try:
             self.peer = str(stream.socket.getpeername()[0])
         except OSError:
             self.peer = ""
 
+    def expire(self, now: float) -> None:
+        """Cancel the connection if it has waited on its socket longer than the idle bound."""
+        since = self.waiting_since
+        if since is not None and now - since >= self.idle_s:
+            self.expired = True
+            self.scope.cancel()
+
     async def run(self) -> None:
         try:
-            while await self._one():
-                pass
+            with self.scope:
+                while await self._one():
+                    pass
+            if self.expired and not self.reader.idle:  # a request stalled half-way
+                await self._refuse(ProtocolError("request not received in time", 408))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away
         finally:
             await trio.aclose_forcefully(self.stream)
 
+    async def _refuse(self, exc: ProtocolError) -> None:
+        """Answer a malformed or stalled request with its 4xx (bounded), then close."""
+        with trio.move_on_after(self.idle_s):
+            await self.stream.send_all(
+                response_bytes(
+                    exc.status,
+                    f"malformed HTTP request: {exc}".encode(),
+                    [("content-type", "text/plain; charset=utf-8")],
+                    close=True,
+                )
+            )
+
     async def _read(self) -> Message | None:
-        """The next request (None: the client closed, or idled out between requests)."""
+        """The next request (None: the client closed between requests)."""
         reader = self.reader
         stream = self.stream
         continued = False
@@ -110,31 +144,25 @@ class _Connection:
                 return msg
             if reader.wants_continue and not continued:
                 continued = True
-                await fastio.send(stream, CONTINUE)
-            with trio.move_on_after(self.idle_s):
-                data = await fastio.receive(stream, _RECEIVE_SIZE)
-                reader.feed(data)
-                if not data and reader.idle:
-                    return None
-                continue
-            if reader.idle:
-                return None  # an idle keep-alive connection: just close
-            raise ProtocolError("request not received in time", 408)
+                await self._send(CONTINUE)
+            self.waiting_since = trio.current_time()
+            data = await fastio.receive(stream, _RECEIVE_SIZE)
+            self.waiting_since = None
+            reader.feed(data)
+            if not data and reader.idle:
+                return None
+
+    async def _send(self, data: bytes) -> None:
+        self.waiting_since = trio.current_time()
+        await fastio.send(self.stream, data)
+        self.waiting_since = None
 
     async def _one(self) -> bool:
         """Serve one request; whether the connection may carry another."""
         try:
             msg = await self._read()
         except ProtocolError as exc:
-            with trio.move_on_after(self.idle_s):
-                await self.stream.send_all(
-                    response_bytes(
-                        exc.status,
-                        f"malformed HTTP request: {exc}".encode(),
-                        [("content-type", "text/plain; charset=utf-8")],
-                        close=True,
-                    )
-                )
+            await self._refuse(exc)
             return False
         if msg is None:
             return False
@@ -152,10 +180,8 @@ class _Connection:
                 response = _error(500, "internal error")
         headers = [("content-type", response.content_type), *response.headers]
         data = response_bytes(response.status, response.body, headers, close=not msg.keep_alive)
-        with trio.move_on_after(self.idle_s):
-            await fastio.send(self.stream, data)
-            return msg.keep_alive
-        return False
+        await self._send(data)
+        return msg.keep_alive
 
 
 async def serve_http(
@@ -177,12 +203,24 @@ async def serve_http(
         listeners = listeners[:1]
     bound: int = listeners[0].socket.getsockname()[1]
     slots = trio.Semaphore(max_connections)
+    connections: set[_Connection] = set()
 
     async def serve_one(stream: trio.SocketStream) -> None:
+        conn = _Connection(stream, handler, max_body_bytes, idle_timeout_s)
+        connections.add(conn)
         try:
-            await _Connection(stream, handler, max_body_bytes, idle_timeout_s).run()
+            await conn.run()
         finally:
+            connections.discard(conn)
             slots.release()
+
+    async def reap() -> None:
+        tick = min(max(idle_timeout_s / 4, 0.01), 5.0)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for conn in list(connections):
+                conn.expire(now)
 
     async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -203,6 +241,7 @@ async def serve_http(
 
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(reap)
             for listener in listeners:
                 nursery.start_soon(accept, listener, nursery)
             task_status.started(bound)
