@@ -13,10 +13,10 @@ Two implementations, chosen by ``host.bridge`` (docs/host-protocol.md has the me
 
 - ``stepped`` (the default): a native asyncio loop whose iterations a trio task runs, in the
   trio thread. Its selector never blocks; when nothing is ready the task waits, through trio,
-  for the selector's epoll fd to become readable, for the loop's next timer, or for a callback
-  from trio. Crossings are plain calls: no thread hand-off, no wake-up syscall, no GIL contention.
-  It steps the loop with ``BaseEventLoop._run_once``, which every CPython since 3.4 has; where
-  it is missing the bridge falls back to ``thread``.
+  for the selector's fd (epoll or kqueue) to become readable, for the loop's next timer, or for
+  a callback from trio. Crossings are plain calls: no thread hand-off, no wake-up syscall, no
+  GIL contention. It steps the loop with ``BaseEventLoop._run_once``, which every CPython since
+  3.4 has; where it is missing the bridge falls back to ``thread``.
 - ``thread``: a native asyncio loop in a dedicated thread; crossings are
   ``call_soon_threadsafe`` / ``TrioToken.run_sync_soon`` (a syscall and a thread wake-up each).
 
@@ -179,8 +179,9 @@ class ThreadBridge(Bridge):
         self._token.run_sync_soon(fn, *args)
 
 
-class _PollingSelector(selectors.EpollSelector):
-    """asyncio's selector that never blocks: the trio task stepping the loop waits instead."""
+class _PollingSelector(selectors.DefaultSelector):
+    """asyncio's selector that never blocks: the trio task stepping the loop waits instead, on
+    the selector's own fd (epoll on Linux, kqueue on BSD and macOS: both are pollable)."""
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         return super().select(0)
@@ -214,7 +215,7 @@ class SteppedBridge(Bridge):
 
     async def drive(self, until: Callable[[], bool] | None = None) -> None:
         """Run the loop's iterations in this trio task: step while callbacks are ready; when
-        none is, wait for the selector's epoll fd, the next timer or an :meth:`aio_soon`.
+        none is, wait for the selector's fd, the next timer or an :meth:`aio_soon`.
         Runs until cancelled, or until ``until()`` is true after a step."""
         loop: Any = self.loop
         fd = loop._selector.fileno()
