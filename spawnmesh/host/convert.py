@@ -24,7 +24,6 @@ from spawnmesh.errors import InvalidArgument, StateCorrupt
 from spawnmesh.host.gen import spawn
 from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
 from spawnmesh.host.gen.message_pool import default_message_pool
-from spawnmesh.host.gen.spawn import actors as pb_actors
 from spawnmesh.ids import ActorId
 from spawnmesh.pb.gen.spawn.actors import actor_pb2
 
@@ -108,13 +107,6 @@ def any_or_none(state: AnyMsg | None) -> AnyMsg | None:
     if state is None or (not state.type_url and not state.value):
         return None
     return state
-
-
-def pb_id(aid: ActorId | None) -> pb_actors.ActorId | None:
-    """Our ActorId as Spawn's."""
-    if aid is None:
-        return None
-    return pb_actors.ActorId(name=aid.name, system=aid.system, parent=aid.parent or "")
 
 
 def actor_id(pid: IdLike | None, system: str = "", parent: str = "") -> ActorId:
