@@ -106,8 +106,8 @@ class Handler:
         raise AssertionError(f"unknown test action {action}")
 
 
-def req(action: str, payload: bytes = b"", **kw: Any) -> m.Request:
-    return m.Request(0, "sys", "actor", None, action, payload, **kw)
+def req(action: str, payload: bytes = b"", *, id: int = 0, **kw: Any) -> m.Request:
+    return m.Request(id, "sys", "actor", None, action, payload, **kw)
 
 
 @asynccontextmanager
@@ -641,6 +641,45 @@ async def test_close_drains_in_flight_requests_then_refuses_new_ones() -> None:
             await a.request("b", ("127.0.0.1", pb), req("echo"))
         await eventually(lambda: a.open_connections == 0)
         await a.close()
+
+
+async def test_requests_that_arrive_with_a_goaway_are_answered_before_the_close() -> None:
+    """A GoAway read in the same batch as requests (say, a peer forwarding its last calls as
+    it drains) closes the connection only once they are answered: requests handed to a worker
+    that has not started yet count as running. Before, the close came first and the handler
+    ran with its answer dropped, so the caller saw a lost connection and retried elsewhere a
+    call that had run (an add applied twice in the DNS lab)."""
+    b = node("b")
+    async with serving(b) as (pb,):
+        raw = await RawPeer.connect(pb)
+        await raw.send(req("echo", b"warm", id=1))  # leaves one worker parked, idle
+        assert await raw.next() == m.Reply(1, b"warm")
+        # one request for the idle worker, two for new ones, then the GoAway: one read
+        await raw.send(
+            req("sleep", b"0.05", id=2), req("sleep", b"0.02", id=3), req("echo", b"e", id=4),
+            m.GoAway("shutting_down", "raw is draining"),
+        )
+        seen: list[m.Message] = []
+        with trio.fail_after(10):
+            while (msg := await raw.next()) is not None:
+                seen.append(msg)
+        assert any(isinstance(x, m.GoAway) for x in seen), seen
+        replies = {x.id: x.payload for x in seen if isinstance(x, m.Reply)}
+        assert replies == {2: b"0.05", 3: b"0.02", 4: b"e"}, seen
+        await raw.close()
+
+
+async def test_a_cancel_for_a_request_not_started_yet_is_honoured() -> None:
+    """A Cancel read right after its request (before a worker took it up) cancels it: the
+    handler never runs and nothing is answered, as for one cancelled while running."""
+    h = Handler()
+    b = node("b", h)
+    async with serving(b) as (pb,):
+        raw = await RawPeer.connect(pb)
+        await raw.send(req("echo", b"x", id=1), m.Cancel(1), req("echo", b"y", id=2))
+        assert await raw.next() == m.Reply(2, b"y")
+        assert [r.id for r in h.seen] == [2]
+        await raw.close()
 
 
 async def test_a_failed_dial_backs_off_then_reconnects() -> None:

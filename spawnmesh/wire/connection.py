@@ -87,11 +87,14 @@ def _spent(scope: trio.CancelScope) -> bool:
 class _Worker:
     """A task that runs the handler for one peer request at a time."""
 
-    __slots__ = ("cancelled_by_peer", "req", "scope", "task")
+    __slots__ = ("cancelled_by_peer", "req", "scope", "started", "task")
 
     def __init__(self) -> None:
         self.task: trio.lowlevel.Task | None = None
         self.req: m.Request | None = None
+        """The request handed to this worker, from dispatch until it is answered."""
+        self.started = False
+        """Whether the handler for :attr:`req` is running (a Cancel cancels it then)."""
         self.scope: trio.CancelScope | None = None
         self.cancelled_by_peer = False
 
@@ -321,9 +324,10 @@ class Connection:
                         self._check_drained()
             elif cls is m.Cancel:
                 w = self._running.get(msg.id)  # type: ignore[union-attr]
-                if w is not None and w.scope is not None:
-                    w.cancelled_by_peer = True
-                    w.scope.cancel()
+                if w is not None:
+                    w.cancelled_by_peer = True  # not started yet: it never runs
+                    if w.started and w.scope is not None:
+                        w.scope.cancel()
             elif cls is m.Ping:
                 self._send(m.Pong(msg.token), False)  # type: ignore[union-attr]
             elif cls is m.Pong or msg is None:
@@ -369,14 +373,24 @@ class Connection:
     # ------------------------------------------------------------------ serving
 
     def _on_request(self, req: m.Request) -> None:
-        if req.id in self._running:
+        """Hand ``req`` to a worker. It counts as running from here on, not from when the
+        worker gets to it: a GoAway read in the same batch must not find the connection idle
+        and close it under the request, whose answer would then be dropped after it ran."""
+        running = self._running
+        if req.id in running:
             raise ProtocolError(f"request id {req.id} is already running")
         if self._idle:
             w = self._idle.pop()
+            running[req.id] = w
+            w.req = req
+            w.cancelled_by_peer = False
             _reschedule(w.task, _Value(req))  # type: ignore[arg-type]
         elif self._n_workers < self._limits.max_handlers and self._nursery is not None:
             self._n_workers += 1
-            self._nursery.start_soon(self._worker, req)
+            w = _Worker()
+            running[req.id] = w
+            w.req = req
+            self._nursery.start_soon(self._worker, w, req)
         else:
             self._answer(
                 m.Error(
@@ -390,13 +404,12 @@ class Connection:
                 False,
             )
 
-    async def _worker(self, first: m.Request) -> None:
+    async def _worker(self, w: _Worker, first: m.Request) -> None:
         """Run peer requests one after another until idle too long or the connection ends.
 
         One cancel scope serves many requests (entering one costs about 4 us): its deadline is
         set per request, and it is replaced only after it was cancelled (a deadline passed, a
         Cancel arrived, or a stale deadline fired while the worker was parked)."""
-        w = _Worker()
         w.task = _current_task()
         req: m.Request | None = first
         idle = self._idle
@@ -425,9 +438,11 @@ class Connection:
                         if _spent(scope):
                             break  # a stale deadline fired as this request arrived
                 w.scope = None
-                if w.req is not None:  # cancelled in the handler: deadline or Cancel
+                if w.started:  # cancelled in the handler: deadline or Cancel
                     cancelled = w.req
+                    assert cancelled is not None
                     w.req = req = None
+                    w.started = False
                     del self._running[cancelled.id]
                     if not w.cancelled_by_peer:
                         self._finish(cancelled, self._timed_out(cancelled))
@@ -444,10 +459,15 @@ class Connection:
         return m.Error(req.id, err.to_wire(), self.node_id)
 
     async def _run_one(self, w: _Worker, req: m.Request, scope: trio.CancelScope) -> None:
-        """Run the handler for ``req`` inside ``scope`` and send its answer."""
-        self._running[req.id] = w
-        w.req = req
-        w.cancelled_by_peer = False
+        """Run the handler for ``req`` (already in ``_running``) inside ``scope`` and send its
+        answer; one the peer cancelled before it started is dropped unanswered."""
+        if w.cancelled_by_peer:
+            w.req = None
+            del self._running[req.id]
+            if not self._open:
+                self._check_drained()
+            return
+        w.started = True
         if req.deadline_ms is not None:
             scope.deadline = trio.current_time() + req.deadline_ms / 1000
         elif scope.deadline != _INF:
@@ -467,6 +487,7 @@ class Connection:
                 self.node_id,
             )
         w.req = None
+        w.started = False
         del self._running[req.id]
         self._finish(req, answer)
 
