@@ -437,17 +437,13 @@ def test_routing_join_leave_and_sigterm_under_load(tmp_path: Path) -> None:
 
             # `spawnmesh leave` on n3 and SIGTERM on n4, under load from n1 and n2.
             c.before_exit("n3")
-            t_leave = time.monotonic()
             out = run_cli("leave", "--node", n3.url).ok()
             assert "shutting down" in out.stdout, out
             assert n3.wait_exit(20).returncode == 0, n3.describe()
-            t_left = time.monotonic()
             c.wait_converged(["n1", "n2", "n4"])
             load.wait_acked(50, "after n3 left", since=time.monotonic())
-            t_term = time.monotonic()
             gone = c.before_exit("n4").stop(signal.SIGTERM, timeout=20)
             assert gone.returncode == 0, n4.describe()
-            t_termed = time.monotonic()
             c.wait_converged(["n1", "n2"])
             load.wait_acked(50, "after n4 stopped", since=time.monotonic())
 
@@ -455,16 +451,10 @@ def test_routing_join_leave_and_sigterm_under_load(tmp_path: Path) -> None:
         assert failed == [], f"{len(failed)} failed calls, first: {failed[:3]}"
         a = audit(n1, load)
         a.assert_nothing_lost()
-        # A call can be applied twice only if a departing node's drain ran out of time with
-        # its answer still owed (its caller saw the connection go and retried): allowed
-        # (rare, under heavy load), but only for calls in flight while a node was leaving.
-        windows = [(t_leave, t_left), (t_term, t_termed)]
-        twice = [
-            x
-            for x in a.duplicates()
-            if not any(x.start <= end and x.end >= start for start, end in windows)
-        ]
-        assert twice == [], f"calls applied twice outside a departure: {twice[:3]}"
+        # Graceful departures lose no answer, so no call runs twice. Until 2026-11-23 about
+        # one run in 14 had one, most likely from the defect the DNS lab showed: requests read
+        # in one batch with a GoAway ran after their connection was closed, answers dropped.
+        assert a.duplicates() == [], f"calls applied twice: {a.duplicates()[:3]}"
         for name in COUNTERS:
             values[name] += len(a.applied[name])
         check_one_activation_each(c, values)  # what was applied is what the counters say
