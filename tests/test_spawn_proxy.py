@@ -338,6 +338,31 @@ async def test_context_metadata_caller_and_errors(spawn_host: HostProc) -> None:
             pool.close()
 
 
+async def test_request_timeout_metadata_bounds_a_call_and_the_connection_goes_on(
+    spawn_host: HostProc,
+) -> None:
+    """Spawn's ``request-timeout`` metadata (ms) bounds a call: past it the caller gets HTTP
+    500 with an InvocationResponse ERROR (code ``timeout``), the turn is abandoned, the
+    actor takes the next call, and the keep-alive connection carries on (twice, so a bound
+    that fired leaves none behind)."""
+    async with spawn_node(spawn_host) as proxy:
+        before = await proxy.value("counter", "get")
+        opened = proxy.pool.connections_opened_total
+        for _ in range(2):
+            t0 = trio.current_time()
+            late = await proxy.invoke(
+                "counter", "slow", i64(3_000), metadata={"request-timeout": "200"}, expect=500
+            )
+            took = trio.current_time() - t0
+            assert late.status.message.startswith("timeout:"), late
+            assert "200 ms" in late.status.message, late
+            assert 0.19 <= took < 2.0, took
+            assert await proxy.value("counter", "get") == before  # the actor took the next call
+        ok = await proxy.invoke("counter", "slow", i64(10), metadata={"request-timeout": "5000"})
+        assert value_of(ok) == i64(10)
+        assert proxy.pool.connections_opened_total == opened  # one keep-alive connection
+
+
 async def test_workflows_effects_broadcast_pipe_forward_checkpoint(spawn_host: HostProc) -> None:
     async with spawn_node(spawn_host) as proxy:
         store = proxy.node.store

@@ -274,6 +274,46 @@ async def test_pooled_client_keeps_connections_alive_and_retries_a_stale_one() -
         nursery.cancel_scope.cancel()
 
 
+async def bounded(req: Request) -> Response:
+    """Handlers that bound themselves with ``Request.limit``."""
+    late = Response(504, b"too late")
+    if req.path == ["late"]:
+        req.limit(0.1, lambda: late)
+        await trio.sleep(5)
+    elif req.path == ["stubborn"]:  # does not stop at the cut
+        req.limit(0.1, lambda: late)
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.3)
+        return Response(200, b"finished anyway")
+    elif req.path == ["quick"]:
+        req.limit(0.2, lambda: late)
+    return Response(200, b"ok")
+
+
+async def test_a_handler_past_its_limit_is_cut_and_answered_and_the_connection_goes_on() -> None:
+    """``Request.limit``: the reaper cuts a handler at its deadline and the server answers
+    ``on_timeout()``; one that outlives the cut is answered as timed out too; a limit whose
+    handler finished in time never fires later; the keep-alive connection serves on."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: serve_http(
+                bounded, "127.0.0.1", 0, max_body_bytes=1000, task_status=task_status
+            )
+        )
+        pool = HttpPool("127.0.0.1", port)
+        for path in ("/late", "/stubborn"):
+            t0 = trio.current_time()
+            assert await pool.post(path, b"") == (504, b"too late")
+            assert 0.1 <= trio.current_time() - t0 < 1.0
+            assert await pool.post("/x", b"") == (200, b"ok")
+        assert await pool.post("/quick", b"") == (200, b"ok")
+        await trio.sleep(0.4)  # past the quick one's limit, the connection waiting
+        assert await pool.post("/x", b"") == (200, b"ok")
+        assert pool.connections_opened_total == 1
+        pool.close()
+        nursery.cancel_scope.cancel()
+
+
 async def test_server_answers_malformed_http_with_400() -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(

@@ -36,7 +36,7 @@ from spawnmesh.host.gen import spawn
 from spawnmesh.host.registration import RegistrationInvalid
 from spawnmesh.ids import ActorId
 from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
-from spawnmesh.spawn_compat.http_server import Request, Response, serve_http
+from spawnmesh.spawn_compat.http_server import Limit, Request, Response, serve_http
 from spawnmesh.spawn_compat.registry import REGISTERED_MESSAGE, SpawnRegistry
 from spawnmesh.spawn_compat.values import RawAny, any_parts
 
@@ -146,7 +146,7 @@ class SpawnProxy:
             if len(rest) == 3 and rest[1:] == ["actors", "spawn"]:
                 return await self._spawn(rest[0], req)
             if len(rest) == 4 and rest[1] == "actors" and rest[3] == "invoke":
-                return await self._invoke(rest[0], rest[2], req.body)
+                return await self._invoke(rest[0], rest[2], req.body, req.limit)
         elif path[0] == "health" and len(path) <= 2:
             what = path[1] if len(path) == 2 else ""
             if what in ("", "liveness"):
@@ -203,14 +203,14 @@ class SpawnProxy:
         await self.runtime.release(aid.key)  # a local activation flushes and is forgotten
         await restore(aid.key, revision)
 
-    async def _invoke(self, system: str, actor: str, body: bytes) -> Response:
+    async def _invoke(self, system: str, actor: str, body: bytes, limit: Limit) -> Response:
         out = pb.InvocationResponse()
         try:
             try:
                 req = pb.InvocationRequest.FromString(body)
             except DecodeError as exc:
                 raise InvalidArgument(f"body is not an InvocationRequest: {exc}") from None
-            value, is_async = await self.invoke(req, system, actor)
+            value, is_async = await self.invoke(req, limit, system, actor)
         except SpawnmeshError as exc:
             return _failed(out, exc)
         out.status.status = pb.OK
@@ -228,9 +228,11 @@ class SpawnProxy:
         return Response(200, out.SerializeToString(), OCTET)
 
     async def invoke(
-        self, req: pb.InvocationRequest, system: str = "", actor: str = ""
+        self, req: pb.InvocationRequest, limit: Limit, system: str = "", actor: str = ""
     ) -> tuple[Any, bool]:
-        """Run an InvocationRequest: (reply value, whether it was fire-and-forget)."""
+        """Run an InvocationRequest: (reply value, whether it was fire-and-forget). A call
+        waits at most its ``request-timeout`` (or the default), bounded by ``limit``: the
+        server cuts it then and answers the timeout error."""
         pid = req.actor.id
         system = req.system.name or pid.system or system
         name = pid.name or actor
@@ -266,23 +268,23 @@ class SpawnProxy:
             await trio.lowlevel.checkpoint()
             return None, True
         timeout_ms = _timeout_ms(metadata, self.default_timeout_ms)
-        turn = self.registry.inflight_turn(caller) if caller is not None else None
-        with trio.move_on_after(timeout_ms / 1000) as scope:
+        action = req.action_name
+
+        def timed_out() -> Response:
+            exc = InvocationTimeout(f"{target}.{action}: no reply within {timeout_ms} ms")
+            return _failed(pb.InvocationResponse(), exc)
+
+        limit(timeout_ms / 1000, timed_out)
+        if caller is not None:
+            turn = self.registry.inflight_turn(caller)
             if turn is not None:  # a host calling from inside an action: join its chain
                 token = _CURRENT.set(turn)
                 try:
-                    return await runtime.invoke(
-                        target, req.action_name, payload, metadata=metadata
-                    ), False
+                    return await runtime.invoke(target, action, payload, metadata=metadata), False
                 finally:
                     _CURRENT.reset(token)
-            if caller is not None:
-                return await runtime.invoke_as(
-                    target, req.action_name, payload, metadata, caller, ()
-                ), False
-            return await runtime.invoke(target, req.action_name, payload, metadata=metadata), False
-        assert scope.cancelled_caught
-        raise InvocationTimeout(f"{target}.{req.action_name}: no reply within {timeout_ms} ms")
+            return await runtime.invoke_as(target, action, payload, metadata, caller, ()), False
+        return await runtime.invoke(target, action, payload, metadata=metadata), False
 
 
 def _revision(query: str) -> int:
