@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import trio
@@ -384,10 +385,20 @@ async def test_client_reports_an_unreachable_host() -> None:
         await pool.post("/api/v1/actors/actions", b"")
 
 
-@given(st.binary(max_size=60))
-def test_split_target_never_raises(target: bytes) -> None:
+@given(st.one_of(st.binary(max_size=60), st.text("/abc%20?#=&", max_size=30).map(str.encode)))
+def test_split_target_never_raises_and_decodes_every_segment(target: bytes) -> None:
     got = split_target(target)
-    assert got is None or isinstance(got[0], list)
+    raw = target.decode("ascii", "replace")
+    path, _, query = raw.split("#", 1)[0].partition("?")
+    if not path.startswith("/"):
+        assert got is None
+        return
+    try:  # the reference: every segment URL-decoded (the fast path skips it without a "%")
+        want = ([unquote(seg, errors="strict") for seg in path[1:].split("/")], query)
+    except UnicodeDecodeError:
+        assert got is None
+        return
+    assert got == want
 
 
 # ---------------------------------------------------------------------------- the proxy
