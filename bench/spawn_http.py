@@ -10,6 +10,10 @@ Every figure comes from separate processes on loopback, in the same run:
   instance of the host's ``bench`` template). Concurrent: 32 callers, each on its own instance.
 - raw: the same client POSTs a body of the same size to the same host process's ``/echo``
   (the body back): one HTTP round trip between two processes on the same stack.
+- floor (sequential only, for the record): the same calls through a minimal proxy process built
+  from the node's own HTTP server, HTTP client and protobuf turn codec, with no actor runtime
+  (it keeps the count in a dict). What a Spawn invoke costs on this stack before any of the
+  node's logic: the ratio the node could reach at best.
 
 The client alternates blocks (raw sequential, Spawn sequential, raw concurrent, Spawn
 concurrent) so both sides of each ratio see the same machine load; totals are summed per kind.
@@ -72,6 +76,43 @@ def serve_node(spawn_port: int, host_port: int) -> None:
     trio.run(main)
 
 
+def serve_floor(port: int, host_port: int) -> None:
+    """The floor: a Spawn invoke relayed to the host with nothing but the node's HTTP and
+    turn codec (no runtime, no registry, no metrics), until killed."""
+    import trio
+
+    from spawnmesh.ids import ActorId
+    from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
+    from spawnmesh.spawn_compat.http_client import HttpPool
+    from spawnmesh.spawn_compat.http_server import Request, Response, serve_http
+    from spawnmesh.spawn_compat.turns import Parts, build_invocation, read_response
+
+    pool = HttpPool("127.0.0.1", host_port)
+    states: dict[str, Parts | None] = {}
+
+    async def handle(req: Request) -> Response:
+        out = pb.InvocationResponse()
+        out.status.status = pb.OK
+        if req.path[-1] != "invoke":  # the host's registration
+            return Response(200, pb.RegistrationResponse(status=out.status).SerializeToString())
+        inv = pb.InvocationRequest.FromString(req.body)
+        sid = ActorId(inv.system.name, inv.actor.id.name, inv.register_ref or None)
+        value = (inv.value.type_url, inv.value.value)
+        body = build_invocation(sid, inv.action_name, states.get(sid.name), {}, {}, None, value)
+        status, data = await pool.post("/api/v1/actors/actions", body)
+        res = read_response(data, sid, {}, 0)
+        if res.has_context:
+            states[sid.name] = res.state
+        if res.value is not None:
+            out.value.type_url, out.value.value = res.value
+        return Response(status, out.SerializeToString())
+
+    async def main() -> None:
+        await serve_http(handle, "127.0.0.1", port, max_body_bytes=1 << 20)
+
+    trio.run(main)
+
+
 def start_host() -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(
         [
@@ -118,7 +159,13 @@ def cpu_s(pid: int) -> float:
 
 
 async def client(
-    spawn_port: int, host_port: int, n_seq: int, n_conc: int, rounds: int, pids: dict[str, int]
+    spawn_port: int,
+    host_port: int,
+    floor_port: int,
+    n_seq: int,
+    n_conc: int,
+    rounds: int,
+    pids: dict[str, int],
 ) -> dict[str, float]:
     import trio
 
@@ -128,9 +175,11 @@ async def client(
     node = HttpPool("127.0.0.1", spawn_port, max_connections=CONCURRENCY)
     host = HttpPool("127.0.0.1", host_port, max_connections=CONCURRENCY)
     register = HttpPool("127.0.0.1", host_port)
-    status, out = await register.post(f"/debug/register?proxy=127.0.0.1:{spawn_port}", b"")
-    assert status == 200 and json.loads(out)["status"] == "OK", out
+    for port in (spawn_port, floor_port):  # the host registers with the node, then the floor
+        status, out = await register.post(f"/debug/register?proxy=127.0.0.1:{port}", b"")
+        assert status == 200 and json.loads(out)["status"] == "OK", out
     register.close()
+    floor = HttpPool("127.0.0.1", floor_port)
     bodies = [invocation(f"b{i}") for i in range(CONCURRENCY)]
     paths = [f"/api/v1/system/{SYSTEM}/actors/b{i}/invoke" for i in range(CONCURRENCY)]
     raw_body = bodies[0]
@@ -139,6 +188,11 @@ async def client(
         status, body = await node.post(paths[i], bodies[i])
         if status != 200:
             raise RuntimeError(f"invoke failed: {pb.InvocationResponse.FromString(body)}")
+
+    async def floor_call(i: int) -> None:
+        status, body = await floor.post(paths[i], bodies[i])
+        if status != 200:
+            raise RuntimeError(f"floor invoke failed: {body!r}")
 
     async def raw_call(i: int) -> None:
         status, body = await host.post("/echo", raw_body)
@@ -165,21 +219,24 @@ async def client(
             cpu[key] = cpu.get(key, 0.0) + (cpu_s(pid) - before[k]) * 1e6 / (per * workers)
         return rate
 
-    for warm in (raw_call, spawn_call):  # connections, activations, caches
+    for warm in (raw_call, spawn_call, floor_call):  # connections, activations, caches
         await block(warm, 200, CONCURRENCY)
     totals: dict[str, list[float]] = {
         "raw_seq": [],
         "spawn_seq": [],
+        "floor_seq": [],
         "raw_conc": [],
         "spawn_conc": [],
     }
     for _ in range(rounds):
         totals["raw_seq"].append(await block(raw_call, n_seq // rounds, 1, "raw"))
         totals["spawn_seq"].append(await block(spawn_call, n_seq // rounds, 1, "spawn"))
+        totals["floor_seq"].append(await block(floor_call, n_seq // rounds, 1))
         totals["raw_conc"].append(await block(raw_call, n_conc // rounds, CONCURRENCY))
         totals["spawn_conc"].append(await block(spawn_call, n_conc // rounds, CONCURRENCY))
     node.close()
     host.close()
+    floor.close()
 
     def mean(xs: list[float]) -> float:  # rate over equal work: harmonic mean of the blocks
         return len(xs) / sum(1 / x for x in xs)
@@ -196,37 +253,48 @@ def main() -> None:
     p.add_argument("--conc", type=int, default=8000, help="concurrent calls per kind")
     p.add_argument("--rounds", type=int, default=4, help="interleaved blocks per kind")
     p.add_argument("--serve-node", nargs=2, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--serve-floor", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_node:
         serve_node(*args.serve_node)
         return
+    if args.serve_floor:
+        serve_floor(*args.serve_floor)
+        return
     import trio
 
     host, host_port = start_host()
-    spawn_port = free_port()
-    node = subprocess.Popen(
-        [sys.executable, __file__, "--serve-node", str(spawn_port), str(host_port)],
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
+    spawn_port, floor_port = free_port(), free_port()
+    node, floor = (
+        subprocess.Popen(
+            [sys.executable, __file__, flag, str(port), str(host_port)],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
+        for flag, port in (("--serve-node", spawn_port), ("--serve-floor", floor_port))
     )
     try:
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", spawn_port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or node.poll() is not None:
-                    raise SystemExit("the node did not start") from None
-                time.sleep(0.05)
+        for port, proc in ((spawn_port, node), (floor_port, floor)):
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise SystemExit("the node (or the floor proxy) did not start") from None
+                    time.sleep(0.05)
         pids = {"node": node.pid, "host": host.pid, "client": os.getpid()}
-        rates = trio.run(client, spawn_port, host_port, args.seq, args.conc, args.rounds, pids)
+        rates = trio.run(
+            client, spawn_port, host_port, floor_port, args.seq, args.conc, args.rounds, pids
+        )
     finally:
-        for proc in (node, host):
+        for proc in (node, floor, host):
             proc.terminate()
             proc.wait()
     load = os.getloadavg()[0]
     seq_ratio = rates["spawn_seq"] / rates["raw_seq"]
+    floor_ratio = rates["floor_seq"] / rates["raw_seq"]
     conc_ratio = rates["spawn_conc"] / rates["raw_conc"]
     print(
         f"body {rates['body_bytes']:.0f} bytes; {args.rounds} interleaved rounds; "
@@ -236,6 +304,10 @@ def main() -> None:
     print(
         f"sequential  Spawn invoke via node and host {rates['spawn_seq']:8.0f}/s   "
         f"raw HTTP round trip {rates['raw_seq']:8.0f}/s   ratio {seq_ratio:.2f}"
+    )
+    print(
+        f"sequential  floor: the same via a minimal proxy (the node's HTTP and turn codec, no "
+        f"runtime) {rates['floor_seq']:8.0f}/s   ratio {floor_ratio:.2f}"
     )
     print(
         f"32 callers  Spawn invoke via node and host {rates['spawn_conc']:8.0f}/s   "
@@ -256,6 +328,8 @@ def main() -> None:
                 "raw_http_conc_roundtrip_per_s": round(rates["raw_conc"]),
                 "spawn_seq_ratio": round(seq_ratio, 3),
                 "spawn_conc_ratio": round(conc_ratio, 3),
+                "floor_seq_invokes_per_s": round(rates["floor_seq"]),
+                "floor_seq_ratio": round(floor_ratio, 3),
                 "node_cpu_us_per_invoke": round(rates["spawn_node_cpu_us"]),
                 "host_cpu_us_per_turn": round(rates["spawn_host_cpu_us"]),
                 "raw_host_cpu_us_per_roundtrip": round(rates["raw_host_cpu_us"]),
