@@ -194,8 +194,15 @@ class _Connection:
 
     async def run(self) -> None:
         try:
+            owed: Response | None = None
             while True:
                 with self.scope:
+                    # the answer owed for a handler cut at its limit, under the new scope (so
+                    # the idle bound covers a client that does not read it)
+                    if owed is not None:
+                        response, owed = owed, None
+                        if not await self._answer(response, self.keep_alive):
+                            return
                     while await self._one():
                         pass
                     return
@@ -206,9 +213,8 @@ class _Connection:
                 self.timed_out = False
                 self.on_timeout = None
                 assert on_timeout is not None
+                owed = on_timeout()
                 self.scope = trio.CancelScope()
-                if not await self._answer(on_timeout(), self.keep_alive):
-                    return
             if self.expired and not self.reader.idle:  # a request stalled half-way
                 await self._refuse(ProtocolError("request not received in time", 408))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
