@@ -5,6 +5,8 @@ routes and refusals."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote
 
@@ -211,6 +213,19 @@ def test_read_response_maps_spawns_workflow() -> None:
 # ---------------------------------------------------------------------------- HTTP
 
 
+@asynccontextmanager
+async def http_server(handler: Any, **kw: Any) -> AsyncIterator[int]:
+    """Serve ``handler`` on a free loopback port (bodies up to 1000 bytes) for the block."""
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(
+            lambda task_status: serve_http(
+                handler, "127.0.0.1", 0, max_body_bytes=1000, task_status=task_status, **kw
+            )
+        )
+        yield port
+        nursery.cancel_scope.cancel()
+
+
 async def echo(req: Request) -> Response:
     if req.path == ["slow"]:
         await trio.sleep(5)
@@ -229,17 +244,7 @@ async def echo(req: Request) -> Response:
 
 
 async def test_pooled_client_keeps_connections_alive_and_retries_a_stale_one() -> None:
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_http(
-                echo,
-                "127.0.0.1",
-                0,
-                max_body_bytes=1000,
-                idle_timeout_s=0.3,
-                task_status=task_status,
-            )
-        )
+    async with http_server(echo, idle_timeout_s=0.3) as port:
         pool = HttpPool("127.0.0.1", port, max_connections=4, max_response_bytes=4000)
         for i in range(10):
             assert await pool.post(f"/a%20b/{i}?q=1", b"hi") == (
@@ -272,7 +277,6 @@ async def test_pooled_client_keeps_connections_alive_and_retries_a_stale_one() -
         pool.close()
         with pytest.raises(HostUnavailable):
             await pool.post("/x", b"")
-        nursery.cancel_scope.cancel()
 
 
 async def bounded(req: Request) -> Response:
@@ -295,12 +299,7 @@ async def test_a_handler_past_its_limit_is_cut_and_answered_and_the_connection_g
     """``Request.limit``: the reaper cuts a handler at its deadline and the server answers
     ``on_timeout()``; one that outlives the cut is answered as timed out too; a limit whose
     handler finished in time never fires later; the keep-alive connection serves on."""
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_http(
-                bounded, "127.0.0.1", 0, max_body_bytes=1000, task_status=task_status
-            )
-        )
+    async with http_server(bounded) as port:
         pool = HttpPool("127.0.0.1", port)
         for path in ("/late", "/stubborn"):
             t0 = trio.current_time()
@@ -312,16 +311,10 @@ async def test_a_handler_past_its_limit_is_cut_and_answered_and_the_connection_g
         assert await pool.post("/x", b"") == (200, b"ok")
         assert pool.connections_opened_total == 1
         pool.close()
-        nursery.cancel_scope.cancel()
 
 
 async def test_server_answers_malformed_http_with_400() -> None:
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_http(
-                echo, "127.0.0.1", 0, max_body_bytes=1000, task_status=task_status
-            )
-        )
+    async with http_server(echo) as port:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
         data = b""
@@ -333,23 +326,12 @@ async def test_server_answers_malformed_http_with_400() -> None:
                 data += chunk
         assert data.startswith(b"HTTP/1.1 400")
         await stream.aclose()
-        nursery.cancel_scope.cancel()
 
 
 async def test_server_bounds_a_stalled_request_with_408_and_an_idle_connection_silently() -> None:
     """The idle reaper: a request that stops half-way gets 408 and is closed; a quiet
     keep-alive connection is closed without an answer; a busy handler is never cut."""
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve_http(
-                echo,
-                "127.0.0.1",
-                0,
-                max_body_bytes=1000,
-                idle_timeout_s=0.2,
-                task_status=task_status,
-            )
-        )
+    async with http_server(echo, idle_timeout_s=0.2) as port:
 
         async def read_all(stream: trio.SocketStream) -> bytes:
             data = b""
@@ -373,7 +355,6 @@ async def test_server_bounds_a_stalled_request_with_408_and_an_idle_connection_s
             assert await slow.receive_some(1000) != b""
         for s in (stalled, quiet, slow):
             await s.aclose()
-        nursery.cancel_scope.cancel()
 
 
 async def test_client_reports_an_unreachable_host() -> None:
