@@ -122,12 +122,13 @@ class _Reaper:
         next_idle = trio.current_time() + self.tick
         while True:
             now = trio.current_time()
-            if now >= next_idle:
+            idle_check = now >= next_idle
+            if idle_check:
                 next_idle = now + self.tick
-                for conn in list(self.connections):
-                    conn.expire(now)
             wake = next_idle
             for conn in list(self.connections):
+                if idle_check:
+                    conn.expire(now)
                 at = conn.deadline
                 if at <= now:
                     conn.time_out()
