@@ -192,16 +192,24 @@ def test_bounds_and_connection_semantics() -> None:
     with pytest.raises(ProtocolError) as head:
         first(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\n", max_head_bytes=100)
     assert head.value.status == 431
-    with pytest.raises(ProtocolError) as chunked:
-        first(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n65\r\n")
+    with pytest.raises(ProtocolError) as chunked:  # refused as soon as it passes the bound
+        first(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n65\r\n" + b"a" * 101)
     assert chunked.value.status == 413
+    endless = MessageReader(is_request=True, max_body_bytes=100, max_head_bytes=100)
+    endless.feed(b"GET / HTTP/1.1\r\nx-long: ")
+    for _ in range(10):  # one header line that never ends, fed in pieces
+        endless.feed(b"v" * 30)
+    with pytest.raises(ProtocolError) as long_line:
+        endless.next()
+    assert long_line.value.status == 431
     with pytest.raises(ProtocolError):
         first(b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n")
     with pytest.raises(ProtocolError):
         first(b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n")
-    with pytest.raises(ProtocolError) as version:
-        first(b"GET / HTTP/2.0\r\n\r\n")
-    assert version.value.status == 505
+    for v in (b"2.0", b"1.2"):
+        with pytest.raises(ProtocolError) as version:
+            first(b"GET / HTTP/" + v + b"\r\n\r\n")
+        assert version.value.status == 505
     assert not first(b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n").keep_alive
     assert not first(b"GET / HTTP/1.0\r\n\r\n").keep_alive
     assert first(b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n").keep_alive
@@ -219,3 +227,47 @@ def test_bounds_and_connection_semantics() -> None:
     resp.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
     got = resp.next()
     assert got is not None and got.status == 204 and got.body == b""
+
+
+def test_pipelining_upgrades_trailers_and_held_errors() -> None:
+    reader = MessageReader(is_request=True, max_body_bytes=100)
+    reader.feed(
+        b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: t\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nx-v: padded  \r\n\r\n"
+        b"NOT HTTP\r\n\r\n"
+    )
+    a, b = reader.next(), reader.next()  # the messages before the error come first
+    assert a is not None and (a.target, a.body) == (b"/a", b"abcde")
+    assert a.header(b"x-trailer") is None  # trailers are not headers
+    assert b is not None and b.target == b"/b" and b.header(b"x-v") == b"padded"
+    with pytest.raises(ProtocolError) as bad:
+        reader.next()
+    assert bad.value.status == 400
+    with pytest.raises(ProtocolError):  # and it stays raised
+        reader.next()
+    # Connection: upgrade (curl --http2 on cleartext) is answered over HTTP/1.1, then closed
+    up = MessageReader(is_request=True, max_body_bytes=100)
+    up.feed(
+        b"POST /u HTTP/1.1\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+        b"content-length: 2\r\n\r\nhi\x00\x01binary"
+    )
+    msg = up.next()
+    assert msg is not None and msg.body == b"hi" and not msg.keep_alive
+    assert up.next() is None and up.idle
+    up = MessageReader(is_request=True, max_body_bytes=100)  # its body in later pieces
+    up.feed(b"POST /u HTTP/1.1\r\nconnection: upgrade\r\nupgrade: x\r\ncontent-length: 3\r\n\r\n")
+    for piece in (b"a", b"bc"):
+        assert up.next() is None and not up.idle
+        up.feed(piece)
+    msg = up.next()
+    assert msg is not None and msg.body == b"abc" and not msg.keep_alive
+    resp = MessageReader(is_request=False, max_body_bytes=100)
+    resp.feed(b"HTTP/1.1 103 Early Hints\r\nlink: x\r\n\r\nHTTP/1.1 304 Not Modified\r\n\r\n")
+    got = resp.next()
+    assert got is not None and got.status == 304 and got.keep_alive and resp.idle
+    resp.feed(b"HTTP/1.1 200 OK\r\n\r\npart")  # no length: the body ends at EOF
+    assert resp.next() is None and not resp.idle
+    resp.feed(b"")
+    got = resp.next()
+    assert got is not None and got.body == b"part" and not got.keep_alive
