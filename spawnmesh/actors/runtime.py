@@ -982,7 +982,7 @@ class Runtime:
         act.state = new_state
         act.blob = blob
         if not durable and not isinstance(act.adef.snapshot, WriteThrough):
-            self.writer.mark_dirty(act, trio.current_time())
+            self.writer.mark_dirty(act, self._clock())
             return
         try:  # if the caller is cancelled meanwhile, the outcome is unknown to it; the
             await self.writer.write(act)  # writer keeps the state and retries until durable

@@ -240,18 +240,18 @@ class SpawnProxy:
             raise InvalidArgument("the invocation names no actor system or no actor")
         if not req.action_name:
             raise InvalidArgument("the invocation names no action")
-        template = pid.parent or req.register_ref or None
-        target = ActorId(system, name, template)
+        ref = req.register_ref
+        target = ActorId(system, name, pid.parent or ref or None)
         runtime = self.runtime
-        if req.register_ref and runtime.definition_for(ActorId(system, name)) is None:
-            await runtime.spawn(system, name, req.register_ref)  # Spawn spawns it first
-        value = (
-            RawAny(type_url=req.value.type_url, value=req.value.value)
-            if req.WhichOneof("payload") == "value"
-            else None
-        )
-        payload = self.registry.value_for(target, req.action_name, value)
-        metadata = dict(req.metadata)
+        if ref and runtime.definition_for(ActorId(system, name)) is None:
+            await runtime.spawn(system, name, ref)  # Spawn spawns it first
+        action = req.action_name
+        value = None
+        if req.HasField("value"):
+            v = req.value
+            value = RawAny(type_url=v.type_url, value=v.value)
+        payload = self.registry.value_for(target, action, value)
+        metadata = dict(req.metadata) if req.metadata else {}
         caller = None
         if req.HasField("caller") and req.caller.name:
             c = req.caller
@@ -259,7 +259,7 @@ class SpawnProxy:
         if getattr(req, "async") or req.scheduled_to:
             runtime.cast_nowait(
                 target,
-                req.action_name,
+                action,
                 payload,
                 metadata=metadata,
                 at_epoch_ms=req.scheduled_to or None,
@@ -267,8 +267,9 @@ class SpawnProxy:
             )
             await trio.lowlevel.checkpoint()
             return None, True
-        timeout_ms = _timeout_ms(metadata, self.default_timeout_ms)
-        action = req.action_name
+        timeout_ms = (
+            _timeout_ms(metadata, self.default_timeout_ms) if metadata else self.default_timeout_ms
+        )
 
         def timed_out() -> Response:
             exc = InvocationTimeout(f"{target}.{action}: no reply within {timeout_ms} ms")

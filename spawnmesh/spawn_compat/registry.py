@@ -412,7 +412,7 @@ class SpawnRegistry:
     def value_for(self, target: ActorId, action: str, value: Any) -> Any:
         """``value`` made fit for ``target.action``: an Any is converted for SDK and
         gRPC-hosted targets; anything else (a value an SDK actor sent) goes on unchanged."""
-        if not isinstance(value, AnyMsg):
+        if value.__class__ is not RawAny and not isinstance(value, AnyMsg):
             return value
         adef = self.runtime.definition_for(target)
         if adef is None or self.is_spawn_def(adef):

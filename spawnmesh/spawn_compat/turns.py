@@ -10,8 +10,8 @@ turn's output on and forward its input; ``checkpoint`` asks for a durable write.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
@@ -46,14 +46,16 @@ class Route:
 
 @dataclass(slots=True)
 class TurnResult:
-    """A host's ``ActorInvocationResponse``, read."""
+    """A host's ``ActorInvocationResponse``, read (read-only: nothing is allocated for the
+    parts a plain turn leaves out)."""
 
     has_context: bool = False
     state: Parts | None = None
     """The new state's Any; None leaves the state as it is."""
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] | None = None
+    """The new tags (None: none)."""
     value: Parts | None = None
-    effects: list[Effect] = field(default_factory=list)
+    effects: Sequence[Effect] = ()
     broadcast: tuple[str, Parts | None, str] | None = None
     """(channel, payload, action or "") of the workflow's broadcast."""
     route: Route | None = None
@@ -132,18 +134,21 @@ def read_response(
         out.has_context = True
         if uc.HasField("state"):
             out.state = (uc.state.type_url, uc.state.value)
-        out.tags = dict(uc.tags)
+        if uc.tags:
+            out.tags = dict(uc.tags)
     if not resp.HasField("workflow"):
         return out
     wf = resp.workflow
     system = self_id.system
+    effects: list[Effect] = []
+    out.effects = effects
     for eff in wf.effects:
         req = eff.request
         target = _id(req.actor.id, req.system.name or system, req.register_ref)
         meta = dict(metadata)
         meta.update(req.metadata)
         delay = max(0, req.scheduled_to - now_ms) if req.scheduled_to else None
-        out.effects.append(Effect(target, req.action_name, _parts(req), meta, delay))
+        effects.append(Effect(target, req.action_name, _parts(req), meta, delay))
     if wf.HasField("broadcast"):
         b = wf.broadcast
         out.broadcast = (b.channel_group, _parts(b), b.action_name)

@@ -67,7 +67,7 @@ def any_parts(value: Any) -> tuple[str, bytes] | None:
     actor's dataclass, builtins) becomes ``spawn.JSONType``, as the gRPC host path does."""
     if value is None:
         return None
-    if isinstance(value, AnyMsg):
+    if value.__class__ is RawAny or isinstance(value, AnyMsg):  # the first test is 10x faster
         return value.type_url, value.value
     type_url = getattr(value, "type_url", None)
     if isinstance(type_url, str) and hasattr(value, "SerializeToString"):  # Google's Any
@@ -100,8 +100,10 @@ class SpawnState(msgspec.Struct, frozen=True, gc=False):
         """The state as ``(type_url, bytes)``, None while absent."""
         return (self.type_url, self.value) if self.present else None
 
-    def with_any(self, parts: tuple[str, bytes] | None, tags: Mapping[str, str]) -> SpawnState:
-        """This state with a new ``Any`` (None keeps the current one) and tags."""
+    def with_any(
+        self, parts: tuple[str, bytes] | None, tags: Mapping[str, str] | None
+    ) -> SpawnState:
+        """This state with a new ``Any`` (None keeps the current one) and tags (None: none)."""
         tags_d = dict(sorted(tags.items())) if tags else {}
         if parts is None:
             if tags_d == self.tags:
