@@ -171,6 +171,30 @@ def test_responses_written_by_h11_read_back_the_same(
     assert msg.keep_alive == (not close and not http10)
 
 
+@given(
+    st.lists(st.tuples(targets, bodies), min_size=1, max_size=3),
+    st.binary(min_size=1, max_size=60),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=8),
+)
+def test_garbage_after_pipelined_requests_loses_none_of_them(
+    reqs: list[Any], garbage: bytes, cuts: list[int]
+) -> None:
+    stream = b"".join(h11_request("POST", t, [], b, False) for t, b in reqs) + garbage + b"\r\n\r\n"
+    reader = MessageReader(is_request=True, max_body_bytes=10_000)
+    msgs: list[Any] = []
+    try:
+        for piece in [*split(stream, cuts), b""]:
+            reader.feed(piece)
+            while (msg := reader.next()) is not None:
+                msgs.append(msg)
+    except ProtocolError as exc:
+        assert 400 <= exc.status < 600
+    # every request before the garbage is read whole, in order, whatever the garbage does
+    assert [(m.target, m.body) for m in msgs[: len(reqs)]] == [
+        (t.encode(), b) for t, b in reqs
+    ]
+
+
 @given(st.binary(max_size=300), st.booleans())
 def test_garbage_only_raises_protocol_error(data: bytes, is_request: bool) -> None:
     reader = MessageReader(is_request=is_request, max_body_bytes=100)
