@@ -196,9 +196,10 @@ class MessageReader:
             self._raw = None
             self._fail(ProtocolError("connection closed in the middle of a body"))
             return
-        msg.body += data
-        if len(msg.body) >= self._declared:
-            msg.body = msg.body[: self._declared]
+        self._chunks.append(data)
+        self._body_len += len(data)
+        if self._body_len >= self._declared:
+            msg.body = b"".join(self._chunks)[: self._declared]
             msg.keep_alive = False
             self._raw = None
             self._ready.append(msg)
