@@ -486,6 +486,16 @@ class ClusterConfig:
         "zone=eu-1).",
         check=_check_tags,
     )
+    orphan_schedules_after_ms: int = setting(
+        60_000,
+        "Kept schedules (delayed casts) of a node that no member knows as alive are taken "
+        "over once overdue by this many milliseconds (those of a member seen dead or left are "
+        "taken over at once). It bounds how late such a schedule fires; long enough that a "
+        "live owner has fired and forgotten its own.",
+        min=100,
+        max=86_400_000,
+        unit="ms",
+    )
 
 
 def _loopback(host: str) -> bool:

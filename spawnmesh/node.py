@@ -37,6 +37,7 @@ from spawnmesh.errors import (
 )
 from spawnmesh.ids import ActorId
 from spawnmesh.mesh.router import KIND_NAMES, Router, actor_type
+from spawnmesh.mesh.schedules import ScheduleAdoption
 from spawnmesh.ops.http import serve_ops
 from spawnmesh.ops.metrics import Metrics
 from spawnmesh.ops.status import fetch_statuses
@@ -636,7 +637,8 @@ class Node:
             if self._cluster_settings is not None:
                 await self._start_mesh(self.supervisor, self._cluster_settings)
             await self.runtime.activate_eager()
-            self.runtime.start_schedule_recovery()
+            # in a cluster, other members' schedules are taken over as they die or leave
+            self.runtime.start_schedule_recovery(adopt_all=self._cluster_settings is None)
             self._ready = True
             _trim_heap()
             self.started_at = trio.current_time()
@@ -665,6 +667,8 @@ class Node:
         self.metrics.add_counter_source(self._cluster_counters)
         await sup.start_child(ChildSpec("membership", self.membership.run))
         await sup.start_child(ChildSpec("router", _follow(self.router, self.membership)))
+        adoption = ScheduleAdoption(self.runtime, c.orphan_schedules_after_ms)
+        await sup.start_child(ChildSpec("schedule-adoption", _follow(adoption, self.membership)))
         self.runtime.router = self.router
 
     async def _peer_request(self, req: Any, origin: str) -> bytes | None:
@@ -718,6 +722,7 @@ class Node:
             return self._drained
         self._ready = False
         if self.membership is not None:
+            self.runtime.hand_over_schedules()  # a survivor fires them once this node has left
             await self.membership.leave()
             if self.router is not None:  # hand every actor off now, not at the next view poll
                 self.router.update_view(self.membership.live())
@@ -778,9 +783,9 @@ def _serve_at(peers: PeerNode, host: str, port: int) -> Any:
     return serve
 
 
-def _follow(router: Router, membership: Membership) -> Any:
+def _follow(follower: Router | ScheduleAdoption, membership: Membership) -> Any:
     async def run(*, task_status: trio.TaskStatus[None]) -> None:
-        await router.run(membership, task_status=task_status)
+        await follower.run(membership, task_status=task_status)
 
     return run
 

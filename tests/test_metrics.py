@@ -26,6 +26,7 @@ COUNTER_ATTRS = [
     "overloaded_total",
     "timers_fired_total",
     "scheduled_fired_total",
+    "schedules_adopted_total",
     "broadcasts_total",
     "handoffs_total",
     "remote_invocations_total",

@@ -185,6 +185,8 @@ class Runtime:
         self._kept: dict[str, _Kept] = {}
         """Kept schedules known to this runtime (made here or recovered), until fired and
         deleted from the store: recovery skips them, so none fires twice from one node."""
+        self._schedules_handed_over = False
+        """Set when the node leaves its cluster: kept schedules are left to their adopter."""
         metrics.add_gauge_source(self._gauges)
 
     # ------------------------------------------------------------------ definitions
@@ -496,7 +498,10 @@ class Runtime:
         caller: ActorId | None,
         kept: _Kept | None,
     ) -> None:
-        """A delayed invocation is due: enqueue it, then stop keeping it."""
+        """A delayed invocation is due: enqueue it, then stop keeping it. Once the node
+        leaves its cluster, a kept one stays in the store for the member that takes it over."""
+        if self._schedules_handed_over and kept is not None and kept.saved:
+            return
         try:
             self._cast(target, action, payload, meta, caller)
         except NodeShuttingDown:
@@ -509,21 +514,50 @@ class Runtime:
         if kept.saved and self._jobs is not None:
             self._spawn_job(self._forget_schedule, kept.schedule.id)
 
-    def start_schedule_recovery(self) -> None:
-        """Load kept schedules (from before a restart) and fire them when due; in the
-        background, retrying while the store is unavailable."""
-        self._spawn_job(self._recover_schedules)
+    def start_schedule_recovery(self, *, adopt_all: bool = True) -> None:
+        """Load this node's kept schedules (from before a restart) and fire them when due; in
+        the background, retrying while the store is unavailable. ``adopt_all`` (a node alone,
+        not in a cluster) first takes over the schedules every other node name kept: nothing
+        else will fire them. In a cluster the members that died or left are adopted one by
+        one instead (:class:`spawnmesh.mesh.schedules.ScheduleAdoption`)."""
+        self._spawn_job(self._recover_schedules, adopt_all)
 
-    async def _recover_schedules(self) -> None:
+    def hand_over_schedules(self) -> None:
+        """Stop firing the schedules kept in the store (the node is leaving its cluster: the
+        member that takes them over fires them, and only it)."""
+        self._schedules_handed_over = True
+
+    async def adopt_schedules(self, from_owner: str) -> int:
+        """Take over the schedules ``from_owner`` kept (a member that died or left) and fire
+        them when due, overdue ones at once; how many this node took (0 if another member
+        took them first). Raises StatestoreUnavailable."""
+        if from_owner == self.node_id:
+            return 0
+        n = await self.store.claim_schedules(from_owner, self.node_id)
+        if n:
+            log.info("took over %d kept schedules of %s", n, from_owner)
+            self.metrics.schedules_adopted_total += n
+            await self._load_schedules()
+        return n
+
+    async def _recover_schedules(self, adopt_all: bool) -> None:
         backoff = 0.2
         while True:
             try:
-                kept = await self.store.list_schedules()
-                break
+                if adopt_all:
+                    owners = {sc.owner for sc in await self.store.list_schedules()}
+                    for owner in sorted(owners - {self.node_id}):
+                        await self.adopt_schedules(owner)
+                await self._load_schedules()
+                return
             except StatestoreUnavailable as exc:
                 log.warning("cannot load kept schedules yet (retrying): %s", exc)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _load_schedules(self) -> None:
+        """Fire, when due, the kept schedules this node owns that it does not hold yet."""
+        kept = await self.store.list_schedules(owner=self.node_id)
         now_ms, now = wall_ms(), trio.current_time()
         n = 0
         for sc in kept:

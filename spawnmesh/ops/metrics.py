@@ -178,6 +178,11 @@ _COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
         "spawnmesh_scheduled_fired",
         "Delayed (scheduled) invocations delivered.",
     ),
+    (
+        "schedules_adopted_total",
+        "spawnmesh_schedules_adopted",
+        "Kept schedules taken over from cluster members that died or left.",
+    ),
     ("broadcasts_total", "spawnmesh_broadcasts", "Broadcast messages published."),
     (
         "handoffs_total",
@@ -325,6 +330,7 @@ class Metrics:
         "recent_errors",
         "remote_invocations_total",
         "scheduled_fired_total",
+        "schedules_adopted_total",
         "stale_activations_total",
         "state_write_batch_size",
         "state_write_batches_total",
@@ -353,6 +359,7 @@ class Metrics:
         self.overloaded_total = 0
         self.timers_fired_total = 0
         self.scheduled_fired_total = 0
+        self.schedules_adopted_total = 0
         self.broadcasts_total = 0
         self.handoffs_total = 0
         self.remote_invocations_total = 0

@@ -70,7 +70,8 @@ class Schedule:
     due_ms: int
     """When it is due, in Unix epoch milliseconds."""
     owner: str = ""
-    """Node that scheduled it (for operators)."""
+    """Node that keeps it and fires it: the one that scheduled it, or the member that took it
+    over when that one died or left (:meth:`StateStore.claim_schedules`)."""
 
 
 WriteResult = int | StaleActivation
@@ -105,8 +106,16 @@ class StateStore(Protocol):
     async def save_schedule(self, schedule: Schedule) -> None:
         """Keep ``schedule`` (replacing one with the same id) until it is deleted."""
 
-    async def list_schedules(self, limit: int = 10_000) -> list[Schedule]:
-        """Kept schedules, soonest due first, at most ``limit``."""
+    async def list_schedules(
+        self, limit: int = 10_000, *, owner: str | None = None, due_before_ms: int | None = None
+    ) -> list[Schedule]:
+        """Kept schedules, soonest due first, at most ``limit``; only those kept by ``owner``
+        and only those due before ``due_before_ms`` when given."""
+
+    async def claim_schedules(self, from_owner: str, to_owner: str) -> int:
+        """Make ``to_owner`` the owner of every schedule ``from_owner`` keeps, atomically per
+        schedule: of nodes claiming the same schedules at once, each schedule goes to exactly
+        one. Returns how many this call moved."""
 
     async def delete_schedule(self, schedule_id: str) -> bool:
         """Forget a schedule (it was enqueued); True if it existed."""

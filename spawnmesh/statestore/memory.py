@@ -6,6 +6,8 @@ same conformance suite, fencing included. Nothing survives the process.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import trio
 
 from spawnmesh.errors import StaleActivation
@@ -75,9 +77,24 @@ class MemoryStateStore:
         await trio.lowlevel.checkpoint()
         self._schedules[schedule.id] = schedule
 
-    async def list_schedules(self, limit: int = 10_000) -> list[Schedule]:
+    async def list_schedules(
+        self, limit: int = 10_000, *, owner: str | None = None, due_before_ms: int | None = None
+    ) -> list[Schedule]:
         await trio.lowlevel.checkpoint()
-        return sorted(self._schedules.values(), key=lambda s: (s.due_ms, s.id))[:limit]
+        rows = [
+            s
+            for s in self._schedules.values()
+            if (owner is None or s.owner == owner)
+            and (due_before_ms is None or s.due_ms < due_before_ms)
+        ]
+        return sorted(rows, key=lambda s: (s.due_ms, s.id))[:limit]
+
+    async def claim_schedules(self, from_owner: str, to_owner: str) -> int:
+        await trio.lowlevel.checkpoint()
+        moved = [s for s in self._schedules.values() if s.owner == from_owner]
+        for s in moved:
+            self._schedules[s.id] = replace(s, owner=to_owner)
+        return len(moved)
 
     async def delete_schedule(self, schedule_id: str) -> bool:
         await trio.lowlevel.checkpoint()

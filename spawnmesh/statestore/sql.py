@@ -1051,13 +1051,20 @@ class SqlStateStore:
 
         await self._run(self._transaction, txn)
 
-    async def list_schedules(self, limit: int = 10_000) -> list[Schedule]:
-        """Kept schedules, soonest first; one that cannot be opened is logged and skipped."""
+    async def list_schedules(
+        self, limit: int = 10_000, *, owner: str | None = None, due_before_ms: int | None = None
+    ) -> list[Schedule]:
+        """Kept schedules, soonest first (of ``owner``, due before ``due_before_ms``, when
+        given); one that cannot be opened is logged and skipped."""
+        query = sa.select(_sched)
+        if owner is not None:
+            query = query.where(_sched.c.owner == owner[: schema.MAX_OWNER])
+        if due_before_ms is not None:
+            query = query.where(_sched.c.due_ms < due_before_ms)
+        query = query.order_by(_sched.c.due_ms, _sched.c.id).limit(limit)
 
         def q(conn: Connection) -> list[Row[Any]]:
-            return list(conn.execute(
-                sa.select(_sched).order_by(_sched.c.due_ms, _sched.c.id).limit(limit)
-            ))
+            return list(conn.execute(query))
 
         out: list[Schedule] = []
         for r in await self._run(self._read, q):
@@ -1081,6 +1088,21 @@ class SqlStateStore:
                                 {str(k): str(v) for k, v in meta.items()}, int(r.due_ms),
                                 r.owner or ""))
         return out
+
+    async def claim_schedules(self, from_owner: str, to_owner: str) -> int:
+        """Move ``from_owner``'s schedules to ``to_owner``: one UPDATE conditioned on the old
+        owner, so concurrent claimers each move a disjoint set (a row locked by one claimer
+        no longer matches for the other once that one commits)."""
+        stmt = (
+            _sched.update()
+            .where(_sched.c.owner == from_owner[: schema.MAX_OWNER])
+            .values(owner=to_owner[: schema.MAX_OWNER])
+        )
+
+        def txn(conn: Connection) -> int:
+            return int(conn.execute(stmt).rowcount)
+
+        return await self._run(self._transaction, txn)
 
     async def delete_schedule(self, schedule_id: str) -> bool:
         """Forget a schedule; True if it existed."""

@@ -172,3 +172,54 @@ class StateStoreConformance:
         assert await store.delete_schedule("s-2") is True
         assert await store.delete_schedule("s-2") is False
         assert await store.list_schedules() == [soon]
+
+    async def test_schedules_listed_by_owner_and_due_time(self, store: StateStore) -> None:
+        a1 = Schedule("o-1", "sys", "a", None, "ping", b"", {}, 1_000, "n1")
+        a2 = Schedule("o-2", "sys", "b", None, "ping", b"", {}, 3_000, "n1")
+        b1 = Schedule("o-3", "sys", "c", None, "ping", b"", {}, 2_000, "n2")
+        for sc in (a1, a2, b1):
+            await store.save_schedule(sc)
+        assert await store.list_schedules(owner="n1") == [a1, a2]
+        assert await store.list_schedules(owner="n2") == [b1]
+        assert await store.list_schedules(owner="n3") == []
+        assert await store.list_schedules(due_before_ms=2_500) == [a1, b1]
+        assert await store.list_schedules(due_before_ms=1_000) == []  # strictly before
+        assert await store.list_schedules(owner="n1", due_before_ms=2_500) == [a1]
+
+    async def test_claiming_schedules_moves_only_the_old_owners(self, store: StateStore) -> None:
+        mine = Schedule("c-1", "sys", "a", None, "ping", b"\x01", {"k": "v"}, 1_000, "n1")
+        also = Schedule("c-2", "sys", "b", "tmpl", "tick", b"", {}, 2_000, "n1")
+        other = Schedule("c-3", "sys", "c", None, "ping", b"", {}, 1_500, "n2")
+        for sc in (mine, also, other):
+            await store.save_schedule(sc)
+        assert await store.claim_schedules("n1", "n3") == 2
+        assert await store.claim_schedules("n1", "n3") == 0  # nothing left to move
+        assert await store.list_schedules(owner="n1") == []
+        got = await store.list_schedules(owner="n3")
+        assert [(s.id, s.payload, dict(s.metadata), s.due_ms) for s in got] == [
+            ("c-1", b"\x01", {"k": "v"}, 1_000),
+            ("c-2", b"", {}, 2_000),
+        ]
+        assert all(s.owner == "n3" for s in got)
+        assert await store.list_schedules(owner="n2") == [other]  # untouched
+
+    async def test_concurrent_claims_move_each_schedule_once(self, store: StateStore) -> None:
+        n = 40
+        for i in range(n):
+            await store.save_schedule(
+                Schedule(f"r-{i:03}", "sys", f"a{i}", None, "ping", b"", {}, 1_000 + i, "gone")
+            )
+        moved: dict[str, int] = {}
+
+        async def claim(me: str) -> None:
+            moved[me] = await store.claim_schedules("gone", me)
+
+        async with trio.open_nursery() as nursery:
+            for me in ("x", "y", "z"):
+                nursery.start_soon(claim, me)
+        assert sum(moved.values()) == n, moved
+        owners = {s.id: s.owner for s in await store.list_schedules()}
+        assert len(owners) == n
+        assert all(owners[k] in moved for k in owners)
+        for me, count in moved.items():
+            assert sum(1 for o in owners.values() if o == me) == count

@@ -1,0 +1,232 @@
+"""Kept schedules in a cluster: each fires once, from one member.
+
+Three embedded nodes on loopback (real gossip, real peer wire) share one statestore. A node
+fires only the schedules it keeps; a member that leaves hands its schedules to one survivor,
+which fires them when due; a member that restarts under the same name takes back only its own;
+schedules whose owner no member knows are taken over once overdue (concurrent sweeps move each
+one once). The rendezvous choice of the adopter is property-tested. A SIGKILLed owner with real
+processes and PostgreSQL: ``tests/test_e2e_schedules.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import hypothesis.strategies as st
+import msgspec
+import trio
+from hypothesis import given
+
+from spawnmesh import ActorSystem, Context, Node, WriteThrough, action, open_node
+from spawnmesh.actors.definition import Kind
+from spawnmesh.clock import wall_ms
+from spawnmesh.mesh.schedules import adopter
+from spawnmesh.statestore import MemoryStateStore
+from spawnmesh.statestore.base import Schedule
+from tests.conftest import test_config
+
+ledger = ActorSystem("ledger")
+
+
+@dataclass
+class Entries:
+    items: list[str] = field(default_factory=list)
+
+
+@ledger.actor("book", kind=Kind.UNNAMED, state=Entries, snapshot=WriteThrough())
+class Book:
+    @action
+    async def note(self, ctx: Context[Entries], item: str) -> int:
+        ctx.state = Entries([*ctx.state.items, item])
+        return len(ctx.state.items)
+
+    @action
+    async def items(self, ctx: Context[Entries]) -> list[str]:
+        return ctx.state.items
+
+
+def _config(name: str, seeds: tuple[str, ...] = (), orphan_ms: int = 60_000) -> Any:
+    return test_config(
+        name=name,
+        **{"cluster.seeds": ",".join(seeds), "cluster.preset": "local",
+           "cluster.orphan_schedules_after_ms": orphan_ms},
+    )
+
+
+def seed_of(node: Node) -> str:
+    assert node.membership is not None
+    return f"127.0.0.1:{node.membership.addr[1]}"
+
+
+async def until(pred: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Poll ``await pred()`` until true (views, stores and actor state have no event to
+    wait on)."""
+    with trio.fail_after(timeout_s):
+        while not await pred():  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
+async def converged(nodes: list[Node]) -> None:
+    """Until every node sees exactly ``nodes`` alive."""
+    want = {n.name for n in nodes}
+
+    async def agreed() -> bool:
+        return all(n.membership is not None and set(n.membership.live()) == want
+                   for n in nodes)
+
+    await until(agreed, 15.0)
+
+
+async def started(stack: AsyncExitStack, store: MemoryStateStore, *names: str,
+                  seed: str = "", orphan_ms: int = 60_000) -> list[Node]:
+    """Nodes ``names`` (the first one the seed of the others), closed with ``stack``."""
+    nodes = []
+    for name in names:
+        node = await stack.enter_async_context(
+            open_node(_config(name, (seed,) if seed else (), orphan_ms), ledger, store=store))
+        seed = seed or seed_of(node)
+        nodes.append(node)
+    return nodes
+
+
+async def items(node: Node, name: str) -> list[str]:
+    got = await node.ref("ledger", name, parent="book").invoke("items")
+    assert isinstance(got, list)
+    return got
+
+
+async def settle(node: Node, books: dict[str, list[str]]) -> None:
+    """Until every book holds at least as many notes as ``books`` expects."""
+
+    async def filled() -> bool:
+        for name, want in books.items():
+            if len(await items(node, name)) < len(want):
+                return False
+        return True
+
+    await until(filled)
+
+
+async def schedule_notes(node: Node, books: dict[str, list[str]], delay_ms: int) -> None:
+    for name, notes in books.items():
+        for note in notes:
+            await node.ref("ledger", name, parent="book").cast("note", note, delay_ms=delay_ms)
+
+
+async def kept_by(store: MemoryStateStore, owner: str) -> int:
+    return len(await store.list_schedules(owner=owner))
+
+
+async def wait_kept(store: MemoryStateStore, owner: str, n: int) -> None:
+    async def kept() -> bool:
+        return await kept_by(store, owner) == n
+
+    await until(kept)
+
+
+BOOKS = {f"b{i}": [f"b{i}-first", f"b{i}-second"] for i in range(6)}
+
+
+async def test_a_leaving_member_hands_its_schedules_to_one_survivor() -> None:
+    store = MemoryStateStore()
+    async with AsyncExitStack() as stack:
+        b, c = await started(stack, store, "b", "c")
+        async with open_node(_config("a", (seed_of(b),)), ledger, store=store) as a:
+            await converged([a, b, c])
+            await schedule_notes(a, BOOKS, delay_ms=1_500)
+            await wait_kept(store, "a", 12)
+        # a left gracefully long before the notes fall due: they must not be lost
+        await converged([b, c])
+        await settle(b, BOOKS)
+        await trio.sleep(0.5)  # time for a duplicate to show
+        for name, notes in BOOKS.items():
+            assert sorted(await items(c, name)) == sorted(notes), name
+        assert b.metrics.schedules_adopted_total + c.metrics.schedules_adopted_total == 12
+        assert {b.metrics.schedules_adopted_total, c.metrics.schedules_adopted_total} == {0, 12}
+        late = [n for n in (b, c) if n.metrics.schedules_adopted_total]
+        assert late and late[0].name == adopter("a", ["b", "c"])
+
+        async def none_kept() -> bool:
+            return not await store.list_schedules()
+
+        await until(none_kept)
+
+
+async def test_a_member_restarting_takes_back_only_its_own_schedules() -> None:
+    store = MemoryStateStore()
+    async with AsyncExitStack() as stack:
+        a, b = await started(stack, store, "a", "b")
+        async with open_node(_config("c", (seed_of(a),)), ledger, store=store) as c:
+            await converged([a, b, c])
+            await schedule_notes(a, BOOKS, delay_ms=2_500)
+            await schedule_notes(c, {"mine": ["c-own"]}, delay_ms=60_000)
+            await wait_kept(store, "a", 12)
+            await wait_kept(store, "c", 1)
+        await converged([a, b])
+        assert await kept_by(store, "c") == 0  # handed over when c left
+        async with open_node(_config("c", (seed_of(a),)), ledger, store=store) as c2:
+            await converged([a, b, c2])
+            await settle(a, BOOKS)
+            await trio.sleep(0.5)
+            for name, notes in BOOKS.items():  # fired by a alone, not again by c
+                assert sorted(await items(c2, name)) == sorted(notes), name
+        # the notes are forgotten once fired; c's own schedule went to its adopter when c
+        # left, and stays there
+        heir = adopter("c", ["a", "b"])
+        assert [s.owner for s in await store.list_schedules()] == [heir]
+        assert [a.metrics.schedules_adopted_total, b.metrics.schedules_adopted_total] == [
+            int(heir == "a"), int(heir == "b")]
+
+
+async def test_orphaned_schedules_are_taken_over_once_when_overdue() -> None:
+    store = MemoryStateStore()
+    payload = msgspec.msgpack.encode("from-a-ghost")
+    due = wall_ms() - 1_000
+    for i in range(8):
+        await store.save_schedule(Schedule(f"ghost-{i}", "ledger", f"g{i}", "book", "note",
+                                           payload, {}, due, "ghost"))
+    await store.save_schedule(Schedule("future", "ledger", "g0", "book", "note",
+                                       msgspec.msgpack.encode("later"), {},
+                                       wall_ms() + 60_000, "ghost"))
+    async with AsyncExitStack() as stack:
+        nodes = await started(stack, store, "x", "y", "z", orphan_ms=400)
+        await converged(nodes)
+        x = nodes[0]
+        await settle(x, {f"g{i}": ["from-a-ghost"] for i in range(8)})
+        await trio.sleep(1.0)  # several sweeps of every node later
+        for i in range(8):
+            assert await items(x, f"g{i}") == ["from-a-ghost"]
+        adopted = [n.metrics.schedules_adopted_total for n in nodes]
+        assert sum(adopted) == 9, adopted  # the future one came along with its owner's
+        [future] = await store.list_schedules()
+        assert future.id == "future" and future.owner in {"x", "y", "z"}
+
+
+@given(st.text(min_size=1, max_size=12),
+       st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8, unique=True),
+       st.randoms())
+def test_adopter_is_the_same_for_any_order_and_stable(
+    departed: str, live: list[str], rnd: Any
+) -> None:
+    chosen = adopter(departed, live)
+    assert chosen in live
+    shuffled = list(live)
+    rnd.shuffle(shuffled)
+    assert adopter(departed, shuffled) == chosen
+    others = [n for n in live if n != chosen]
+    if others:  # another member leaving does not move the choice
+        assert adopter(departed, [n for n in live if n != others[0]]) == chosen
+    assert adopter(departed, []) is None
+
+
+def test_adopters_spread_over_the_members() -> None:
+    live = [f"node-{i}" for i in range(4)]
+    counts = dict.fromkeys(live, 0)
+    for i in range(400):
+        chosen = adopter(f"gone-{i}", live)
+        assert chosen is not None
+        counts[chosen] += 1
+    assert min(counts.values()) > 60, counts
