@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import pytest
 import sqlalchemy as sa
 import trio
 
 from spawnmesh import ActorSystem, Context, Node, WriteThrough, action, open_node
-from spawnmesh.actors.runtime import SCHEDULE_LATE_KEY
+from spawnmesh.actors.runtime import _SCHEDULE_PAGE, SCHEDULE_LATE_KEY
 from spawnmesh.clock import wall_ms
+from spawnmesh.errors import Overloaded
+from spawnmesh.statestore.base import Schedule
 from spawnmesh.statestore.crypto import Keyring
 from spawnmesh.statestore.memory import MemoryStateStore
 from spawnmesh.statestore.sql import SqlStateStore
@@ -155,3 +158,33 @@ async def test_recovery_does_not_refire_schedules_this_node_knows() -> None:
         node.runtime.start_schedule_recovery()
         await trio.sleep(0.4)
         assert (await box(node, "r1")).memos == ["once"]
+
+
+async def test_a_burst_of_overdue_schedules_beyond_the_queue_bound_is_all_delivered() -> None:
+    """After a long outage, more schedules fall due at once for one actor than its queue holds,
+    and more than the node reads from the store in one page: every one is delivered once (a
+    due schedule was admitted when it was made: it is not refused again)."""
+    store = MemoryStateStore()
+    due = wall_ms() - 5_000
+    n = _SCHEDULE_PAGE + 100
+    for i in range(n):
+        payload = msgspec.msgpack.encode({"amount": 1, "memo": f"m{i:03}"})
+        await store.save_schedule(
+            Schedule(f"burst-{i:03}", "vault", "q1", "box", "deposit", payload, {}, due,
+                     "test-node")
+        )
+    config = test_config(**{"actors.max_queue_per_actor": 8})
+    async with open_node(config, vault(), store=store) as node:
+
+        async def all_in() -> bool:
+            try:
+                return await total_at_least(node, "q1", n)
+            except Overloaded:  # this probe queues behind the burst too
+                return False
+
+        await eventually(all_in, timeout_s=20)
+        await eventually(lambda: has_kept(node, 0, exactly=True))
+        got = await box(node, "q1")
+        assert got.total == n
+        assert sorted(got.memos) == sorted(f"m{i:03}" for i in range(n))  # each once
+        assert node.metrics.scheduled_fired_total == n

@@ -55,6 +55,19 @@ class Routing(Protocol):
         """Queue a fire-and-forget invocation for ``owner`` (sent in the background)."""
         ...
 
+    async def cast_acked(
+        self,
+        owner: str,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+    ) -> None:
+        """Send a fire-and-forget invocation to ``owner`` and return once it is queued
+        (re-routed while ownership moves); raises what stopped it."""
+        ...
+
     def broadcast_remote(self, system: str, b: Broadcast, caller: ActorId | None) -> None:
         """Deliver ``b`` to the unnamed subscribers active on the other members."""
         ...

@@ -105,6 +105,9 @@ class _Job:
         self.caller = caller
 
 
+_SCHEDULE_PAGE = 5_000
+"""Kept schedules read from the store per query when loading them."""
+
 SCHEDULE_LATE_KEY = "spawnmesh-schedule-late-ms"
 """Metadata of a kept schedule fired late (after a restart): how late, in milliseconds."""
 
@@ -498,16 +501,79 @@ class Runtime:
         caller: ActorId | None,
         kept: _Kept | None,
     ) -> None:
-        """A delayed invocation is due: enqueue it, then stop keeping it. Once the node
-        leaves its cluster, a kept one stays in the store for the member that takes it over."""
+        """A delayed invocation is due: queue it on its actor (here, past the queue bound: it
+        was admitted when made; or on its owner), then stop keeping it. An owner out of reach
+        or refusing it for now is retried with backoff, the schedule kept meanwhile; once the
+        node leaves its cluster, a kept one stays in the store for the member that takes it
+        over."""
         if self._schedules_handed_over and kept is not None and kept.saved:
             return
+        act = self._table.get((target.system, target.name))
+        if act is not None:  # active here: queued at once, so schedules due together keep order
+            self._enqueue(act, _Job(action, payload, meta, caller), admitted=True)
+            self._fired(kept)
+            return
         try:
-            self._cast(target, action, payload, meta, caller)
+            self._spawn_job(self._deliver_due, target, action, payload, meta, caller, kept)
         except NodeShuttingDown:
             return  # still kept: it fires when the node is back
-        except SpawnmeshError as exc:
-            log.warning("scheduled invocation %s.%s dropped: %s", target, action, exc)
+
+    async def _deliver_due(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        meta: Mapping[str, str],
+        caller: ActorId | None,
+        kept: _Kept | None,
+    ) -> None:
+        """Queue a due invocation, retrying what may pass later (an owner out of reach or
+        overloaded, the store down) with backoff from 50 ms to 5 s; then stop keeping it."""
+        backoff = 0.05
+        while not (self._schedules_handed_over and kept is not None and kept.saved):
+            try:
+                await self._cast_queued(target, action, payload, meta, caller)
+            except NodeShuttingDown:
+                return  # still kept: it fires when the node is back
+            except SpawnmeshError as exc:
+                if not exc.retryable:
+                    log.warning("scheduled invocation %s.%s dropped: %s", target, action, exc)
+                    self._forget_kept(kept)
+                    return
+                log.info("scheduled invocation %s.%s not queued yet (retrying in %.2f s): %s",
+                         target, action, backoff, exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self._fired(kept)
+            return
+
+    async def _cast_queued(
+        self,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+    ) -> None:
+        """Queue a due schedule's cast and return once it is queued here (not bounded again)
+        or on its owner; raises what stopped it (:meth:`_cast` logs that instead)."""
+        router = self.router
+        if router is not None and (target.system, target.name) not in self._table:
+            adef = self.definition_for(target) or await self.learn_template(target)
+            owner = router.remote_owner(target, adef)
+            if owner is not None:
+                await router.cast_acked(owner, target, action, payload, metadata, caller)
+                return
+        act = await self._resolve(target)
+        self._enqueue(act, _Job(action, payload, metadata, caller), admitted=True)
+
+    def _fired(self, kept: _Kept | None) -> None:
+        """A due invocation was queued: count it, forget it in the store."""
+        self.metrics.scheduled_fired_total += 1
+        self._forget_kept(kept)
+
+    def _forget_kept(self, kept: _Kept | None) -> None:
         if kept is None:
             return
         kept.fired = True
@@ -545,9 +611,10 @@ class Runtime:
         while True:
             try:
                 if adopt_all:
-                    owners = {sc.owner for sc in await self.store.list_schedules()}
-                    for owner in sorted(owners - {self.node_id}):
-                        await self.adopt_schedules(owner)
+                    n = await self.store.claim_schedules(None, self.node_id)
+                    if n:
+                        log.info("took over %d kept schedules of other node names", n)
+                        self.metrics.schedules_adopted_total += n
                 await self._load_schedules()
                 return
             except StatestoreUnavailable as exc:
@@ -556,8 +623,23 @@ class Runtime:
                 backoff = min(backoff * 2, 5.0)
 
     async def _load_schedules(self) -> None:
-        """Fire, when due, the kept schedules this node owns that it does not hold yet."""
-        kept = await self.store.list_schedules(owner=self.node_id)
+        """Fire, when due, the kept schedules this node owns that it does not hold yet (read
+        a page at a time)."""
+        n = 0
+        after: tuple[int, str] | None = None
+        while True:
+            page = await self.store.list_schedules(
+                _SCHEDULE_PAGE, owner=self.node_id, after=after
+            )
+            n += self._hold_schedules(page)
+            if len(page) < _SCHEDULE_PAGE:
+                break
+            after = (page[-1].due_ms, page[-1].id)
+        if n:
+            log.info("%d kept schedules recovered", n)
+
+    def _hold_schedules(self, kept: list[Schedule]) -> int:
+        """Put kept schedules on the scheduler (those not held yet); how many."""
         now_ms, now = wall_ms(), trio.current_time()
         n = 0
         for sc in kept:
@@ -581,8 +663,7 @@ class Runtime:
             self.scheduler.call_at(now + max(0, -late) / 1000,
                                    self._firing(target, sc.action, payload, meta, k))
             n += 1
-        if n:
-            log.info("%d kept schedules recovered", n)
+        return n
 
     def _firing(
         self, target: ActorId, action: str, payload: Any, meta: Mapping[str, str], kept: _Kept
@@ -624,9 +705,12 @@ class Runtime:
                 return
         self._enqueue(act, _Job(action, payload, metadata, caller))
 
-    def _enqueue(self, act: Activation, job: _Job) -> None:
+    def _enqueue(self, act: Activation, job: _Job, *, admitted: bool = False) -> None:
+        """Queue ``job`` on ``act`` (run it now if idle). ``admitted``: a due schedule, whose
+        room was granted when it was made (its memory is already spent): not bounded again."""
         if act.busy:
-            self._check_room(act)
+            if not admitted:
+                self._check_room(act)
             if act.waiters is None:
                 act.waiters = deque()
             act.waiters.append(job)

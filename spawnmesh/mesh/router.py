@@ -30,6 +30,7 @@ from spawnmesh.cluster.placement import Placement
 from spawnmesh.cluster.state import Status
 from spawnmesh.codec import convert, to_builtins
 from spawnmesh.errors import (
+    ActorNotFound,
     InvalidArgument,
     InvocationTimeout,
     NoOwner,
@@ -383,7 +384,29 @@ class Router:
         req = self._request(m.Kind.CAST, target, action, encode_value(payload), metadata, caller)
         self._background(self._cast, owner, target, req)
 
+    async def cast_acked(
+        self,
+        owner: str,
+        target: ActorId,
+        action: str,
+        payload: Any,
+        metadata: Mapping[str, str] | None,
+        caller: ActorId | None,
+    ) -> None:
+        """Send a fire-and-forget invocation to ``owner`` and return once it is queued there
+        (or here, if ownership moved here meanwhile); raises what stopped it (Routing)."""
+        req = self._request(m.Kind.CAST, target, action, encode_value(payload), metadata, caller)
+        await self._deliver_cast(owner, target, req)
+
     async def _cast(self, owner: str, target: ActorId, req: m.Request) -> None:
+        try:
+            await self._deliver_cast(owner, target, req)
+        except SpawnmeshError as exc:
+            log.warning("async invocation %s.%s dropped: %s", target, req.action, exc)
+
+    async def _deliver_cast(self, owner: str, target: ActorId, req: m.Request) -> None:
+        """Send a cast until its owner queues it, re-routed while ownership moves, within the
+        default timeout (InvocationTimeout past it); an owner's refusal is raised."""
         backoff = 0.01
         with trio.move_on_after(self._default_timeout_s):
             while True:
@@ -395,15 +418,11 @@ class Router:
                     self.metrics.not_owner_retries_total += 1
                     log.debug("cast %s.%s via %s: %s (re-routing)", target, req.action, owner,
                               exc)
-                except SpawnmeshError as exc:
-                    log.warning("async invocation %s.%s dropped by %s: %s", target, req.action,
-                                owner, exc)
-                    return
                 await self._view_change_or(backoff)
                 backoff = min(backoff * 2, 0.5)
                 adef = self.runtime.definition_for(target)
-                if adef is None:
-                    break  # forgotten meanwhile: nothing left to route it by
+                if adef is None:  # forgotten meanwhile: nothing left to route it by
+                    raise ActorNotFound(f"{target}: its definition is gone from this node")
                 try:
                     new_owner = self.owner(target, adef)
                 except NoOwner:
@@ -414,8 +433,7 @@ class Router:
                                              metadata=req.metadata, caller=req.caller)
                     return
                 owner = new_owner
-        log.warning("async invocation %s.%s dropped: no owner answered in time", target,
-                    req.action)
+        raise InvocationTimeout(f"{target}.{req.action}: no owner took the cast in time")
 
     def broadcast_remote(self, system: str, b: Broadcast, caller: ActorId | None) -> None:
         """Fan ``b`` out to every other live member (each delivers to its active unnamed

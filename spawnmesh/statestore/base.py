@@ -107,15 +107,22 @@ class StateStore(Protocol):
         """Keep ``schedule`` (replacing one with the same id) until it is deleted."""
 
     async def list_schedules(
-        self, limit: int = 10_000, *, owner: str | None = None, due_before_ms: int | None = None
+        self,
+        limit: int = 10_000,
+        *,
+        owner: str | None = None,
+        due_before_ms: int | None = None,
+        after: tuple[int, str] | None = None,
     ) -> list[Schedule]:
-        """Kept schedules, soonest due first, at most ``limit``; only those kept by ``owner``
-        and only those due before ``due_before_ms`` when given."""
+        """Kept schedules in ``(due_ms, id)`` order, at most ``limit``; only those kept by
+        ``owner``, due before ``due_before_ms``, and past ``after`` (the ``(due_ms, id)`` of
+        the last one of the previous page) when given."""
 
-    async def claim_schedules(self, from_owner: str, to_owner: str) -> int:
-        """Make ``to_owner`` the owner of every schedule ``from_owner`` keeps, atomically per
-        schedule: of nodes claiming the same schedules at once, each schedule goes to exactly
-        one. Returns how many this call moved."""
+    async def claim_schedules(self, from_owner: str | None, to_owner: str) -> int:
+        """Make ``to_owner`` the owner of every schedule ``from_owner`` keeps (None: every
+        schedule another node keeps), atomically per schedule: of nodes claiming the same
+        schedules at once, each schedule goes to exactly one. Returns how many this call
+        moved."""
 
     async def delete_schedule(self, schedule_id: str) -> bool:
         """Forget a schedule (it was enqueued); True if it existed."""

@@ -78,7 +78,12 @@ class MemoryStateStore:
         self._schedules[schedule.id] = schedule
 
     async def list_schedules(
-        self, limit: int = 10_000, *, owner: str | None = None, due_before_ms: int | None = None
+        self,
+        limit: int = 10_000,
+        *,
+        owner: str | None = None,
+        due_before_ms: int | None = None,
+        after: tuple[int, str] | None = None,
     ) -> list[Schedule]:
         await trio.lowlevel.checkpoint()
         rows = [
@@ -86,12 +91,17 @@ class MemoryStateStore:
             for s in self._schedules.values()
             if (owner is None or s.owner == owner)
             and (due_before_ms is None or s.due_ms < due_before_ms)
+            and (after is None or (s.due_ms, s.id) > after)
         ]
         return sorted(rows, key=lambda s: (s.due_ms, s.id))[:limit]
 
-    async def claim_schedules(self, from_owner: str, to_owner: str) -> int:
+    async def claim_schedules(self, from_owner: str | None, to_owner: str) -> int:
         await trio.lowlevel.checkpoint()
-        moved = [s for s in self._schedules.values() if s.owner == from_owner]
+        moved = [
+            s
+            for s in self._schedules.values()
+            if s.owner == from_owner or (from_owner is None and s.owner != to_owner)
+        ]
         for s in moved:
             self._schedules[s.id] = replace(s, owner=to_owner)
         return len(moved)

@@ -1052,15 +1052,25 @@ class SqlStateStore:
         await self._run(self._transaction, txn)
 
     async def list_schedules(
-        self, limit: int = 10_000, *, owner: str | None = None, due_before_ms: int | None = None
+        self,
+        limit: int = 10_000,
+        *,
+        owner: str | None = None,
+        due_before_ms: int | None = None,
+        after: tuple[int, str] | None = None,
     ) -> list[Schedule]:
-        """Kept schedules, soonest first (of ``owner``, due before ``due_before_ms``, when
-        given); one that cannot be opened is logged and skipped."""
+        """Kept schedules, soonest first (of ``owner``, due before ``due_before_ms``, past
+        ``after``, when given); one that cannot be opened is logged and skipped."""
         query = sa.select(_sched)
         if owner is not None:
             query = query.where(_sched.c.owner == owner[: schema.MAX_OWNER])
         if due_before_ms is not None:
             query = query.where(_sched.c.due_ms < due_before_ms)
+        if after is not None:
+            due, sid = after
+            query = query.where(
+                (_sched.c.due_ms > due) | ((_sched.c.due_ms == due) & (_sched.c.id > sid))
+            )
         query = query.order_by(_sched.c.due_ms, _sched.c.id).limit(limit)
 
         def q(conn: Connection) -> list[Row[Any]]:
@@ -1089,15 +1099,16 @@ class SqlStateStore:
                                 r.owner or ""))
         return out
 
-    async def claim_schedules(self, from_owner: str, to_owner: str) -> int:
-        """Move ``from_owner``'s schedules to ``to_owner``: one UPDATE conditioned on the old
-        owner, so concurrent claimers each move a disjoint set (a row locked by one claimer
-        no longer matches for the other once that one commits)."""
-        stmt = (
-            _sched.update()
-            .where(_sched.c.owner == from_owner[: schema.MAX_OWNER])
-            .values(owner=to_owner[: schema.MAX_OWNER])
-        )
+    async def claim_schedules(self, from_owner: str | None, to_owner: str) -> int:
+        """Move ``from_owner``'s schedules (None: every other owner's) to ``to_owner``: one
+        UPDATE conditioned on the old owner, so concurrent claimers each move a disjoint set
+        (a row locked by one claimer no longer matches for the other once that one commits)."""
+        to = to_owner[: schema.MAX_OWNER]
+        if from_owner is None:
+            cond = _sched.c.owner != to
+        else:
+            cond = _sched.c.owner == from_owner[: schema.MAX_OWNER]
+        stmt = _sched.update().where(cond).values(owner=to)
 
         def txn(conn: Connection) -> int:
             return int(conn.execute(stmt).rowcount)

@@ -223,3 +223,30 @@ class StateStoreConformance:
         assert all(owners[k] in moved for k in owners)
         for me, count in moved.items():
             assert sum(1 for o in owners.values() if o == me) == count
+
+    async def test_schedules_read_a_page_at_a_time(self, store: StateStore) -> None:
+        want = [
+            Schedule(f"p-{i:02}", "sys", f"a{i}", None, "ping", b"", {}, 1_000 + i // 3, "n1")
+            for i in range(20)
+        ]  # three schedules share each due time: pages break ties by id
+        for sc in reversed(want):
+            await store.save_schedule(sc)
+        got: list[Schedule] = []
+        after: tuple[int, str] | None = None
+        while True:
+            page = await store.list_schedules(7, owner="n1", after=after)
+            got += page
+            if len(page) < 7:
+                break
+            after = (page[-1].due_ms, page[-1].id)
+        assert got == want
+        assert await store.list_schedules(after=(1_006, "p-18")) == want[19:]
+
+    async def test_claiming_every_other_owners_schedules(self, store: StateStore) -> None:
+        for i, owner in enumerate(["n1", "n2", "me", "n2"]):
+            await store.save_schedule(
+                Schedule(f"e-{i}", "sys", f"a{i}", None, "ping", b"", {}, 1_000 + i, owner)
+            )
+        assert await store.claim_schedules(None, "me") == 3
+        assert [s.owner for s in await store.list_schedules()] == ["me"] * 4
+        assert await store.claim_schedules(None, "me") == 0
