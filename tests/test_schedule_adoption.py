@@ -4,8 +4,9 @@ Three embedded nodes on loopback (real gossip, real peer wire) share one statest
 fires only the schedules it keeps; a member that leaves hands its schedules to one survivor,
 which fires them when due; a member that restarts under the same name takes back only its own;
 schedules whose owner no member knows are taken over once overdue (concurrent sweeps move each
-one once). The rendezvous choice of the adopter is property-tested. A SIGKILLed owner with real
-processes and PostgreSQL: ``tests/test_e2e_schedules.py``.
+one once); a due schedule its actor's owner refuses for now (a full queue) stays kept and is
+retried until queued. The rendezvous choice of the adopter is property-tested. A SIGKILLed owner
+with real processes and PostgreSQL: ``tests/test_e2e_schedules.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from hypothesis import given
 from spawnmesh import ActorSystem, Context, Node, WriteThrough, action, open_node
 from spawnmesh.actors.definition import Kind
 from spawnmesh.clock import wall_ms
+from spawnmesh.errors import Overloaded
+from spawnmesh.ids import ActorId
 from spawnmesh.mesh.schedules import adopter
 from spawnmesh.statestore import MemoryStateStore
 from spawnmesh.statestore.base import Schedule
@@ -48,11 +51,32 @@ class Book:
         return ctx.state.items
 
 
-def _config(name: str, seeds: tuple[str, ...] = (), orphan_ms: int = 60_000) -> Any:
+GATE = trio.Event()
+"""Holds the turns of ``slow`` actors until set (a test makes a new one)."""
+
+
+@ledger.actor("slow", kind=Kind.UNNAMED, state=Entries, snapshot=WriteThrough())
+class Slow:
+    @action
+    async def hold(self, ctx: Context[Entries]) -> None:
+        await GATE.wait()
+
+    @action
+    async def note(self, ctx: Context[Entries], item: str) -> int:
+        ctx.state = Entries([*ctx.state.items, item])
+        return len(ctx.state.items)
+
+    @action
+    async def items(self, ctx: Context[Entries]) -> list[str]:
+        return ctx.state.items
+
+
+def _config(name: str, seeds: tuple[str, ...] = (), orphan_ms: int = 60_000,
+            **more: Any) -> Any:
     return test_config(
         name=name,
         **{"cluster.seeds": ",".join(seeds), "cluster.preset": "local",
-           "cluster.orphan_schedules_after_ms": orphan_ms},
+           "cluster.orphan_schedules_after_ms": orphan_ms, **more},
     )
 
 
@@ -230,3 +254,39 @@ def test_adopters_spread_over_the_members() -> None:
         assert chosen is not None
         counts[chosen] += 1
     assert min(counts.values()) > 60, counts
+
+
+async def test_a_schedule_its_actors_owner_refuses_for_now_is_retried_until_queued() -> None:
+    global GATE
+    GATE = trio.Event()
+    store = MemoryStateStore()
+    small = {"actors.max_queue_per_actor": 2}
+    async with open_node(_config("a", **small), ledger, store=store) as a, \
+            open_node(_config("b", (seed_of(a),), **small), ledger, store=store) as b:
+        await converged([a, b])
+        assert a.router is not None
+        adef = a.runtime.definition_for(ActorId("ledger", "s0", "slow"))
+        assert adef is not None
+        name = next(n for n in (f"s{i}" for i in range(100))
+                    if a.router.owner(ActorId("ledger", n, "slow"), adef) == "b")
+        on_b = b.ref("ledger", name, parent="slow")
+        await on_b.cast("hold")
+        await on_b.cast("note", "queued-1")
+        await on_b.cast("note", "queued-2")  # b's queue for it is full now
+        await a.ref("ledger", name, parent="slow").cast("note", "scheduled", delay_ms=200)
+        await trio.sleep(1.0)  # due, refused by b (Overloaded) a few times meanwhile
+        assert a.metrics.scheduled_fired_total == 0
+        assert await kept_by(store, "a") == 1  # still kept while b cannot take it
+        GATE.set()
+
+        async def delivered() -> bool:
+            try:
+                got = await on_b.invoke("items")
+            except Overloaded:  # the probe queues behind the others
+                return False
+            return isinstance(got, list) and "scheduled" in got
+
+        await until(delivered)
+        assert await on_b.invoke("items") == ["queued-1", "queued-2", "scheduled"]
+        assert a.metrics.scheduled_fired_total == 1
+        await wait_kept(store, "a", 0)

@@ -530,6 +530,7 @@ class Runtime:
         """Queue a due invocation, retrying what may pass later (an owner out of reach or
         overloaded, the store down) with backoff from 50 ms to 5 s; then stop keeping it."""
         backoff = 0.05
+        waited = 0.0
         while not (self._schedules_handed_over and kept is not None and kept.saved):
             try:
                 await self._cast_queued(target, action, payload, meta, caller)
@@ -540,9 +541,11 @@ class Runtime:
                     log.warning("scheduled invocation %s.%s dropped: %s", target, action, exc)
                     self._forget_kept(kept)
                     return
-                log.info("scheduled invocation %s.%s not queued yet (retrying in %.2f s): %s",
-                         target, action, backoff, exc)
+                if waited < 10.0 <= waited + backoff:  # once, not at every retry
+                    log.warning("scheduled invocation %s.%s not queued for 10 s (retrying "
+                                "every 5 s): %s", target, action, exc)
                 await trio.sleep(backoff)
+                waited += backoff
                 backoff = min(backoff * 2, 5.0)
                 continue
             self._fired(kept)
