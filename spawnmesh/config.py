@@ -546,6 +546,24 @@ class HostConfig:
         max=1 << 30,
         unit="bytes",
     )
+    keepalive_ms: int = setting(
+        10_000,
+        "Interval in milliseconds of the HTTP/2 pings the node sends on a connection that "
+        "carries a host's Connect stream; a host that does not answer one within "
+        "keepalive_timeout_ms is dropped, so a host that hangs or vanishes without closing its "
+        "connection is detached in seconds, not after TCP's timeouts. 0 sends none.",
+        min=0,
+        max=3_600_000,
+        unit="ms",
+    )
+    keepalive_timeout_ms: int = setting(
+        20_000,
+        "Time in milliseconds a host has to answer a keepalive ping before its connection "
+        "is closed (its sessions detached). 20 s is gRPC's usual default.",
+        min=100,
+        max=3_600_000,
+        unit="ms",
+    )
     bridge: str = setting(
         "stepped",
         "How grpclib's asyncio runs beside the trio node: stepped (a native asyncio loop "

@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import grpclib.config
 import grpclib.const
 import grpclib.events
 import grpclib.server
@@ -272,7 +273,9 @@ class HostApi:
                 self.bridge = None
 
     async def _start(self, service: NodeService) -> grpclib.server.Server:
-        server = grpclib.server.Server([service], status_details_codec=RichStatusCodec())
+        server = grpclib.server.Server(
+            [service], status_details_codec=RichStatusCodec(), config=_http2_config(self.config)
+        )
         if self.config.token:
             grpclib.events.listen(
                 server, grpclib.events.RecvRequest, _auth_listener(self.config.token)
@@ -293,3 +296,19 @@ class HostApi:
     async def _stop(server: grpclib.server.Server) -> None:
         server.close()
         await server.wait_closed()
+
+
+def _http2_config(config: HostConfig) -> grpclib.config.Configuration:
+    """grpclib's connection settings: keepalive pings on connections with open streams (a
+    host's Connect session), as often as ``keepalive_ms`` however long the stream is idle;
+    a connection whose ping is not answered within ``keepalive_timeout_ms`` is closed."""
+    if not config.keepalive_ms:
+        return grpclib.config.Configuration()
+    every_s = config.keepalive_ms / 1000
+    return grpclib.config.Configuration(
+        _keepalive_time=every_s,
+        _keepalive_timeout=config.keepalive_timeout_ms / 1000,
+        _keepalive_permit_without_calls=False,  # a connection without a stream holds nothing
+        _http2_max_pings_without_data=0,  # an idle host's stream is pinged for as long as it lasts
+        _http2_min_sent_ping_interval_without_data=every_s,
+    )
