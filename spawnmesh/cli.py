@@ -339,7 +339,8 @@ def _print_table(table: Sequence[Sequence[str]]) -> None:
               type=click.Choice(["alive", "suspect", "dead", "left"]),
               help="Only members in this status (repeatable).")
 def members(node: str, as_json: bool, statuses: tuple[str, ...]) -> None:
-    """Print every member the node knows: name, gossip address, status, incarnation, tags."""
+    """Print every member the node knows: name, gossip address, status, incarnation, the
+    round trip of the node's last direct probe of it, tags."""
     reply = _node_call(node, "GET", "/v1/members")
     rows = [r for r in reply.get("members", []) if not statuses or r.get("status") in statuses]
     if as_json:
@@ -349,11 +350,13 @@ def members(node: str, as_json: bool, statuses: tuple[str, ...]) -> None:
         click.echo(f"clustering is off on {reply.get('self', 'this node')} "
                    "(cluster.enabled=false)")
         return
-    table = [("Node", "Address", "Status", "Incarnation", "Actors", "Tags")]
+    table = [("Node", "Address", "Status", "Incarnation", "RTT", "Actors", "Tags")]
     for r in rows:
         tags = ",".join(f"{k}={v}" for k, v in sorted(r.get("tags", {}).items()))
+        rtt = r.get("rtt_ms")
         table.append((str(r["name"]), str(r["address"]), str(r["status"]),
-                       str(r["incarnation"]), str(len(r.get("actor_types", []))), tags))
+                       str(r["incarnation"]), "-" if rtt is None else f"{rtt} ms",
+                       str(len(r.get("actor_types", []))), tags))
     _print_table(table)
 
 

@@ -307,6 +307,7 @@ class Node:
                 "actor_types": list(meta.actor_types) if meta else [],
                 "peer_address": format_addr(meta.peer_addr) if meta else "",
                 "ops_address": _ops_address(meta.ops_addr, v.addr[0]) if meta else "",
+                "rtt_ms": m.rtt_ms(v.name),
                 "self": v.name == self.name,
             })
         return {
@@ -662,6 +663,8 @@ class Node:
         await sup.start_child(ChildSpec("peer-wire", _serve_at(peers, c.bind_host, c.peer_port)))
         assert peers.port is not None
         self.membership = Membership(self.name, settings, self._node_meta(peers.port))
+        rtt = self.metrics.probe_rtt_seconds
+        self.membership.on_rtt = lambda ms: rtt.observe(ms / 1000)
         await self.membership.open()
         self.metrics.add_gauge_source(self._cluster_gauges)
         self.metrics.add_counter_source(self._cluster_counters)

@@ -98,10 +98,18 @@ def test_cluster_forms_detects_a_crash_rejoins_and_leaves(tmp_path: Path) -> Non
                 )
 
             wait_for(formed, "five members alive everywhere", 20, describe=lambda: describe(nodes))
+            def timed() -> bool:  # n3 has probed every other member at least once
+                return all(r["rtt_ms"] is not None for k, r in members(nodes[2]).items()
+                           if k != "n3")
+
+            wait_for(timed, "n3 timed a probe of every member", 20)
             table = run_cli("members", "--node", nodes[2].url).ok().stdout.splitlines()
-            assert table[0].split()[:4] == ["Node", "Address", "Status", "Incarnation"]
+            assert table[0].split()[:5] == ["Node", "Address", "Status", "Incarnation", "RTT"]
             assert sorted(line.split()[0] for line in table[1:]) == sorted(names)
             assert all(line.split()[2] == "alive" for line in table[1:]), table
+            rtts = {line.split()[0]: line.split()[4] for line in table[1:]}
+            assert rtts.pop("n3") == "-"  # a node does not probe itself
+            assert all(0 <= int(v) < 500 for v in rtts.values()), table  # "N ms" on loopback
             row = members(n1)["n3"]
             assert "examples/counter" in row["actor_types"]  # type: ignore[operator]
 

@@ -42,7 +42,7 @@ COUNTER_ATTRS = [
 LABELLED = ["spawnmesh_peer_requests_sent", "spawnmesh_peer_requests_received",
             "spawnmesh_peer_request_errors", "spawnmesh_host_turn_errors"]
 HISTOGRAMS = ["spawnmesh_turn_duration_seconds", "spawnmesh_state_write_duration_seconds",
-              "spawnmesh_state_write_batch_size"]
+              "spawnmesh_state_write_batch_size", "spawnmesh_cluster_probe_rtt_seconds"]
 
 HIST = "spawnmesh_invocation_duration_seconds"
 

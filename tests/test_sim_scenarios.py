@@ -245,3 +245,15 @@ def test_bytes_per_node_stay_constant_in_n() -> None:
         a, b = small.notes[key], big.notes[key]
         assert 0.8 < b / a < 1.25, (key, ok(small), ok(big))
     assert big.notes["push_pull_table_bytes"] > 3.5 * small.notes["push_pull_table_bytes"]
+
+
+def test_probe_round_trips_follow_the_network_latency() -> None:
+    """Thirty nodes on a network of 4 ms + exponential(3 ms) one way: every round trip a core
+    measured is at least the 8 ms floor, and the median is near 8 + 2 x 3 ms."""
+    s = Sim(30, seed=11, net=NetConfig(delay_min_ms=4, delay_jitter_ms=3.0))
+    s.run(30_000)
+    rtts = sorted(r for node in s.nodes for r in node.swim.last_rtt_ms.values())
+    assert len(rtts) >= 30 * 20, len(rtts)  # most members were timed by most nodes
+    assert rtts[0] >= 8
+    median = rtts[len(rtts) // 2]
+    assert 10 <= median <= 16, median

@@ -518,3 +518,40 @@ def test_push_pull_rows_are_no_independent_confirmation() -> None:
     assert a._suspicions["b"].confirmations == 0
     net.handle(a, a.receive(("x", 1), m.encode([m.Suspect("b", 0, "d")]), net.now))
     assert a._suspicions["b"].confirmations == 1  # d's own suspicion does count
+
+
+def test_direct_probes_report_their_round_trip() -> None:
+    net = Net(["a", "b"], lan().replace(gossip_interval_ms=0, push_pull_interval_ms=0))
+    net.join_all()
+    a, b = net.by_name["a"], net.by_name["b"]
+    net.fifo.clear()
+    assert a.last_rtt_ms == {}
+    while True:  # drive a alone until it pings b
+        net.now = max(net.now + 1, a.next_deadline_ms())
+        out = a.tick(net.now)
+        ping = next((m.decode(d) for addr, d in out.datagrams if addr == b.addr), None)
+        if ping is not None and isinstance(ping[0], m.Ping):
+            break
+    sent = net.now
+    reply = b.receive(a.addr, m.encode(ping), sent + 3)  # 3 ms out
+    [ack] = [d for addr, d in reply.datagrams if addr == a.addr]
+    got = a.receive(b.addr, ack, sent + 7)  # 4 ms back
+    assert got.rtts_ms == [7]
+    assert a.last_rtt_ms == {"b": 7}
+    assert b.last_rtt_ms == {}  # b answered; it measured nothing
+    again = a.receive(b.addr, ack, sent + 9)  # a duplicate ack times nothing
+    assert again.rtts_ms == [] and a.last_rtt_ms == {"b": 7}
+
+
+def test_probes_answered_through_helpers_are_not_timed() -> None:
+    net = Net(["a", "b", "c"])
+    net.join_all()
+    net.advance(3_000)
+    net.tcp = False
+    net.cut |= {("a", "c"), ("c", "a")}
+    a = net.by_name["a"]
+    before = a.last_rtt_ms.get("c")
+    net.advance(10_000)
+    assert a.stats.indirect_probes >= 1
+    assert a.last_rtt_ms.get("c") == before  # c answers only through b now
+    assert a.last_rtt_ms.get("b") == 0  # the hand-pumped network delivers at once

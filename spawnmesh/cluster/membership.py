@@ -161,6 +161,8 @@ class Membership:
         )
         self._swim: Swim | None = None
         self._subscribers: list[Callable[[MemberEvent], None]] = []
+        self.on_rtt: Callable[[int], None] | None = None
+        """Called with the round-trip time (ms) of every direct probe answered (metrics)."""
         self._version = 0
         self._changed = trio.Event()
         self._wake = trio.Event()
@@ -286,6 +288,10 @@ class Membership:
         """Every known member (this node included), any status."""
         return self.swim.members() if self._swim is not None else []
 
+    def rtt_ms(self, name: str) -> int | None:
+        """Round-trip time (ms) of the last direct probe ``name`` answered, if any."""
+        return self.swim.last_rtt_ms.get(name) if self._swim is not None else None
+
     def live(self) -> dict[str, NodeMeta]:
         """Alive and suspect members (this node included while not leaving) with their decoded
         metadata; a member whose metadata does not decode is left out (and logged once)."""
@@ -407,6 +413,9 @@ class Membership:
                 self._deliver(event)
             if swim is not None and swim.alone and not swim.leaving:
                 self._alone.set()
+        if out.rtts_ms and self.on_rtt is not None:
+            for rtt in out.rtts_ms:
+                self.on_rtt(rtt)
         nursery = self._nursery
         if out.tcp_requests and nursery is not None:
             for req in out.tcp_requests:

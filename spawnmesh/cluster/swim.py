@@ -86,6 +86,9 @@ class Output:
     datagrams: list[tuple[Addr, bytes]] = field(default_factory=list)
     events: list[MemberEvent] = field(default_factory=list)
     tcp_requests: list[TcpRequest] = field(default_factory=list)
+    rtts_ms: list[int] = field(default_factory=list)
+    """Round-trip times of the direct probes answered in this call (ping to ack, in the
+    core's millisecond clock), for the shell's metrics."""
 
 
 @dataclass(slots=True)
@@ -110,6 +113,7 @@ class _Probe:
     seq: int
     target: str
     addr: Addr
+    started_at: int
     timeout_at: int
     end_at: int
     indirect_sent: bool = False
@@ -156,6 +160,8 @@ class Swim:
         self.table.add(self._self)
         self.targets = Targets(self_name, rng)
         self._probes: list[_Probe] = []
+        self.last_rtt_ms: dict[str, int] = {}
+        """Round-trip time of the last direct probe each member answered (ms)."""
         self._seq = rng.randrange(1 << 31)
         self._suspicions: dict[str, Suspicion] = {}
         self._suspicion_heap: list[tuple[int, str]] = []
@@ -472,7 +478,9 @@ class Swim:
         for name in names:
             x = self.table.by_name[name]
             seq = self._next_seq()
-            self._probes.append(_Probe(seq, name, x.addr, now_ms + timeout, now_ms + interval))
+            self._probes.append(
+                _Probe(seq, name, x.addr, now_ms, now_ms + timeout, now_ms + interval)
+            )
             self.stats.probes += 1
             primary = [m.encode_message(m.Ping(seq, name, self.name, self.addr))]
             self._send(out, x.addr, primary + self._buddy(name))
@@ -526,8 +534,12 @@ class Swim:
         p = self._probe_by_seq(seq)
         if p is not None:
             self._probes.remove(p)
-            if self.config.lifeguard and not p.indirect_sent:
-                self.awareness.apply_delta(-1)
+            if not p.indirect_sent:  # a direct answer: its round trip is the link's
+                rtt = now_ms - p.started_at
+                self.last_rtt_ms[p.target] = rtt
+                out.rtts_ms.append(rtt)
+                if self.config.lifeguard:
+                    self.awareness.apply_delta(-1)
             return
         relay = self._relays.pop(seq, None)
         if relay is not None:
@@ -858,5 +870,6 @@ class Swim:
             self.table.remove(name)
             self.queue.drop(name)
             self.targets.remove(name)
+            self.last_rtt_ms.pop(name, None)
             self._evidence.pop(name, None)
             self._seen.pop(name, None)

@@ -80,6 +80,12 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
 BATCH_BUCKETS: Final[tuple[float, ...]] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 """Finite upper bounds (rows) of the statestore write batch size histogram."""
 
+RTT_BUCKETS: Final[tuple[float, ...]] = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+)
+"""Finite upper bounds (seconds) of the gossip probe round-trip histogram (the membership
+core's clock counts whole milliseconds: a LAN round trip is mostly 0 or 1 ms)."""
+
 RECENT_ERRORS_MAX: Final = 64
 """Failed invocations kept for the dashboard and ``GET /v1/errors`` (the newest ones)."""
 
@@ -269,6 +275,11 @@ _HISTOGRAMS: Final[tuple[tuple[str, str, str], ...]] = (
         "spawnmesh_state_write_batch_size",
         "Actor state rows per statestore write batch.",
     ),
+    (
+        "probe_rtt_seconds",
+        "spawnmesh_cluster_probe_rtt_seconds",
+        "Round-trip times of gossip probes answered directly (ping to ack), in seconds.",
+    ),
 )
 
 
@@ -327,6 +338,7 @@ class Metrics:
         "peer_requests_received",
         "peer_requests_sent",
         "peer_sent_payload_bytes_total",
+        "probe_rtt_seconds",
         "recent_errors",
         "remote_invocations_total",
         "scheduled_fired_total",
@@ -376,6 +388,7 @@ class Metrics:
         self.turn_seconds = Histogram(DURATION_BUCKETS)
         self.state_write_seconds = Histogram(DURATION_BUCKETS)
         self.state_write_batch_size = Histogram(BATCH_BUCKETS)
+        self.probe_rtt_seconds = Histogram(RTT_BUCKETS)
         self.recent_errors: deque[dict[str, object]] = deque(maxlen=RECENT_ERRORS_MAX)
         """The newest failed invocations (dicts: at_ms, actor, action, code, message)."""
         self.gauge_source_errors_total = 0
