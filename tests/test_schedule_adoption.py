@@ -39,24 +39,12 @@ class Entries:
     items: list[str] = field(default_factory=list)
 
 
+GATE = trio.Event()
+"""Holds ``hold`` turns until set (a test makes a new one)."""
+
+
 @ledger.actor("book", kind=Kind.UNNAMED, state=Entries, snapshot=WriteThrough())
 class Book:
-    @action
-    async def note(self, ctx: Context[Entries], item: str) -> int:
-        ctx.state = Entries([*ctx.state.items, item])
-        return len(ctx.state.items)
-
-    @action
-    async def items(self, ctx: Context[Entries]) -> list[str]:
-        return ctx.state.items
-
-
-GATE = trio.Event()
-"""Holds the turns of ``slow`` actors until set (a test makes a new one)."""
-
-
-@ledger.actor("slow", kind=Kind.UNNAMED, state=Entries, snapshot=WriteThrough())
-class Slow:
     @action
     async def hold(self, ctx: Context[Entries]) -> None:
         await GATE.wait()
@@ -265,15 +253,15 @@ async def test_a_schedule_its_actors_owner_refuses_for_now_is_retried_until_queu
             open_node(_config("b", (seed_of(a),), **small), ledger, store=store) as b:
         await converged([a, b])
         assert a.router is not None
-        adef = a.runtime.definition_for(ActorId("ledger", "s0", "slow"))
+        adef = a.runtime.definition_for(ActorId("ledger", "s0", "book"))
         assert adef is not None
         name = next(n for n in (f"s{i}" for i in range(100))
-                    if a.router.owner(ActorId("ledger", n, "slow"), adef) == "b")
-        on_b = b.ref("ledger", name, parent="slow")
+                    if a.router.owner(ActorId("ledger", n, "book"), adef) == "b")
+        on_b = b.ref("ledger", name, parent="book")
         await on_b.cast("hold")
         await on_b.cast("note", "queued-1")
         await on_b.cast("note", "queued-2")  # b's queue for it is full now
-        await a.ref("ledger", name, parent="slow").cast("note", "scheduled", delay_ms=200)
+        await a.ref("ledger", name, parent="book").cast("note", "scheduled", delay_ms=200)
         await trio.sleep(1.0)  # due, refused by b (Overloaded) a few times meanwhile
         assert a.metrics.scheduled_fired_total == 0
         assert await kept_by(store, "a") == 1  # still kept while b cannot take it
