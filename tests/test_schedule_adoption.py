@@ -24,6 +24,7 @@ from hypothesis import given
 from spawnmesh import ActorSystem, Context, Node, WriteThrough, action, open_node
 from spawnmesh.actors.definition import Kind
 from spawnmesh.clock import wall_ms
+from spawnmesh.cluster.state import Status
 from spawnmesh.errors import Overloaded
 from spawnmesh.ids import ActorId
 from spawnmesh.mesh.schedules import adopter
@@ -48,6 +49,12 @@ class Book:
     @action
     async def hold(self, ctx: Context[Entries]) -> None:
         await GATE.wait()
+
+    @action
+    async def hold_then_note(self, ctx: Context[Entries], item: str) -> None:
+        """Once the gate opens, schedule ``note(item)`` on this book, 300 ms later."""
+        await GATE.wait()
+        await ctx.ref(ctx.self_id.name, parent="book").cast("note", item, delay_ms=300)
 
     @action
     async def note(self, ctx: Context[Entries], item: str) -> int:
@@ -278,3 +285,43 @@ async def test_a_schedule_its_actors_owner_refuses_for_now_is_retried_until_queu
         assert await on_b.invoke("items") == ["queued-1", "queued-2", "scheduled"]
         assert a.metrics.scheduled_fired_total == 1
         await wait_kept(store, "a", 0)
+
+
+async def test_schedules_kept_while_a_member_drains_reach_its_adopter_promptly() -> None:
+    """A turn finishing during a's drain schedules a note: a keeps it under its name but no
+    longer fires it; its adopter claims again at its next tick (2 s here), well before the
+    orphan sweep (8 s overdue) would."""
+    global GATE
+    GATE = trio.Event()
+    store = MemoryStateStore()
+    async with AsyncExitStack() as stack:
+        b, c = await started(stack, store, "b", "c", orphan_ms=8_000)
+        async with open_node(_config("a", (seed_of(b),), 8_000), ledger, store=store) as a:
+            await converged([a, b, c])
+            assert a.router is not None
+            adef = a.runtime.definition_for(ActorId("ledger", "d0", "book"))
+            assert adef is not None
+            name = next(n for n in (f"d{i}" for i in range(100))
+                        if a.router.owner(ActorId("ledger", n, "book"), adef) == "a")
+            await a.ref("ledger", name, parent="book").cast("hold_then_note", "drained")
+
+            async def a_left() -> bool:
+                assert b.membership is not None
+                return any(m.name == "a" and m.status is Status.LEFT
+                           for m in b.membership.members())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.shutdown)  # leaves, then drains: the held turn finishes
+                await until(a_left)
+                GATE.set()
+            assert await kept_by(store, "a") == 1  # made after a handed its schedules over
+        left = trio.current_time()
+
+        async def noted() -> bool:
+            return "drained" in await items(b, name)
+
+        await until(noted, 7.0)
+        assert trio.current_time() - left < 6.0
+        await trio.sleep(0.5)
+        assert await items(c, name) == ["drained"]  # once
+        assert await kept_by(store, "a") == 0
