@@ -599,8 +599,8 @@ class Runtime:
     async def adopt_schedules(self, from_owner: str) -> int:
         """Take over the schedules ``from_owner`` kept (a member that died or left) and fire
         them when due, overdue ones at once; how many this node took (0 if another member
-        took them first). Raises StatestoreUnavailable."""
-        if from_owner == self.node_id:
+        took them first, or if this node is leaving itself). Raises StatestoreUnavailable."""
+        if from_owner == self.node_id or self._schedules_handed_over:
             return 0
         n = await self.store.claim_schedules(from_owner, self.node_id)
         if n:
