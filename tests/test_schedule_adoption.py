@@ -5,7 +5,8 @@ fires only the schedules it keeps; a member that leaves hands its schedules to o
 which fires them when due; a member that restarts under the same name takes back only its own;
 schedules whose owner no member knows are taken over once overdue (concurrent sweeps move each
 one once); a due schedule its actor's owner refuses for now (a full queue) stays kept and is
-retried until queued. The rendezvous choice of the adopter is property-tested. A SIGKILLed owner
+retried until queued. The rendezvous choice of the adopter is property-tested, and so is the
+adoption under any churn of deaths, leaves and comebacks. A SIGKILLed owner
 with real processes and PostgreSQL: ``tests/test_e2e_schedules.py``.
 """
 
@@ -23,11 +24,13 @@ from hypothesis import given
 
 from spawnmesh import ActorSystem, Context, Node, WriteThrough, action, open_node
 from spawnmesh.actors.definition import Kind
+from spawnmesh.actors.runtime import Runtime, RuntimeSettings
 from spawnmesh.clock import wall_ms
-from spawnmesh.cluster.state import Status
+from spawnmesh.cluster.state import MemberView, Status
 from spawnmesh.errors import Overloaded
 from spawnmesh.ids import ActorId
-from spawnmesh.mesh.schedules import adopter
+from spawnmesh.mesh.schedules import ScheduleAdoption, adopter
+from spawnmesh.ops.metrics import Metrics
 from spawnmesh.statestore import MemoryStateStore
 from spawnmesh.statestore.base import Schedule
 from tests.conftest import test_config
@@ -325,3 +328,63 @@ async def test_schedules_kept_while_a_member_drains_reach_its_adopter_promptly()
         await trio.sleep(0.5)
         assert await items(c, name) == ["drained"]  # once
         assert await kept_by(store, "a") == 0
+
+
+class _View:
+    """What ``ScheduleAdoption`` reads of membership: every member with its status (one view,
+    shared by every node of the model: they agree)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.status = dict.fromkeys(names, Status.ALIVE)
+
+    def members(self) -> list[MemberView]:
+        return [MemberView(n, ("10.0.0.1", 7946), b"", 0, s) for n, s in self.status.items()]
+
+
+NAMES = [f"n{i}" for i in range(5)]
+EVENTS = st.lists(
+    st.tuples(st.sampled_from(["dies", "leaves", "returns"]), st.sampled_from(NAMES)),
+    max_size=25,
+)
+
+
+@given(EVENTS, st.randoms())
+def test_under_any_churn_no_schedule_stays_with_a_departed_member(
+    events: list[tuple[str, str]], rnd: Any
+) -> None:
+    """Members die, leave and come back (a comeback is a fresh process under the old name)
+    in any order; after each change every live member's adoption runs (in any order). Then no
+    schedule is kept by a departed member while one is live, and none is lost."""
+
+    async def main() -> None:
+        store = MemoryStateStore()
+        for i, name in enumerate(NAMES):
+            for j in range(3):
+                await store.save_schedule(Schedule(f"{name}-{j}", "ledger", f"x{i}{j}", "book",
+                                                   "note", b"", {}, 10**15, name))
+        view = _View(NAMES)
+
+        def fresh(name: str) -> ScheduleAdoption:
+            rt = Runtime(store, Metrics(name), RuntimeSettings(), name)
+            return ScheduleAdoption(rt, 60_000)
+
+        nodes = {n: fresh(n) for n in NAMES}
+        for what, name in events:
+            if what == "returns":
+                if view.status[name] is Status.ALIVE:
+                    continue
+                nodes[name] = fresh(name)
+                view.status[name] = Status.ALIVE
+            else:
+                view.status[name] = Status.DEAD if what == "dies" else Status.LEFT
+            live = [n for n in NAMES if view.status[n] is Status.ALIVE]
+            rnd.shuffle(live)
+            for n in live:
+                await nodes[n]._departures(view)
+            rows = await store.list_schedules()
+            assert len(rows) == 3 * len(NAMES)  # nothing lost
+            if live:
+                stuck = [r.id for r in rows if view.status[r.owner] is not Status.ALIVE]
+                assert stuck == [], (events, view.status)
+
+    trio.run(main)
