@@ -6,8 +6,8 @@ which fires them when due; a member that restarts under the same name takes back
 schedules whose owner no member knows are taken over once overdue (concurrent sweeps move each
 one once); a due schedule its actor's owner refuses for now (a full queue) stays kept and is
 retried until queued. The rendezvous choice of the adopter is property-tested, and so is the
-adoption under any churn of deaths, leaves and comebacks. A SIGKILLed owner
-with real processes and PostgreSQL: ``tests/test_e2e_schedules.py``.
+adoption under any churn of deaths, leaves and comebacks. A SIGKILLed owner with real
+processes and PostgreSQL: ``tests/test_e2e_schedules.py``.
 """
 
 from __future__ import annotations
