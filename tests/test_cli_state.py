@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from spawnmesh.cli import main
 from spawnmesh.statestore import schema
-from spawnmesh.statestore.base import StateWrite
+from spawnmesh.statestore.base import Schedule, StateWrite
 from spawnmesh.statestore.crypto import Keyring
 from spawnmesh.statestore.sql import SqlStateStore
 from tests.test_statestore_sql import KEY1, KEY2, fresh_database
@@ -65,6 +65,30 @@ def _seed(url: sa.URL, writes: list[tuple[str, bytes]], keys: str = KEY1) -> Non
             await store.aclose()
 
     trio.run(go)
+
+
+def _schedule(url: sa.URL, sc: Schedule, keys: str) -> None:
+    async def go() -> None:
+        store = SqlStateStore(url, keyring=Keyring.parse(keys), pool_size=1)
+        await store.open()
+        try:
+            await store.save_schedule(sc)
+        finally:
+            await store.aclose()
+
+    trio.run(go)
+
+
+def _schedules(url: sa.URL, keys: str) -> list[Schedule]:
+    async def go() -> list[Schedule]:
+        store = SqlStateStore(url, keyring=Keyring.parse(keys), pool_size=1)
+        await store.open()
+        try:
+            return await store.list_schedules()
+        finally:
+            await store.aclose()
+
+    return trio.run(go)
 
 
 def cli(runner: CliRunner, url: sa.URL, *args: str, history: bool = True) -> Result:
@@ -124,18 +148,22 @@ def test_rotate_key_reseals_under_the_newest_key(
 ) -> None:
     mp = msgspec.msgpack.encode
     _seed(db_url, [("c1", mp(1)), ("c1", mp(2)), ("c2", mp(3))])
+    kept = Schedule("s-1", "shop", "c1", "cart", "add", mp({"n": 7}), {"k": "v"}, 10**13, "n1")
+    _schedule(db_url, kept, KEY1)
     old_id = Keyring.parse(KEY1).newest_id  # seeded under KEY1's derived id
     monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"{old_id}:{KEY1},new:{KEY2}")
     res = out(cli(runner, db_url, "statestore", "rotate-key"))
-    assert res == {"resealed": 5, "key_id": "new"}  # 2 current rows + 3 history rows
+    assert res == {"resealed": 6, "key_id": "new"}  # 2 current + 3 history rows + 1 schedule
     assert out(cli(runner, db_url, "statestore", "rotate-key"))["resealed"] == 0
     engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
         ids = {r[0] for r in conn.execute(sa.select(schema.state.c.key_id))}
+        sched_ids = {r[0] for r in conn.execute(sa.select(schema.schedules.c.key_id))}
     engine.dispose()
-    assert ids == {"new"}
+    assert ids == {"new"} and sched_ids == {"new"}
     monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"new:{KEY2}")  # the old key is gone
     assert out(cli(runner, db_url, "state", "get", "shop", "c1"))["state"] == 2
+    assert _schedules(db_url, f"new:{KEY2}") == [kept]  # the kept schedule still opens
 
 
 def test_errors(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

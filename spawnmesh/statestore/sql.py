@@ -1149,7 +1149,8 @@ class SqlStateStore:
         return await self._run(self._read, q)
 
     async def rotate_keys(self, batch: int = 200) -> int:
-        """Re-seal every row (state and history) not under the newest key; returns rows re-sealed.
+        """Re-seal every row (state, history and kept schedules) not under the newest key;
+        returns rows re-sealed.
 
         Rows that cannot be opened are logged and left as they are.
         """
@@ -1164,7 +1165,51 @@ class SqlStateStore:
                 if after is None:
                     break
                 await trio.lowlevel.checkpoint()
+        after_id: str | None = ""
+        while after_id is not None:
+            n, after_id = await self._run(self._rotate_schedules_batch, after_id, batch)
+            total += n
         return total
+
+    def _rotate_schedules_batch(self, after_id: str, batch: int) -> tuple[int, str | None]:
+        """Re-seal up to ``batch`` kept schedules past id ``after_id``; (re-sealed, the next
+        cursor or None at the end). A plaintext one is sealed; one that cannot be opened is
+        logged and left."""
+        keyring = self._keyring
+        assert keyring is not None
+        newest = keyring.newest_id
+
+        def txn(conn: Connection) -> tuple[int, str | None]:
+            rows = list(conn.execute(
+                sa.select(_sched.c.id, _sched.c.key_id, _sched.c.payload)
+                .where(_sched.c.key_id != newest, _sched.c.id > after_id)
+                .order_by(_sched.c.id)
+                .limit(batch)
+            ))
+            updates = []
+            for r in rows:
+                try:
+                    if r.key_id == PLAIN_KEY_ID:
+                        payload = bytes(r.payload)
+                    else:
+                        payload = keyring.open(r.key_id, bytes(r.payload), schedule_aad(r.id))
+                except StateCorrupt as err:
+                    log.warning("rotate_keys: skipping schedule %s: %s", r.id, err)
+                    continue
+                sealed = keyring.seal(payload, schedule_aad(r.id))
+                updates.append({"k_id": r.id, "k_old": r.key_id, "payload": sealed.data,
+                                "key_id": sealed.key_id})
+            if updates:
+                conn.execute(
+                    _sched.update()
+                    .where(_sched.c.id == sa.bindparam("k_id"),
+                           _sched.c.key_id == sa.bindparam("k_old"))
+                    .values(payload=sa.bindparam("payload"), key_id=sa.bindparam("key_id")),
+                    updates,
+                )
+            return len(updates), (rows[-1].id if len(rows) == batch else None)
+
+        return self._transaction(txn)
 
     def _rotate_batch(
         self, table: sa.Table, after: tuple[Any, ...] | None, batch: int
