@@ -827,5 +827,41 @@ def statestore_rotate_key(config_file: str | None, sets: tuple[str, ...],
     _echo_json({"resealed": n, "key_id": key_id})
 
 
+@statestore.command("schedules", short_help="List kept schedules (delayed casts) and their owners.")
+@click.option("--owner", metavar="NODE", help="Only those kept by this node name.")
+@click.option("--overdue", is_flag=True,
+              help="Only those already due (a live owner fires them within moments).")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="At most this many, soonest due first.")
+@_store_options
+def statestore_schedules(owner: str | None, overdue: bool, limit: int, config_file: str | None,
+                         sets: tuple[str, ...], statestore_url: str | None) -> None:
+    """Print the kept schedules, soonest due first, as a JSON list: the target actor and
+    action, the payload (decoded like state), the metadata, when it is due (``due_ms``, and
+    ``late_ms`` once overdue) and the node that keeps and fires it (``owner``)."""
+    from spawnmesh.clock import wall_ms
+
+    now = wall_ms()
+
+    async def fn(store: Any) -> Any:
+        return await store.list_schedules(limit, owner=owner,
+                                          due_before_ms=now if overdue else None)
+
+    rows = []
+    for sc in _store_call(config_file, sets, statestore_url, fn):
+        row: dict[str, object] = {
+            "id": sc.id, "system": sc.system, "actor": sc.actor, "parent": sc.parent,
+            "action": sc.action, "owner": sc.owner, "due_ms": sc.due_ms,
+            "late_ms": max(0, now - sc.due_ms), "metadata": dict(sc.metadata),
+        }
+        if sc.payload:
+            payload = _state_json(sc.payload)
+            row["encoding"], row["payload"] = payload["encoding"], payload["state"]
+        else:
+            row["encoding"], row["payload"] = "none", None
+        rows.append(row)
+    _echo_json(rows)
+
+
 if __name__ == "__main__":  # pragma: no cover - `python -m spawnmesh.cli`
     main(prog_name="spawnmesh")

@@ -182,3 +182,27 @@ def test_errors(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                 "postgresql+psycopg://u@127.0.0.1:1/db", "--set",
                                 "statestore.allow_plaintext=true"])
     assert down.exit_code == 1 and "statestore" in down.stderr and "Traceback" not in down.output
+
+
+def test_schedules_lists_what_is_kept_and_who_fires_it(runner: CliRunner, db_url: sa.URL) -> None:
+    mp = msgspec.msgpack.encode
+    late = Schedule("s-late", "shop", "c1", "cart", "add", mp({"n": 2}), {"k": "v"}, 1_000, "n1")
+    soon = Schedule("s-soon", "shop", "c2", None, "ping", b"", {}, 10**13, "n2")
+    later = Schedule("s-later", "shop", "c3", "cart", "add", mp(3), {}, 2 * 10**13, "n1")
+    for sc in (later, late, soon):
+        _schedule(db_url, sc, KEY1)
+    every = out(cli(runner, db_url, "statestore", "schedules"))
+    assert [r["id"] for r in every] == ["s-late", "s-soon", "s-later"]  # soonest first
+    first = every[0]
+    assert (first["system"], first["actor"], first["parent"], first["action"]) == (
+        "shop", "c1", "cart", "add")
+    assert (first["owner"], first["due_ms"], first["metadata"]) == ("n1", 1_000, {"k": "v"})
+    assert (first["encoding"], first["payload"]) == ("msgpack", {"n": 2})
+    assert first["late_ms"] > 10**12  # due in 1970
+    assert (every[1]["encoding"], every[1]["payload"], every[1]["late_ms"]) == ("none", None, 0)
+    mine = out(cli(runner, db_url, "statestore", "schedules", "--owner", "n1"))
+    assert [r["id"] for r in mine] == ["s-late", "s-later"]
+    due = out(cli(runner, db_url, "statestore", "schedules", "--overdue"))
+    assert [r["id"] for r in due] == ["s-late"]
+    one = out(cli(runner, db_url, "statestore", "schedules", "--limit", "1"))
+    assert [r["id"] for r in one] == ["s-late"]
