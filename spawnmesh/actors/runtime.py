@@ -506,7 +506,7 @@ class Runtime:
         or refusing it for now is retried with backoff, the schedule kept meanwhile; once the
         node leaves its cluster, a kept one stays in the store for the member that takes it
         over."""
-        if self._schedules_handed_over and kept is not None and kept.saved:
+        if self._adopter_fires(kept):
             return
         act = self._table.get((target.system, target.name))
         if act is not None:  # active here: queued at once, so schedules due together keep order
@@ -531,7 +531,7 @@ class Runtime:
         overloaded, the store down) with backoff from 50 ms to 5 s; then stop keeping it."""
         backoff = 0.05
         waited = 0.0
-        while not (self._schedules_handed_over and kept is not None and kept.saved):
+        while not self._adopter_fires(kept):
             try:
                 await self._cast_queued(target, action, payload, meta, caller)
             except NodeShuttingDown:
@@ -570,6 +570,11 @@ class Runtime:
                 return
         act = await self._resolve(target)
         self._enqueue(act, _Job(action, payload, metadata, caller), admitted=True)
+
+    def _adopter_fires(self, kept: _Kept | None) -> bool:
+        """Whether a due schedule is left to the member that takes this leaving node's kept
+        schedules over (it is in the store, and this node has handed them over)."""
+        return self._schedules_handed_over and kept is not None and kept.saved
 
     def _fired(self, kept: _Kept | None) -> None:
         """A due invocation was queued: count it, forget it in the store."""
