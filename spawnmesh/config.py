@@ -205,6 +205,16 @@ class ActorsConfig:
         min=1,
         max=100_000,
     )
+    schedule_horizon_ms: int = setting(
+        600_000,
+        "Delayed and scheduled casts due within this many milliseconds are held in memory "
+        "(about 1 KB each), later ones only in the statestore, loaded as they come within "
+        "reach (every quarter of it, at most every minute). Bounds a node's memory however "
+        "many casts are scheduled far ahead; 10 minutes keeps store reads rare.",
+        min=1_000,
+        max=604_800_000,
+        unit="ms",
+    )
     shutdown_grace_ms: int = setting(
         10_000,
         "Time in milliseconds allowed on SIGTERM to finish turns in flight and flush state. "

@@ -63,6 +63,7 @@ def runtime_settings(config: NodeConfig) -> RuntimeSettings:
         sweep_interval_s=a.sweep_interval_ms / 1000,
         write_behind_s=a.write_behind_ms / 1000,
         write_batch_max=a.write_batch_max,
+        schedule_horizon_s=a.schedule_horizon_ms / 1000,
     )
 
 
@@ -639,7 +640,7 @@ class Node:
                 await self._start_mesh(self.supervisor, self._cluster_settings)
             await self.runtime.activate_eager()
             # in a cluster, other members' schedules are taken over as they die or leave
-            self.runtime.start_schedule_recovery(adopt_all=self._cluster_settings is None)
+            self.runtime.schedules.start_recovery(adopt_all=self._cluster_settings is None)
             self._ready = True
             _trim_heap()
             self.started_at = trio.current_time()
@@ -725,7 +726,7 @@ class Node:
             return self._drained
         self._ready = False
         if self.membership is not None:
-            self.runtime.hand_over_schedules()  # a survivor fires them once this node has left
+            self.runtime.schedules.hand_over()  # a survivor fires them once this node has left
             await self.membership.leave()
             if self.router is not None:  # hand every actor off now, not at the next view poll
                 self.router.update_view(self.membership.live())

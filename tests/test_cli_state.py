@@ -72,7 +72,7 @@ def _schedule(url: sa.URL, sc: Schedule, keys: str) -> None:
         store = SqlStateStore(url, keyring=Keyring.parse(keys), pool_size=1)
         await store.open()
         try:
-            await store.save_schedule(sc)
+            await store.save_schedules([sc])
         finally:
             await store.aclose()
 

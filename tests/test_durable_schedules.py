@@ -15,7 +15,7 @@ import sqlalchemy as sa
 import trio
 
 from spawnmesh import ActorSystem, Context, Node, WriteThrough, action, open_node
-from spawnmesh.actors.runtime import _SCHEDULE_PAGE, SCHEDULE_LATE_KEY
+from spawnmesh.actors.kept import PAGE, SCHEDULE_LATE_KEY
 from spawnmesh.clock import wall_ms
 from spawnmesh.errors import Overloaded
 from spawnmesh.statestore.base import Schedule
@@ -152,10 +152,10 @@ async def test_recovery_does_not_refire_schedules_this_node_knows() -> None:
         b = node.ref("vault", "r1", parent="box")
         await b.cast("deposit", Deposit(1, "once"), delay_ms=300)
         await eventually(lambda: has_kept(node, 1))
-        node.runtime.start_schedule_recovery()  # e.g. a second load racing the first
+        node.runtime.schedules.start_recovery(adopt_all=True)  # e.g. a second load racing the first
         await eventually(lambda: total_at_least(node, "r1", 1))
         await eventually(lambda: has_kept(node, 0, exactly=True))
-        node.runtime.start_schedule_recovery()
+        node.runtime.schedules.start_recovery(adopt_all=True)
         await trio.sleep(0.4)
         assert (await box(node, "r1")).memos == ["once"]
 
@@ -166,13 +166,12 @@ async def test_a_burst_of_overdue_schedules_beyond_the_queue_bound_is_all_delive
     due schedule was admitted when it was made: it is not refused again)."""
     store = MemoryStateStore()
     due = wall_ms() - 5_000
-    n = _SCHEDULE_PAGE + 100
-    for i in range(n):
-        payload = msgspec.msgpack.encode({"amount": 1, "memo": f"m{i:03}"})
-        await store.save_schedule(
-            Schedule(f"burst-{i:03}", "vault", "q1", "box", "deposit", payload, {}, due,
-                     "test-node")
-        )
+    n = PAGE + 100
+    await store.save_schedules([
+        Schedule(f"burst-{i:03}", "vault", "q1", "box", "deposit",
+                 msgspec.msgpack.encode({"amount": 1, "memo": f"m{i:03}"}), {}, due, "test-node")
+        for i in range(n)
+    ])
     config = test_config(**{"actors.max_queue_per_actor": 8})
     async with open_node(config, vault(), store=store) as node:
 

@@ -208,11 +208,11 @@ async def test_orphaned_schedules_are_taken_over_once_when_overdue() -> None:
     payload = msgspec.msgpack.encode("from-a-ghost")
     due = wall_ms() - 1_000
     for i in range(8):
-        await store.save_schedule(Schedule(f"ghost-{i}", "ledger", f"g{i}", "book", "note",
-                                           payload, {}, due, "ghost"))
-    await store.save_schedule(Schedule("future", "ledger", "g0", "book", "note",
-                                       msgspec.msgpack.encode("later"), {},
-                                       wall_ms() + 60_000, "ghost"))
+        await store.save_schedules([Schedule(f"ghost-{i}", "ledger", f"g{i}", "book", "note",
+                                             payload, {}, due, "ghost")])
+    await store.save_schedules([Schedule("future", "ledger", "g0", "book", "note",
+                                         msgspec.msgpack.encode("later"), {},
+                                         wall_ms() + 60_000, "ghost")])
     async with AsyncExitStack() as stack:
         nodes = await started(stack, store, "x", "y", "z", orphan_ms=400)
         await converged(nodes)
@@ -360,8 +360,8 @@ def test_under_any_churn_no_schedule_stays_with_a_departed_member(
         store = MemoryStateStore()
         for i, name in enumerate(NAMES):
             for j in range(3):
-                await store.save_schedule(Schedule(f"{name}-{j}", "ledger", f"x{i}{j}", "book",
-                                                   "note", b"", {}, 10**15, name))
+                await store.save_schedules([Schedule(f"{name}-{j}", "ledger", f"x{i}{j}",
+                                                     "book", "note", b"", {}, 10**15, name)])
         view = _View(NAMES)
 
         def fresh(name: str) -> ScheduleAdoption:

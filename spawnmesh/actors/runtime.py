@@ -24,7 +24,6 @@ import logging
 import math
 import traceback
 import types
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -36,11 +35,12 @@ import trio
 from spawnmesh.actors.activation import Activation
 from spawnmesh.actors.context import _UNSET, Broadcast, Context, Reply
 from spawnmesh.actors.definition import STATE_ACTIONS, ActorDef, Kind, WriteThrough
+from spawnmesh.actors.kept import Kept, ScheduleKeeper
 from spawnmesh.actors.routing import Routing
 from spawnmesh.actors.scheduler import Scheduler
 from spawnmesh.actors.writer import StateWriter
 from spawnmesh.clock import wall_ms
-from spawnmesh.codec import convert, to_builtins
+from spawnmesh.codec import convert
 from spawnmesh.errors import (
     ActionNotFound,
     ActorFailed,
@@ -105,28 +105,6 @@ class _Job:
         self.caller = caller
 
 
-_SCHEDULE_PAGE = 5_000
-"""Kept schedules read from the store per query when loading them."""
-
-SCHEDULE_LATE_KEY = "spawnmesh-schedule-late-ms"
-"""Metadata of a kept schedule fired late (after a restart): how late, in milliseconds."""
-
-
-class _Kept:
-    """A delayed invocation kept in the store until it fires (``saved``: the store has it)."""
-
-    __slots__ = ("fired", "saved", "schedule")
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
-        self.saved = False
-        self.fired = False
-
-    def has_fired(self) -> bool:
-        """Whether it fired (a method: read again after an await)."""
-        return self.fired
-
-
 class RuntimeSettings(NamedTuple):
     """The runtime's knobs (from ``ActorsConfig``), in seconds where time."""
 
@@ -137,6 +115,7 @@ class RuntimeSettings(NamedTuple):
     sweep_interval_s: float = 1.0
     write_behind_s: float = 1.0
     write_batch_max: int = 1000
+    schedule_horizon_s: float = 600.0
 
 
 class Runtime:
@@ -185,11 +164,12 @@ class Runtime:
         """OpenTelemetry spans of invocations and turns (None: tracing off, the default)."""
         self._moving: dict[Key, trio.Event] = {}
         """Activations being handed off to their new owner (set when released)."""
-        self._kept: dict[str, _Kept] = {}
-        """Kept schedules known to this runtime (made here or recovered), until fired and
-        deleted from the store: recovery skips them, so none fires twice from one node."""
-        self._schedules_handed_over = False
-        """Set when the node leaves its cluster: kept schedules are left to their adopter."""
+        self.schedules = ScheduleKeeper(
+            store, metrics, self.scheduler, node_id,
+            horizon_ms=int(settings.schedule_horizon_s * 1000),
+            on_due=self._fire_schedule, decode=self._schedule_payload,
+        )
+        """Delayed and scheduled casts, kept in the store until queued."""
         metrics.add_gauge_source(self._gauges)
 
     # ------------------------------------------------------------------ definitions
@@ -239,6 +219,7 @@ class Runtime:
             ("scheduler", self.scheduler.run),
             ("passivation", self._sweep_loop),
             ("async-turns", self._serve_jobs),
+            ("schedules", self.schedules.run),
         ]
 
     async def _serve_jobs(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -420,7 +401,8 @@ class Runtime:
         caller: ActorId | None = None,
     ) -> None:
         """Fire-and-forget: queue ``action`` on ``target`` now, after ``delay_ms``, or at
-        ``at_epoch_ms`` (Unix epoch ms). Raises Overloaded if the actor's queue is full."""
+        ``at_epoch_ms`` (Unix epoch ms; delayed ones are kept in the store until queued).
+        Raises Overloaded if the actor's queue is full."""
         if self._closing and _CURRENT.get() is None:
             raise NodeShuttingDown(f"node {self.node_id} is shutting down")
         if caller is None:
@@ -429,117 +411,47 @@ class Runtime:
         if at_epoch_ms is not None:
             delay_ms = max(0, at_epoch_ms - wall_ms())
         if delay_ms:
-            meta = dict(metadata or {})
-            kept = self._keep_schedule(target, action, payload, meta, delay_ms)
-            self.scheduler.call_at(
-                trio.current_time() + delay_ms / 1000,
-                lambda: self._fire_schedule(target, action, payload, meta, caller, kept),
-            )
+            self.schedules.keep(target, action, payload, metadata, caller, delay_ms)
             return
         self._cast(target, action, payload, metadata, caller)
 
     # ------------------------------------------------------------------ durable schedules
 
-    def _keep_schedule(
-        self, target: ActorId, action: str, payload: Any, meta: dict[str, str], delay_ms: int
-    ) -> _Kept | None:
-        """Start keeping a delayed invocation in the store (in the background), so it fires
-        after a restart too. None if it cannot be kept (payload not encodable, not running)."""
-        if self._jobs is None:
-            return None
-        try:
-            blob = b"" if payload is None else msgspec.msgpack.encode(to_builtins(payload))
-        except (TypeError, ValueError, msgspec.EncodeError) as exc:
-            log.warning("delayed %s.%s is not durable (payload not encodable: %s)", target,
-                        action, exc)
-            return None
-        sched = Schedule(uuid.uuid4().hex, target.system, target.name, target.parent, action,
-                         blob, meta, wall_ms() + delay_ms, self.node_id)
-        kept = _Kept(sched)
-        self._kept[sched.id] = kept
-        self._spawn_job(self._save_schedule, kept)
-        return kept
-
-    async def _save_schedule(self, kept: _Kept) -> None:
-        backoff = 0.1
-        while True:
-            if kept.has_fired():  # fired before it could be saved: nothing to keep
-                self._kept.pop(kept.schedule.id, None)
-                return
-            try:
-                await self.store.save_schedule(kept.schedule)
-            except StatestoreUnavailable as exc:
-                log.warning("could not keep schedule %s yet (retrying): %s", kept.schedule.id,
-                            exc)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            kept.saved = True
-            if kept.has_fired():  # it fired while being saved
-                await self._forget_schedule(kept.schedule.id)
-            return
-
-    async def _forget_schedule(self, schedule_id: str) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self.store.delete_schedule(schedule_id)
-                self._kept.pop(schedule_id, None)
-                return
-            except StatestoreUnavailable as exc:  # until it succeeds (else it fires again
-                log.warning("could not delete fired schedule %s yet (retrying): %s",
-                            schedule_id, exc)  # after a restart: at least once)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def _fire_schedule(
-        self,
-        target: ActorId,
-        action: str,
-        payload: Any,
-        meta: Mapping[str, str],
-        caller: ActorId | None,
-        kept: _Kept | None,
-    ) -> None:
+    def _fire_schedule(self, kept: Kept) -> None:
         """A delayed invocation is due: queue it on its actor (here, past the queue bound: it
         was admitted when made; or on its owner), then stop keeping it. An owner out of reach
         or refusing it for now is retried with backoff, the schedule kept meanwhile; once the
         node leaves its cluster, a kept one stays in the store for the member that takes it
         over."""
-        if self._adopter_fires(kept):
-            return
-        act = self._table.get((target.system, target.name))
+        if self.schedules.adopter_fires(kept) or (self._closing and kept.durable):
+            return  # left in the store: the adopter fires it, or this node once it is back
+        sc = kept.schedule
+        act = self._table.get((sc.system, sc.actor))
         if act is not None:  # active here: queued at once, so schedules due together keep order
-            self._enqueue(act, _Job(action, payload, meta, caller), admitted=True)
+            self._enqueue(act, _Job(sc.action, kept.payload, kept.meta, kept.caller),
+                          admitted=True)
             self._fired(kept)
             return
         try:
-            self._spawn_job(self._deliver_due, target, action, payload, meta, caller, kept)
+            self._spawn_job(self._deliver_due, kept)
         except NodeShuttingDown:
             return  # still kept: it fires when the node is back
 
-    async def _deliver_due(
-        self,
-        target: ActorId,
-        action: str,
-        payload: Any,
-        meta: Mapping[str, str],
-        caller: ActorId | None,
-        kept: _Kept | None,
-    ) -> None:
+    async def _deliver_due(self, kept: Kept) -> None:
         """Queue a due invocation, retrying what may pass later (an owner out of reach or
         overloaded, the store down) with backoff from 50 ms to 5 s; then stop keeping it."""
+        target, action = kept.target, kept.schedule.action
         backoff = 0.05
         waited = 0.0
-        while not self._adopter_fires(kept):
+        while not self.schedules.adopter_fires(kept):
             try:
-                await self._cast_queued(target, action, payload, meta, caller)
+                await self._cast_queued(target, action, kept.payload, kept.meta, kept.caller)
             except NodeShuttingDown:
                 return  # still kept: it fires when the node is back
             except SpawnmeshError as exc:
                 if not exc.retryable:
                     log.warning("scheduled invocation %s.%s dropped: %s", target, action, exc)
-                    self._forget_kept(kept)
+                    self.schedules.fired(kept)
                     return
                 if waited < 10.0 <= waited + backoff:  # once, not at every retry
                     log.warning("scheduled invocation %s.%s not queued for 10 s (retrying "
@@ -571,112 +483,10 @@ class Runtime:
         act = await self._resolve(target)
         self._enqueue(act, _Job(action, payload, metadata, caller), admitted=True)
 
-    def _adopter_fires(self, kept: _Kept | None) -> bool:
-        """Whether a due schedule is left to the member that takes this leaving node's kept
-        schedules over (it is in the store, and this node has handed them over)."""
-        return self._schedules_handed_over and kept is not None and kept.saved
-
-    def _fired(self, kept: _Kept | None) -> None:
+    def _fired(self, kept: Kept) -> None:
         """A due invocation was queued: count it, forget it in the store."""
         self.metrics.scheduled_fired_total += 1
-        self._forget_kept(kept)
-
-    def _forget_kept(self, kept: _Kept | None) -> None:
-        if kept is None:
-            return
-        kept.fired = True
-        if kept.saved and self._jobs is not None:
-            self._spawn_job(self._forget_schedule, kept.schedule.id)
-
-    def start_schedule_recovery(self, *, adopt_all: bool = True) -> None:
-        """Load this node's kept schedules (from before a restart) and fire them when due; in
-        the background, retrying while the store is unavailable. ``adopt_all`` (a node alone,
-        not in a cluster) first takes over the schedules every other node name kept: nothing
-        else will fire them. In a cluster the members that died or left are adopted one by
-        one instead (:class:`spawnmesh.mesh.schedules.ScheduleAdoption`)."""
-        self._spawn_job(self._recover_schedules, adopt_all)
-
-    def hand_over_schedules(self) -> None:
-        """Stop firing the schedules kept in the store (the node is leaving its cluster: the
-        member that takes them over fires them, and only it)."""
-        self._schedules_handed_over = True
-
-    async def adopt_schedules(self, from_owner: str) -> int:
-        """Take over the schedules ``from_owner`` kept (a member that died or left) and fire
-        them when due, overdue ones at once; how many this node took (0 if another member
-        took them first, or if this node is leaving itself). Raises StatestoreUnavailable."""
-        if from_owner == self.node_id or self._schedules_handed_over:
-            return 0
-        n = await self.store.claim_schedules(from_owner, self.node_id)
-        if n:
-            log.info("took over %d kept schedules of %s", n, from_owner)
-            self.metrics.schedules_adopted_total += n
-            await self._load_schedules()
-        return n
-
-    async def _recover_schedules(self, adopt_all: bool) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                if adopt_all:
-                    n = await self.store.claim_schedules(None, self.node_id)
-                    if n:
-                        log.info("took over %d kept schedules of other node names", n)
-                        self.metrics.schedules_adopted_total += n
-                await self._load_schedules()
-                return
-            except StatestoreUnavailable as exc:
-                log.warning("cannot load kept schedules yet (retrying): %s", exc)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _load_schedules(self) -> None:
-        """Fire, when due, the kept schedules this node owns that it does not hold yet (read
-        a page at a time)."""
-        n = 0
-        after: tuple[int, str] | None = None
-        while True:
-            page = await self.store.list_schedules(
-                _SCHEDULE_PAGE, owner=self.node_id, after=after
-            )
-            n += self._hold_schedules(page)
-            if len(page) < _SCHEDULE_PAGE:
-                break
-            after = (page[-1].due_ms, page[-1].id)
-        if n:
-            log.info("%d kept schedules recovered", n)
-
-    def _hold_schedules(self, kept: list[Schedule]) -> int:
-        """Put kept schedules on the scheduler (those not held yet); how many."""
-        now_ms, now = wall_ms(), trio.current_time()
-        n = 0
-        for sc in kept:
-            if sc.id in self._kept:
-                continue
-            target = ActorId(sc.system, sc.actor, sc.parent)
-            try:
-                payload = self._schedule_payload(target, sc)
-            except SpawnmeshError as exc:
-                log.error("kept schedule %s for %s.%s dropped: %s", sc.id, target, sc.action,
-                          exc)
-                self._spawn_job(self._forget_schedule, sc.id)
-                continue
-            meta = dict(sc.metadata)
-            late = now_ms - sc.due_ms
-            if late > 0:
-                meta[SCHEDULE_LATE_KEY] = str(late)
-            k = _Kept(sc)
-            k.saved = True
-            self._kept[sc.id] = k
-            self.scheduler.call_at(now + max(0, -late) / 1000,
-                                   self._firing(target, sc.action, payload, meta, k))
-            n += 1
-        return n
-
-    def _firing(
-        self, target: ActorId, action: str, payload: Any, meta: Mapping[str, str], kept: _Kept
-    ) -> Callable[[], None]:
-        return lambda: self._fire_schedule(target, action, payload, meta, None, kept)
+        self.schedules.fired(kept)
 
     def _schedule_payload(self, target: ActorId, sc: Schedule) -> Any:
         if not sc.payload:
@@ -1359,7 +1169,8 @@ class Runtime:
 
     async def drain(self, grace_s: float) -> bool:
         """Stop accepting, let turns in flight and queued finish (within ``grace_s``), then
-        flush every committed state. True if nothing was left unfinished or unflushed."""
+        flush every committed state and kept schedule. True if nothing was left unfinished
+        or unflushed."""
         self.stop_accepting()
         deadline = trio.current_time() + grace_s
         if self._busy == 0:
@@ -1373,9 +1184,14 @@ class Runtime:
             log.warning("%d actors still busy after the shutdown grace period", self._busy)
         with trio.move_on_at(deadline + grace_s) as scope:
             flushed = await self.writer.flush_all()
+            await self.schedules.flush()
         if scope.cancelled_caught or not flushed:
-            log.error("%d actor states could not be flushed: %s", self.writer.pending(),
-                      self.writer.last_error)
+            if self.writer.pending() or not flushed:
+                log.error("%d actor states could not be flushed: %s", self.writer.pending(),
+                          self.writer.last_error)
+            if self.schedules.pending_writes():
+                log.error("%d delayed invocations could not be kept or forgotten in the store",
+                          self.schedules.pending_writes())
             return False
         return finished
 
@@ -1410,6 +1226,11 @@ class Runtime:
                float(self.writer.pending()))
         yield ("spawnmesh_scheduled_entries", "Timers and scheduled invocations pending", {},
                float(len(self.scheduler)))
+        yield ("spawnmesh_schedules_held", "Delayed invocations held in memory (due within "
+               "the horizon)", {}, float(self.schedules.held))
+        yield ("spawnmesh_schedules_pending_writes", "Delayed invocations not yet kept, or "
+               "queued and not yet forgotten, in the store", {},
+               float(self.schedules.pending_writes()))
 
 
 def check_definition_names(defs: Iterable[ActorDef]) -> None:

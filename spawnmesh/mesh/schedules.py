@@ -133,7 +133,7 @@ class ScheduleAdoption:
     async def _adopt(self, owner: str) -> bool:
         """Whether the store answered (the schedules may have gone to another member)."""
         try:
-            await self.runtime.adopt_schedules(owner)
+            await self.runtime.schedules.adopt(owner)
         except StatestoreUnavailable as exc:
             log.warning("schedules of %s not taken over yet: %s", owner, exc)
             return False

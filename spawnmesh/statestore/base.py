@@ -103,8 +103,10 @@ class StateStore(Protocol):
     async def healthy(self) -> bool:
         """A cheap check that the store answers, for readiness."""
 
-    async def save_schedule(self, schedule: Schedule) -> None:
-        """Keep ``schedule`` (replacing one with the same id) until it is deleted."""
+    async def save_schedules(self, schedules: list[Schedule]) -> None:
+        """Keep ``schedules`` (each replacing one with the same id) until deleted, all or none
+        (one transaction where the store supports it); InvalidArgument if one is over a limit
+        of the store."""
 
     async def list_schedules(
         self,
@@ -124,5 +126,5 @@ class StateStore(Protocol):
         schedules at once, each schedule goes to exactly one. Returns how many this call
         moved."""
 
-    async def delete_schedule(self, schedule_id: str) -> bool:
-        """Forget a schedule (it was enqueued); True if it existed."""
+    async def delete_schedules(self, schedule_ids: list[str]) -> int:
+        """Forget schedules (they were queued); how many existed."""

@@ -73,9 +73,10 @@ class MemoryStateStore:
         await trio.lowlevel.checkpoint()
         return True
 
-    async def save_schedule(self, schedule: Schedule) -> None:
+    async def save_schedules(self, schedules: list[Schedule]) -> None:
         await trio.lowlevel.checkpoint()
-        self._schedules[schedule.id] = schedule
+        for sc in schedules:
+            self._schedules[sc.id] = sc
 
     async def list_schedules(
         self,
@@ -106,6 +107,6 @@ class MemoryStateStore:
             self._schedules[s.id] = replace(s, owner=to_owner)
         return len(moved)
 
-    async def delete_schedule(self, schedule_id: str) -> bool:
+    async def delete_schedules(self, schedule_ids: list[str]) -> int:
         await trio.lowlevel.checkpoint()
-        return self._schedules.pop(schedule_id, None) is not None
+        return sum(self._schedules.pop(i, None) is not None for i in schedule_ids)

@@ -1024,9 +1024,24 @@ class SqlStateStore:
 
     # ------------------------------------------------------------------ schedules
 
-    async def save_schedule(self, schedule: Schedule) -> None:
-        """Keep ``schedule`` (sealed like state; replaces one with the same id)."""
-        sc = schedule
+    async def save_schedules(self, schedules: list[Schedule]) -> None:
+        """Keep ``schedules`` (sealed like state; each replaces one with the same id), in one
+        transaction: all or none. InvalidArgument, before any write, if one is over a limit."""
+        if not schedules:
+            return
+        now = self._clock()
+        rows = [self._schedule_row(sc, now) for sc in schedules]
+        ids = [r["id"] for r in rows]
+
+        def txn(conn: Connection) -> None:
+            for i in range(0, len(ids), _CHUNK):
+                conn.execute(_sched.delete().where(_sched.c.id.in_(ids[i : i + _CHUNK])))
+            conn.execute(_sched.insert(), rows)
+
+        await self._run(self._transaction, txn)
+
+    def _schedule_row(self, sc: Schedule, now_ms: int) -> dict[str, Any]:
+        """The row of one schedule, its payload sealed; InvalidArgument if over a limit."""
         self._check_key((sc.system, sc.actor))
         if not sc.id or len(sc.id) > schema.MAX_SCHEDULE_ID:
             raise InvalidArgument(f"schedule id {sc.id[:80]!r}: 1-{schema.MAX_SCHEDULE_ID} chars")
@@ -1037,19 +1052,13 @@ class SqlStateStore:
         else:
             sealed = self._keyring.seal(sc.payload, schedule_aad(sc.id))
             key_id, data = sealed.key_id, sealed.data
-        row = {
+        return {
             "id": sc.id, "system": sc.system, "actor": sc.actor, "parent": sc.parent,
             "action": sc.action, "payload": data, "key_id": key_id,
             "metadata": _tags_json(sc.metadata), "due_ms": sc.due_ms,
             "owner": (sc.owner or self._node_id)[: schema.MAX_OWNER],
-            "created_ms": self._clock(),
+            "created_ms": now_ms,
         }
-
-        def txn(conn: Connection) -> None:
-            conn.execute(_sched.delete().where(_sched.c.id == sc.id))
-            conn.execute(_sched.insert(), row)
-
-        await self._run(self._transaction, txn)
 
     async def list_schedules(
         self,
@@ -1115,11 +1124,17 @@ class SqlStateStore:
 
         return await self._run(self._transaction, txn)
 
-    async def delete_schedule(self, schedule_id: str) -> bool:
-        """Forget a schedule; True if it existed."""
+    async def delete_schedules(self, schedule_ids: list[str]) -> int:
+        """Forget schedules (they were queued), in one transaction; how many existed."""
+        if not schedule_ids:
+            return 0
 
-        def txn(conn: Connection) -> bool:
-            return bool(conn.execute(_sched.delete().where(_sched.c.id == schedule_id)).rowcount)
+        def txn(conn: Connection) -> int:
+            n = 0
+            for i in range(0, len(schedule_ids), _CHUNK):
+                chunk = schedule_ids[i : i + _CHUNK]
+                n += conn.execute(_sched.delete().where(_sched.c.id.in_(chunk))).rowcount or 0
+            return n
 
         return await self._run(self._transaction, txn)
 

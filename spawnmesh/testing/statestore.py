@@ -162,23 +162,45 @@ class StateStoreConformance:
         assert await store.list_schedules() == []
         late = Schedule("s-2", "sys", "a", None, "ping", b"\x91\x01", {}, 2_000, "n1")
         soon = Schedule("s-1", "sys", "b", "tmpl", "tick", b"", {"k": "v"}, 1_000, "n1")
-        await store.save_schedule(late)
-        await store.save_schedule(soon)
+        await store.save_schedules([late])
+        await store.save_schedules([soon])
         assert await store.list_schedules() == [soon, late]
         assert await store.list_schedules(limit=1) == [soon]
         moved = Schedule("s-2", "sys", "a", None, "ping", b"\x02", {}, 500, "n1")
-        await store.save_schedule(moved)  # same id: replaced
+        await store.save_schedules([moved])  # same id: replaced
         assert await store.list_schedules() == [moved, soon]
-        assert await store.delete_schedule("s-2") is True
-        assert await store.delete_schedule("s-2") is False
+        assert await store.delete_schedules(["s-2"]) == 1
+        assert await store.delete_schedules(["s-2", "s-9"]) == 0
         assert await store.list_schedules() == [soon]
+
+    async def test_schedules_kept_and_forgotten_in_batches(self, store: StateStore) -> None:
+        n = 1_234  # more than one IN (...) chunk
+        batch = [
+            Schedule(f"b-{i:04}", "sys", f"a{i % 7}", None, "ping", i.to_bytes(2, "big"),
+                     {"i": str(i)}, 10_000 + i, "n1")
+            for i in range(n)
+        ]
+        await store.save_schedules(batch)
+        await store.save_schedules([])
+        assert await store.list_schedules(limit=n + 1) == batch
+        again = [Schedule(sc.id, sc.system, sc.actor, None, "pong", b"", {}, 5, "n1")
+                 for sc in batch[:600]]
+        await store.save_schedules(again)  # the same ids: replaced, not added
+        got = await store.list_schedules(limit=n + 1)
+        assert len(got) == n and got[:600] == again
+        gone = [sc.id for sc in batch[::2]] + ["not-kept"]
+        assert await store.delete_schedules(gone) == len(batch[::2])
+        assert await store.delete_schedules([]) == 0
+        assert {sc.id for sc in await store.list_schedules(limit=n)} == {
+            sc.id for sc in batch[1::2]
+        }
 
     async def test_schedules_listed_by_owner_and_due_time(self, store: StateStore) -> None:
         a1 = Schedule("o-1", "sys", "a", None, "ping", b"", {}, 1_000, "n1")
         a2 = Schedule("o-2", "sys", "b", None, "ping", b"", {}, 3_000, "n1")
         b1 = Schedule("o-3", "sys", "c", None, "ping", b"", {}, 2_000, "n2")
         for sc in (a1, a2, b1):
-            await store.save_schedule(sc)
+            await store.save_schedules([sc])
         assert await store.list_schedules(owner="n1") == [a1, a2]
         assert await store.list_schedules(owner="n2") == [b1]
         assert await store.list_schedules(owner="n3") == []
@@ -191,7 +213,7 @@ class StateStoreConformance:
         also = Schedule("c-2", "sys", "b", "tmpl", "tick", b"", {}, 2_000, "n1")
         other = Schedule("c-3", "sys", "c", None, "ping", b"", {}, 1_500, "n2")
         for sc in (mine, also, other):
-            await store.save_schedule(sc)
+            await store.save_schedules([sc])
         assert await store.claim_schedules("n1", "n3") == 2
         assert await store.claim_schedules("n1", "n3") == 0  # nothing left to move
         assert await store.list_schedules(owner="n1") == []
@@ -206,8 +228,8 @@ class StateStoreConformance:
     async def test_concurrent_claims_move_each_schedule_once(self, store: StateStore) -> None:
         n = 40
         for i in range(n):
-            await store.save_schedule(
-                Schedule(f"r-{i:03}", "sys", f"a{i}", None, "ping", b"", {}, 1_000 + i, "gone")
+            await store.save_schedules(
+                [Schedule(f"r-{i:03}", "sys", f"a{i}", None, "ping", b"", {}, 1_000 + i, "gone")]
             )
         moved: dict[str, int] = {}
 
@@ -230,7 +252,7 @@ class StateStoreConformance:
             for i in range(20)
         ]  # three schedules share each due time: pages break ties by id
         for sc in reversed(want):
-            await store.save_schedule(sc)
+            await store.save_schedules([sc])
         got: list[Schedule] = []
         after: tuple[int, str] | None = None
         while True:
@@ -244,8 +266,8 @@ class StateStoreConformance:
 
     async def test_claiming_every_other_owners_schedules(self, store: StateStore) -> None:
         for i, owner in enumerate(["n1", "n2", "me", "n2"]):
-            await store.save_schedule(
-                Schedule(f"e-{i}", "sys", f"a{i}", None, "ping", b"", {}, 1_000 + i, owner)
+            await store.save_schedules(
+                [Schedule(f"e-{i}", "sys", f"a{i}", None, "ping", b"", {}, 1_000 + i, owner)]
             )
         assert await store.claim_schedules(None, "me") == 3
         assert [s.owner for s in await store.list_schedules()] == ["me"] * 4
