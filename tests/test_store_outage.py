@@ -20,7 +20,16 @@ import pytest
 import sqlalchemy as sa
 import trio
 
-from spawnmesh import ActorSystem, Context, Node, WriteBehind, WriteThrough, action, open_node
+from spawnmesh import (
+    ActorSystem,
+    Context,
+    Node,
+    Reply,
+    WriteBehind,
+    WriteThrough,
+    action,
+    open_node,
+)
 from spawnmesh.errors import InvocationTimeout, StateCorrupt, StatestoreUnavailable
 from spawnmesh.statestore import schema
 from spawnmesh.statestore.crypto import Keyring
@@ -45,6 +54,21 @@ def bank() -> ActorSystem:
         async def add(self, ctx: Context[int], n: int) -> int:
             ctx.state += n
             return ctx.state
+
+    @system.actor("journal", state=int, snapshot=WriteBehind(every_ms=60_000))
+    class Journal:
+        @action
+        async def add(self, ctx: Context[int], n: int) -> int:
+            ctx.state += n
+            return ctx.state
+
+        @action
+        async def add_now(self, ctx: Context[int], n: int) -> Reply:
+            """The same, durable before the reply (a checkpoint)."""
+            ctx.state += n
+            reply = ctx.reply(ctx.state)
+            reply.checkpoint = True
+            return reply
 
     @system.actor("account", kind="unnamed", state=int, snapshot=WriteThrough())
     class Account:
@@ -130,6 +154,32 @@ async def test_node_rides_out_an_outage(dialect: str, tmp_path: Path) -> None:
                 assert await stored_int(url, "ledger") == 15
                 acct = node.ref("bank", "acct-1", parent="account")
                 assert await acct.invoke("add", 1) == 1
+            proxy.cut()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql"])
+async def test_a_failed_checkpoint_keeps_the_pending_state_it_follows(
+    dialect: str, tmp_path: Path
+) -> None:
+    """A write-behind actor's acknowledged state is not durable yet when a checkpoint turn
+    fails on an outage: the checkpoint's change is undone, the earlier state still gets
+    written when the database is back."""
+    with fresh_database(dialect, tmp_path) as url:
+        proxy = _Proxy(url.host or "127.0.0.1", int(url.port or 0))
+        async with trio.open_nursery() as nursery:
+            await proxy.start(nursery)
+            via = url.set(host="127.0.0.1", port=proxy.port)
+            async with node_on(via) as node:
+                journal = node.ref("bank", "journal")
+                assert await journal.invoke("add", 5) == 5  # acknowledged, written in 60 s
+                proxy.cut()
+                with pytest.raises(StatestoreUnavailable):
+                    await journal.invoke("add_now", 1)
+                assert await journal.invoke("get_state") == 5
+                assert node.runtime.writer.pending() == 1  # still owed to the store
+                await proxy.start(nursery)
+                await node.runtime.writer.flush_all()
+                assert await stored_int(url, "journal") == 5
             proxy.cut()
 
 

@@ -223,11 +223,31 @@ class Runtime:
         ]
 
     async def _serve_jobs(self, *, task_status: trio.TaskStatus[None]) -> None:
-        async with trio.open_nursery() as nursery:
-            self._jobs = nursery
-            self._clock = trio.lowlevel.current_clock().current_time
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._jobs = nursery
+                self._clock = trio.lowlevel.current_clock().current_time
+                for act in self._table.values():  # restarted: jobs left queued meanwhile
+                    if not act.busy and act.waiters:
+                        act.busy = True
+                        self._busy += 1
+                        self._release(act)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._jobs = None
+
+    def _start_job(self, act: Activation, job: _Job) -> bool:
+        """Run ``job`` in the runtime's nursery (the baton is held for it); False if the
+        service is down (restarting or stopped)."""
+        jobs = self._jobs
+        if jobs is None:
+            return False
+        try:
+            jobs.start_soon(self._run_job, act, job)
+        except RuntimeError:  # the nursery is closing: the service is being restarted
+            return False
+        return True
 
     async def activate_eager(self) -> None:
         """Activate named actors that have timers or channel subscriptions, so their timers
@@ -536,7 +556,10 @@ class Runtime:
         else:
             act.busy = True
             self._busy += 1
-            self._spawn_job(self._run_job, act, job)
+            if not self._start_job(act, job):
+                self._busy -= 1
+                act.busy = False
+                raise NodeShuttingDown("the runtime's async turns are not running")
 
     async def _cast_slow(
         self,
@@ -603,6 +626,8 @@ class Runtime:
                             job.action, self._timeout_s)
         except SpawnmeshError as exc:
             log.info("async invocation %s.%s failed: %s", act.id, job.action, exc)
+        except Exception:  # a bug here must not take the other async turns down with it
+            log.exception("async invocation %s.%s failed", act.id, job.action)
         finally:
             self._release(act)
         if result.__class__ is Reply and result.next is not None:
@@ -654,17 +679,21 @@ class Runtime:
         """Hand the baton to the next in line, or put it down."""
         waiters = act.waiters
         if waiters:
-            nxt = waiters.popleft()
-            self._queued -= 1
-            if nxt.__class__ is _Job:
-                self._spawn_job(self._run_job, act, nxt)
-            else:
+            nxt = waiters[0]
+            if nxt.__class__ is not _Job:
+                waiters.popleft()
+                self._queued -= 1
                 trio.lowlevel.reschedule(nxt)
-        else:
-            act.busy = False
-            self._busy -= 1
-            if self._closing and self._busy == 0:
-                self._idle.set()
+                return
+            if self._start_job(act, nxt):
+                waiters.popleft()
+                self._queued -= 1
+                return
+            # the async-turns service is restarting: the job waits, queued, for its restart
+        act.busy = False
+        self._busy -= 1
+        if self._closing and self._busy == 0:
+            self._idle.set()
 
     # ------------------------------------------------------------------ activation
 
@@ -788,9 +817,14 @@ class Runtime:
     def _apply_loaded(self, act: Activation, stored: StoredState | None) -> None:
         adef = act.adef
         if stored is None:
-            act.state = adef.new_state()
-            act.blob = adef.codec.encode(act.state)
-            act.revision = 0
+            try:  # the definition's initial state: user code
+                state = adef.new_state()
+                blob = adef.codec.encode(state)
+            except Exception as exc:
+                raise ActorFailed(str(act.id), type(exc).__name__,
+                                  f"initial state: {exc}", traceback.format_exc(),
+                                  self.node_id) from exc
+            act.state, act.blob, act.revision = state, blob, 0
         else:
             act.state = adef.codec.decode(stored.blob)
             act.blob = stored.blob
@@ -920,11 +954,14 @@ class Runtime:
         if not durable and not isinstance(act.adef.snapshot, WriteThrough):
             self.writer.mark_dirty(act, self._clock())
             return
+        owed = act.dirty_since != 0.0  # the previous state is not durable yet either
         try:  # if the caller is cancelled meanwhile, the outcome is unknown to it; the
             await self.writer.write(act)  # writer keeps the state and retries until durable
         except StatestoreUnavailable:
             act.blob = prev_blob
-            self.writer.forget(act)
+            if not owed:  # back to a durable state: nothing to write
+                self.writer.forget(act)
+            # else the previous state stays pending: it was committed and acknowledged
             self._reset(act)
             raise
 
