@@ -94,15 +94,18 @@ _EDGE_SPAN: ContextVar[bool] = ContextVar("spawnmesh_edge_span", default=False)
 class _Job:
     """A queued fire-and-forget invocation."""
 
-    __slots__ = ("action", "caller", "metadata", "payload")
+    __slots__ = ("action", "caller", "metadata", "payload", "tick")
 
     def __init__(
-        self, action: str, payload: Any, metadata: Mapping[str, str] | None, caller: ActorId | None
+        self, action: str, payload: Any, metadata: Mapping[str, str] | None,
+        caller: ActorId | None, *, tick: bool = False,
     ) -> None:
         self.action = action
         self.payload = payload
         self.metadata = metadata
         self.caller = caller
+        self.tick = tick
+        """A timer's turn."""
 
 
 class RuntimeSettings(NamedTuple):
@@ -785,8 +788,10 @@ class Runtime:
             if not act.busy:
                 return act
         if len(members) < adef.pool_size:
+            taken = {m.id.name for m in members}  # a passivated member's index is free again
+            index = next(i for i in range(adef.pool_size) if f"{adef.name}#{i}" not in taken)
             act = self._new_activation(
-                adef, ActorId(adef.system, f"{adef.name}#{len(members)}", adef.name)
+                adef, ActorId(adef.system, f"{adef.name}#{index}", adef.name)
             )
             members.append(act)
             return act
@@ -845,11 +850,16 @@ class Runtime:
         def fire() -> None:
             if self._table.get(act.key) is not act or act.epoch != epoch or self._closing:
                 return  # passivated or replaced: the timer dies with its activation
-            self.metrics.timers_fired_total += 1
-            try:
-                self._enqueue(act, _Job(action, None, None, act.id))
-            except SpawnmeshError as exc:
-                log.warning("timer %s.%s skipped: %s", act.id, action, exc)
+            waiters = act.waiters
+            if waiters and any(j.__class__ is _Job and j.tick and j.action == action
+                               for j in waiters):
+                log.debug("timer %s.%s skipped: its last tick has not run yet", act.id, action)
+            else:  # at most one tick per timer waits: a slow timer does not fill the queue
+                try:
+                    self._enqueue(act, _Job(action, None, None, act.id, tick=True))
+                    self.metrics.timers_fired_total += 1
+                except SpawnmeshError as exc:
+                    log.warning("timer %s.%s skipped: %s", act.id, action, exc)
             self._schedule_timer(act, epoch, action, every_s)
 
         self.scheduler.call_at(trio.current_time() + every_s, fire)
