@@ -16,9 +16,10 @@ not yet forgotten when the node stops fires again after the restart.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import uuid
+import secrets
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -26,6 +27,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
+from spawnmesh.actors.scheduler import Scheduler
 from spawnmesh.clock import wall_ms
 from spawnmesh.codec import to_builtins
 from spawnmesh.errors import InvalidArgument, SpawnmeshError, StatestoreUnavailable
@@ -33,8 +35,6 @@ from spawnmesh.ids import ActorId
 from spawnmesh.ops.metrics import Metrics
 from spawnmesh.statestore.base import Schedule, StateStore
 from spawnmesh.statestore.schema import MAX_ACTION
-
-from .scheduler import Scheduler
 
 log = logging.getLogger("spawnmesh.schedules")
 
@@ -118,6 +118,7 @@ class ScheduleKeeper:
         """Forgotten while a load was reading (it may have read them): not held again."""
         self._recovery: trio.Event | None = None
         self._adopt_all = False
+        self._seq = itertools.count()
         self.held = 0
         """Schedules on the scheduler, not due yet."""
         self.running = False
@@ -151,19 +152,20 @@ class ScheduleKeeper:
                             action, exc)
         if blob is None:
             sc = Schedule("", target.system, target.name, target.parent, action, b"", meta, due)
-            self._hold(Kept(sc, payload, meta, caller, durable=False))
+            self._hold(Kept(sc, payload, meta, caller, durable=False), delay_ms)
             return
         stored = meta
         if caller is not None:
             stored = {**meta, CALLER_KEY: json.dumps(list(caller))}
-        sc = Schedule(uuid.uuid4().hex, target.system, target.name, target.parent, action,
-                      blob, stored, due, self.node_id)
+        sid = f"{wall_ms():011x}{next(self._seq):08x}{secrets.token_hex(6)}"  # creation order
+        sc = Schedule(sid, target.system, target.name, target.parent, action, blob, stored,
+                      due, self.node_id)
         kept = Kept(sc, payload, meta, caller)
         self._known[sc.id] = kept
         self._to_save.append(kept)
         self._work.set()
         if due < self._reach_ms:
-            self._hold(kept)
+            self._hold(kept, delay_ms)
 
     def fired(self, kept: Kept) -> None:
         """``kept`` was queued on its actor, or dropped: stop keeping it."""
@@ -180,11 +182,14 @@ class ScheduleKeeper:
         schedules over (it is in the store, and this node has handed them over)."""
         return self.handed_over and kept.saved
 
-    def _hold(self, kept: Kept) -> None:
+    def _hold(self, kept: Kept, delay_ms: int | None = None) -> None:
+        """Fire ``kept`` after ``delay_ms`` (one made here: exactly its delay, so schedules
+        made in order with one delay fire in that order), or when its due time comes."""
         kept.held = True
         self.held += 1
-        delay_s = max(0.0, (kept.schedule.due_ms - wall_ms()) / 1000)
-        self.scheduler.call_at(trio.current_time() + delay_s, lambda: self._due(kept))
+        if delay_ms is None:
+            delay_ms = max(0, kept.schedule.due_ms - wall_ms())
+        self.scheduler.call_at(trio.current_time() + delay_ms / 1000, lambda: self._due(kept))
 
     def _due(self, kept: Kept) -> None:
         self.held -= 1
@@ -197,6 +202,7 @@ class ScheduleKeeper:
         """Save and forget in batches; load what comes within the horizon (after
         :meth:`start_recovery`). Restartable: its queues live on the keeper."""
         self.running = True
+        self._reach_ms = max(self._reach_ms, wall_ms() + self.horizon_ms)
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_loop)

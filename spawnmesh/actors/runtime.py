@@ -108,6 +108,17 @@ class _Job:
         """A timer's turn."""
 
 
+class _Held:
+    """Casts to an actor being resolved (its template looked up in the store, or its
+    hand-off finishing): queued on it in arrival order once resolved."""
+
+    __slots__ = ("done", "jobs")
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+        self.done = trio.Event()
+
+
 class RuntimeSettings(NamedTuple):
     """The runtime's knobs (from ``ActorsConfig``), in seconds where time."""
 
@@ -165,6 +176,10 @@ class Runtime:
         (the same time, without the run-context lookup: 0.1-0.2 us less per read)."""
         self.tracer: Tracing | None = None
         """OpenTelemetry spans of invocations and turns (None: tracing off, the default)."""
+        self._due: dict[Key, deque[Kept]] = {}
+        """Due schedules being delivered to actors not active here, in due order, by actor."""
+        self._held: dict[Key, _Held] = {}
+        """Casts waiting for their actor to be resolved, by actor (invocations wait too)."""
         self._moving: dict[Key, trio.Event] = {}
         """Activations being handed off to their new owner (set when released)."""
         self.schedules = ScheduleKeeper(
@@ -366,6 +381,10 @@ class Runtime:
         if chain and key in chain:
             names = [key_str(k) for k in (*chain, key)]
             raise CallCycle(f"call cycle: {' -> '.join(names)}", names)
+        if self._held:
+            held = self._held.get(key)
+            if held is not None:  # casts made earlier wait for this actor: run after them
+                await held.done.wait()
         act = self._table.get(key)
         if act is None:
             router = self.router
@@ -445,33 +464,49 @@ class Runtime:
         was admitted when made; or on its owner), then stop keeping it. An owner out of reach
         or refusing it for now is retried with backoff, the schedule kept meanwhile; once the
         node leaves its cluster, a kept one stays in the store for the member that takes it
-        over."""
+        over. Schedules of one actor due together are queued in due order."""
         if self.schedules.adopter_fires(kept) or (self._closing and kept.durable):
             return  # left in the store: the adopter fires it, or this node once it is back
         sc = kept.schedule
-        act = self._table.get((sc.system, sc.actor))
-        if act is not None:  # active here: queued at once, so schedules due together keep order
+        key = (sc.system, sc.actor)
+        line = self._due.get(key)
+        if line is not None:  # earlier ones of this actor are being delivered: after them
+            line.append(kept)
+            return
+        act = self._table.get(key)
+        if act is not None:  # active here: queued at once
             self._enqueue(act, _Job(sc.action, kept.payload, kept.meta, kept.caller),
                           admitted=True)
             self._fired(kept)
             return
+        self._due[key] = deque([kept])
         try:
-            self._spawn_job(self._deliver_due, kept)
+            self._spawn_job(self._deliver_due, key)
         except NodeShuttingDown:
-            return  # still kept: it fires when the node is back
+            del self._due[key]  # still kept: it fires when the node is back
 
-    async def _deliver_due(self, kept: Kept) -> None:
-        """Queue a due invocation, retrying what may pass later (an owner out of reach or
-        overloaded, the store down) with backoff from 50 ms to 5 s; then stop keeping it."""
+    async def _deliver_due(self, key: Key) -> None:
+        """Queue the due invocations lined up for one actor, in order, each retried while
+        what stops it may pass (an owner out of reach or overloaded, the store down) with
+        backoff from 50 ms to 5 s; each is forgotten once queued."""
+        line = self._due[key]
+        try:
+            while line:
+                await self._deliver_one(line[0])
+                line.popleft()
+        finally:  # cancelled (the node stops): those left are still kept in the store
+            del self._due[key]
+
+    async def _deliver_one(self, kept: Kept) -> None:
         target, action = kept.target, kept.schedule.action
         backoff = 0.05
         waited = 0.0
         while not self.schedules.adopter_fires(kept):
             try:
                 await self._cast_queued(target, action, kept.payload, kept.meta, kept.caller)
-            except NodeShuttingDown:
-                return  # still kept: it fires when the node is back
             except SpawnmeshError as exc:
+                if isinstance(exc, NodeShuttingDown) or self._closing:
+                    return  # still kept: it fires when the node is back
                 if not exc.retryable:
                     log.warning("scheduled invocation %s.%s dropped: %s", target, action, exc)
                     self.schedules.fired(kept)
@@ -531,6 +566,9 @@ class Runtime:
         caller: ActorId | None,
     ) -> None:
         key = (target.system, target.name)
+        if self._held and key in self._held:  # behind casts waiting for the same actor
+            self._hold(self._held[key], _Job(action, payload, metadata, caller))
+            return
         act = self._table.get(key)
         if act is None:
             router = self.router
@@ -542,9 +580,28 @@ class Runtime:
                     return
             act = None if adef is None or key in self._moving else self._resolve_now(target)
             if act is None:  # needs a statestore lookup or a hand-off: resolve in a task
-                self._spawn_job(self._cast_slow, target, action, payload, metadata, caller)
+                held = _Held()
+                self._hold(held, _Job(action, payload, metadata, caller))
+                self._held[key] = held
+                try:
+                    self._spawn_job(self._cast_slow, target, held)
+                except NodeShuttingDown:
+                    del self._held[key]
+                    self._queued -= 1
+                    raise
                 return
         self._enqueue(act, _Job(action, payload, metadata, caller))
+
+    def _hold(self, held: _Held, job: _Job) -> None:
+        """Hold a cast back until its actor is resolved (bounded like a queue)."""
+        if len(held.jobs) >= self._max_q or self._queued >= self._max_node_q:
+            self.metrics.overloaded_total += 1
+            raise Overloaded(
+                f"{len(held.jobs)} invocations wait for this actor to be found, "
+                f"{self._queued} queued on this node; retry later"
+            )
+        held.jobs.append(job)
+        self._queued += 1
 
     def _enqueue(self, act: Activation, job: _Job, *, admitted: bool = False) -> None:
         """Queue ``job`` on ``act`` (run it now if idle). ``admitted``: a due schedule, whose
@@ -564,26 +621,37 @@ class Runtime:
                 act.busy = False
                 raise NodeShuttingDown("the runtime's async turns are not running")
 
-    async def _cast_slow(
-        self,
-        target: ActorId,
-        action: str,
-        payload: Any,
-        metadata: Mapping[str, str] | None,
-        caller: ActorId | None,
-    ) -> None:
+    async def _cast_slow(self, target: ActorId, held: _Held) -> None:
+        """Resolve ``target`` (or find its remote owner), then queue the casts held back for
+        it there, in arrival order; those that arrive meanwhile join them."""
+        key = (target.system, target.name)
+        owner = None
+        act = None
+        error: SpawnmeshError | None = None
         try:
             router = self.router
             if router is not None:
                 adef = self.definition_for(target) or await self.learn_template(target)
                 owner = router.remote_owner(target, adef)
-                if owner is not None:
-                    router.cast_remote(owner, target, action, payload, metadata, caller)
-                    return
-            act = await self._resolve(target)
-            self._enqueue(act, _Job(action, payload, metadata, caller))
+            if owner is None:
+                act = await self._resolve(target)
         except SpawnmeshError as exc:
-            log.warning("async invocation %s.%s dropped: %s", target, action, exc)
+            error = exc
+        finally:  # cancelled too: nobody else would release the casts or their waiters
+            del self._held[key]
+            self._queued -= len(held.jobs)
+            held.done.set()
+        if error is not None:
+            log.warning("%d async invocations of %s dropped: %s", len(held.jobs), target,
+                        error)
+            return
+        for job in held.jobs:  # synchronously: nothing can come between them
+            if owner is not None:
+                assert self.router is not None
+                self.router.cast_remote(owner, target, job.action, job.payload, job.metadata,
+                                        job.caller)
+            elif act is not None:
+                self._enqueue(act, job, admitted=True)
 
     def _cast_logged(
         self,
@@ -1223,10 +1291,17 @@ class Runtime:
         if self._busy == 0:
             self._idle.set()
         with trio.move_on_at(deadline):
-            await self._idle.wait()
-            while self._moving:  # hand-offs started by leaving the cluster: flushed, too
-                await next(iter(self._moving.values())).wait()
-        finished = self._busy == 0 and not self._moving
+            while True:
+                if self._held:  # casts accepted before the drain, their actor being found
+                    await next(iter(self._held.values())).done.wait()
+                elif self._moving:  # hand-offs started by leaving the cluster: flushed too
+                    await next(iter(self._moving.values())).wait()
+                elif self._busy:
+                    self._idle = trio.Event()
+                    await self._idle.wait()
+                else:
+                    break
+        finished = self._busy == 0 and not self._moving and not self._held
         if not finished:
             log.warning("%d actors still busy after the shutdown grace period", self._busy)
         with trio.move_on_at(deadline + grace_s) as scope:

@@ -211,6 +211,8 @@ class Router:
         if adef.kind is Kind.POOLED:
             members = self.placement.members(t)
             if not members:
+                if self._last_one_leaving():
+                    return self.node_id
                 raise NoOwner(f"no live member hosts pool {t}")
             if self.node_id in members and (incoming or self.runtime.pool_has_room(adef)):
                 return self.node_id
@@ -223,11 +225,18 @@ class Router:
         if owner is None:
             owner = self.placement.owner(t, target.name)
             if owner is None:
-                raise NoOwner(f"no live member hosts actor type {t}")
+                if not self._last_one_leaving():
+                    raise NoOwner(f"no live member hosts actor type {t}")
+                owner = self.node_id
             if len(self._owners) >= _OWNER_CACHE_MAX:
                 self._owners.clear()
             self._owners[key] = owner
         return owner
+
+    def _last_one_leaving(self) -> bool:
+        """This node has left the view and no live member hosts the type: it finishes what
+        it accepted itself while it drains (nobody could take it over)."""
+        return self.node_id not in self._addrs
 
     def remote_owner(self, target: ActorId, adef: ActorDef) -> str | None:
         """The owning node if it is another one, else None (Routing protocol)."""
