@@ -104,7 +104,8 @@ def main() -> None:
 @main.command(short_help="Run a node.")
 @click.option("--app", metavar="MODULE:ATTR", help="The ActorSystem(s) to host.")
 @_config_options
-@click.option("--name", metavar="NAME", help="Node id (default: <hostname>-<ops port>).")
+@click.option("--name", metavar="NAME",
+              help="Node id (default: <hostname>-<ops port>, <hostname>-<pid> with port 0).")
 @click.option("--ops-host", metavar="HOST", help="Address of the ops HTTP server.")
 @click.option("--ops-port", metavar="N", help="Port of the ops HTTP server (0 = any free port).")
 @click.option("--statestore", metavar="URL", help="Statestore SQLAlchemy URL or memory://.")
@@ -138,10 +139,25 @@ def run(
     from spawnmesh.logs import setup_logging
 
     setup_logging(config.log.format, config.log.level)
+    from spawnmesh.ops.http import check_ops_bind
+
+    if config.ops.port:  # a busy port: one line now, not a supervisor retrying it
+        try:
+            check_ops_bind(config.ops.host, config.ops.port)
+        except ConfigError as err:
+            _config_error(err)
     # Lazy: the node pulls in the whole runtime, and the CLI must import without it.
     run_node: Callable[[NodeConfig], int] = importlib.import_module("spawnmesh.node").run_node
+    from spawnmesh.supervisor import RestartIntensityExceeded
 
-    sys.exit(run_node(config))
+    try:
+        code = run_node(config)
+    except RestartIntensityExceeded as err:
+        # a service kept failing on its configuration (e.g. the port was taken meanwhile)
+        if isinstance(err.last_error, ConfigError):
+            _config_error(err.last_error)
+        raise
+    sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +190,8 @@ def _error_line(status: int, body: bytes) -> str:
 @click.option("--metadata", multiple=True, metavar="K=V", help="Metadata entry (repeatable).")
 @click.option("--timeout-ms", type=click.IntRange(min=1), help="Reply deadline in ms.")
 @click.option("--async", "is_async", is_flag=True, help="Fire and forget: do not wait for a reply.")
-@click.option("--delay-ms", type=click.IntRange(min=0), help="Deliver after this many ms.")
+@click.option("--delay-ms", type=click.IntRange(min=0),
+              help="With --async: deliver after this many ms (a delayed call has no reply).")
 @click.option("--parent", metavar="TEMPLATE", help="Spawn the actor from this template if new.")
 @click.option(
     "--node",
@@ -196,7 +213,11 @@ def invoke(
     parent: str | None,
     node: str,
 ) -> None:
-    """Invoke ACTION on ACTOR of SYSTEM through a running node's ops HTTP API; print the value."""
+    """Invoke ACTION on ACTOR of SYSTEM through a running node's ops HTTP API; print the value
+    (with --async: null, once the node has queued the call)."""
+    if delay_ms is not None and not is_async:
+        _fail("error: --delay-ms needs --async: a delayed call is fire-and-forget, it has no "
+              "reply to print", EXIT_USAGE)
     payload: object = None
     if data is not None:
         try:
@@ -364,7 +385,17 @@ def members(node: str, as_json: bool, statuses: tuple[str, ...]) -> None:
 @click.argument("addrs", nargs=-1, required=True, metavar="HOST:PORT...")
 @_node_option
 def join(addrs: tuple[str, ...], node: str) -> None:
-    """Ask the node to join through the gossip addresses given (exit 1 if none answered)."""
+    """Ask the node to join through the gossip addresses given, each HOST:PORT or
+    [IPv6]:PORT (exit 2 if one is not; exit 1 if none answered)."""
+    from spawnmesh.cluster.addr import parse_host_port
+    from spawnmesh.errors import InvalidArgument
+
+    for addr in addrs:
+        try:
+            parse_host_port(addr)  # no default port: a bare word is a typo, not a member
+        except InvalidArgument as exc:
+            _fail(f"error: expected HOST:PORT (a member's gossip address), got {exc}",
+                  EXIT_USAGE)
     reply = _node_call(node, "POST", "/v1/cluster/join", {"addrs": list(addrs)})
     answered = int(reply.get("answered", 0))
     click.echo(f"joined through {answered} of {len(addrs)} address(es)")
@@ -375,7 +406,12 @@ def join(addrs: tuple[str, ...], node: str) -> None:
 @main.command(short_help="Make a node leave the cluster gracefully and exit.")
 @_node_option
 def leave(node: str) -> None:
-    """Ask the node to leave (the others mark it left at once, never dead), then drain and exit."""
+    """Ask the node to leave (the others mark it left at once, never dead), then drain and exit.
+    Exit 1, leaving the node running, if it is not in a cluster (cluster.enabled=false)."""
+    members = _node_call(node, "GET", "/v1/members")
+    if not members.get("enabled", True):
+        _fail(f"{members.get('self', 'the node')} is not in a cluster (cluster.enabled=false): "
+              "nothing to leave; it keeps running (stop it with SIGTERM)")
     reply = _node_call(node, "POST", "/v1/cluster/leave")
     how = "left the cluster" if reply.get("left") else "leave news not fully spread in time"
     click.echo(f"{how}; the node is shutting down")
@@ -627,8 +663,14 @@ def keygen(out: str | None) -> None:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         _fail(f"{out} exists; not overwriting a key")
-    with os.fdopen(fd, "w") as f:
-        f.write(line + "\n")
+    except OSError as exc:
+        _fail(f"error: cannot create {out}: {exc.strerror}", EXIT_USAGE)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(line + "\n")
+    except OSError as exc:  # e.g. a full disk: leave no partial key behind
+        os.unlink(out)
+        _fail(f"cannot write {out}: {exc.strerror}")
     click.echo(f"wrote a new key to {out}", err=True)
 
 
@@ -681,6 +723,8 @@ def _store_call(
 
     try:
         return trio.run(go)
+    except ConfigError as err:  # e.g. a SQLite file whose directory cannot be created
+        _config_error(err)
     except SpawnmeshError as err:
         _fail(f"{err.code}: {err}")
 
@@ -767,7 +811,11 @@ def state_history(system: str, name: str, config_file: str | None, sets: tuple[s
 def state_restore(system: str, name: str, revision: int, config_file: str | None,
                   sets: tuple[str, ...], statestore_url: str | None) -> None:
     """Point-in-time restore: write REVISION of actor NAME from history as a new revision.
-    An activation still holding the old revision is fenced off and reloads."""
+
+    Run it while the actor is not active (node stopped, or the actor passivated): an active
+    activation keeps answering reads from its old in-memory state until its next write, which
+    is fenced off; that turn is then retried on the restored state (write-through) or its
+    changes are discarded (write-behind). See docs/statestores.md, History."""
 
     async def fn(store: Any) -> Any:
         return await store.restore((system, name), revision)
@@ -783,7 +831,11 @@ def state_restore(system: str, name: str, revision: int, config_file: str | None
 def state_delete(system: str, name: str, config_file: str | None, sets: tuple[str, ...],
                  statestore_url: str | None) -> None:
     """Delete the stored state (and history) of actor NAME of SYSTEM; exit 1 if there was none.
-    An activation of it fails its next write (fenced) and starts again from a fresh state."""
+
+    Run it while the actor is not active (node stopped, or the actor passivated): an active
+    activation keeps answering reads from its old in-memory state until its next write, which
+    is fenced off; that turn is then retried on a fresh initial state (write-through) or its
+    changes are discarded (write-behind). See docs/statestores.md, History."""
 
     async def fn(store: Any) -> Any:
         return await store.delete((system, name))
@@ -815,16 +867,21 @@ def statestore_migrate(config_file: str | None, sets: tuple[str, ...],
 @_store_options
 def statestore_rotate_key(config_file: str | None, sets: tuple[str, ...],
                           statestore_url: str | None) -> None:
-    """Re-seal every state and history row not under the newest key (the last key of
-    statestore.key / the last line of the key file). Rows that cannot be opened are left as
-    they are and logged; run again until it reports 0, then drop the old key."""
+    """Re-seal every state and history row and kept schedule not under the newest key (the
+    last key of statestore.key / the last line of the key file); print {resealed, skipped,
+    key_id}. Rows that open under none of the configured keys are left as they are, logged and
+    counted in skipped, and the command exits 1: keep the old key until a run reports
+    resealed 0 and skipped 0."""
 
     async def fn(store: Any) -> Any:
-        n = await store.rotate_keys()
-        return n, store.key_id
+        n, skipped = await store.rotate_keys_counted()
+        return n, skipped, store.key_id
 
-    n, key_id = _store_call(config_file, sets, statestore_url, fn)
-    _echo_json({"resealed": n, "key_id": key_id})
+    n, skipped, key_id = _store_call(config_file, sets, statestore_url, fn)
+    _echo_json({"resealed": n, "skipped": skipped, "key_id": key_id})
+    if skipped:
+        _fail(f"state_corrupt: {skipped} row(s) open under none of the configured keys and were "
+              "left as they are (see the log); do not drop a key they may need")
 
 
 @statestore.command("schedules", short_help="List kept schedules (delayed casts) and their owners.")

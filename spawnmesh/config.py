@@ -729,8 +729,9 @@ class NodeConfig:
 
     name: str = setting(
         "",
-        "Node id, unique in the cluster. Empty means `<hostname>-<ops port>`, decided at "
-        "start-up, which is unique per machine and port.",
+        "Node id, unique in the cluster. Empty means `<hostname>-<ops.port>` (the configured "
+        "port), or `<hostname>-<process id>` when ops.port is 0, decided at start-up: unique "
+        "per machine and port (or process).",
     )
     app: str = setting(
         "",

@@ -153,7 +153,8 @@ def test_rotate_key_reseals_under_the_newest_key(
     old_id = Keyring.parse(KEY1).newest_id  # seeded under KEY1's derived id
     monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"{old_id}:{KEY1},new:{KEY2}")
     res = out(cli(runner, db_url, "statestore", "rotate-key"))
-    assert res == {"resealed": 6, "key_id": "new"}  # 2 current + 3 history rows + 1 schedule
+    # 2 current + 3 history rows + 1 schedule
+    assert res == {"resealed": 6, "skipped": 0, "key_id": "new"}
     assert out(cli(runner, db_url, "statestore", "rotate-key"))["resealed"] == 0
     engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
@@ -164,6 +165,32 @@ def test_rotate_key_reseals_under_the_newest_key(
     monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"new:{KEY2}")  # the old key is gone
     assert out(cli(runner, db_url, "state", "get", "shop", "c1"))["state"] == 2
     assert _schedules(db_url, f"new:{KEY2}") == [kept]  # the kept schedule still opens
+
+
+def test_rotate_key_reports_rows_no_key_opens_and_exits_1(
+    runner: CliRunner, db_url: sa.URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row under a key that is no longer configured cannot be re-sealed: it is counted in
+    ``skipped`` and the command fails, so "run it until it reports 0" cannot stop early."""
+    mp = msgspec.msgpack.encode
+    _seed(db_url, [("c1", mp(1)), ("c1", mp(2))])  # under KEY1: 1 current + 2 history rows
+    _schedule(db_url, Schedule("s-1", "shop", "c1", None, "add", mp(1), {}, 10**13, "n1"),
+              KEY1)
+    _seed(db_url, [("c2", mp(3))], keys=f"new:{KEY2}")  # 1 current + 1 history, newest key
+    _seed(db_url, [("c3", mp(4))], keys=f"mid:{KEY2}")  # KEY2 under another id: re-sealable
+    monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"mid:{KEY2},new:{KEY2}")  # KEY1 dropped
+    res = cli(runner, db_url, "statestore", "rotate-key")
+    assert res.exit_code == 1, res.output
+    assert json.loads(res.stdout) == {"resealed": 2, "skipped": 4, "key_id": "new"}
+    assert res.stderr.startswith("spawnmesh: state_corrupt: 4 row(s) open under none")
+    assert len(res.stderr.splitlines()) == 1
+    again = cli(runner, db_url, "statestore", "rotate-key")  # nothing changes by repeating
+    assert again.exit_code == 1
+    assert json.loads(again.stdout) == {"resealed": 0, "skipped": 4, "key_id": "new"}
+    monkeypatch.setenv("SPAWNMESH_STATESTORE_KEY", f"{Keyring.parse(KEY1).newest_id}:{KEY1},"
+                                                   f"new:{KEY2}")  # the old key back
+    assert out(cli(runner, db_url, "statestore", "rotate-key")) == {
+        "resealed": 4, "skipped": 0, "key_id": "new"}
 
 
 def test_errors(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

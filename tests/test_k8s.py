@@ -149,6 +149,14 @@ SETTING_ENV = {name: doc for doc in settings() for name in doc.env}
 PRIMARY_ENV = {doc.env[0] for doc in settings()}
 
 
+def secret_values(secret: dict[str, Any]) -> dict[str, str]:
+    """A Secret's values as the API server stores them: ``data`` (base64), with every
+    ``stringData`` key written over it (stringData wins)."""
+    values = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    values.update({k: str(v) for k, v in secret.get("stringData", {}).items()})
+    return values
+
+
 def pod_env(docs: list[dict[str, Any]]) -> dict[str, str]:
     """The environment the container gets, as the kubelet builds it: envFrom ConfigMaps,
     then env entries (fieldRef from :data:`POD`, secretKeyRef from the rendered Secret,
@@ -167,10 +175,7 @@ def pod_env(docs: list[dict[str, Any]]) -> dict[str, str]:
             env[item["name"]] = POD[ref["fieldRef"]["fieldPath"]]
         else:
             sref = ref["secretKeyRef"]
-            secret = one(docs, "Secret", sref["name"])
-            data = dict(secret.get("stringData", {}))
-            for k, v in secret.get("data", {}).items():
-                data[k] = base64.b64decode(v).decode()
+            data = secret_values(one(docs, "Secret", sref["name"]))
             assert sref["key"] in data, f"Secret {sref['name']} has no key {sref['key']}"
             env[item["name"]] = data[sref["key"]]
     return env
@@ -313,3 +318,67 @@ def test_the_committed_secret_holds_only_placeholders() -> None:
         keys = Keyring.parse(secret["stringData"][field]).export()
         assert [set(k) for _, k in keys] == [{0}], f"{field} is not the placeholder"
     assert "replace" in secret["stringData"]["host-token"]
+    assert "CHANGE-ME@" in secret["stringData"]["statestore-url"]
+
+
+# ----------------------------------------------------------------------------- the Secret
+
+
+REAL_URL = "postgresql+psycopg://spawnmesh:s3cret@db.prod.svc:5432/spawnmesh"
+
+
+def _copy_k8s(tmp: Path) -> Path:
+    root = tmp / "k8s"
+    shutil.copytree(K8S, root)
+    return root
+
+
+def _generated_secret(url: str) -> str:
+    """The Secret as docs/deploy-kubernetes.md generates it (``kubectl create secret
+    --dry-run=client``: base64 ``data``, no ``stringData``), with real-looking keys."""
+    key = "k1:" + base64.b64encode(bytes(range(32))).decode()
+    out = subprocess.run(
+        [_kubectl(), "create", "secret", "generic", "spawnmesh-secrets", "--dry-run=client",
+         "-o", "yaml", f"--from-literal=statestore-key={key}",
+         f"--from-literal=cluster-key={key}", "--from-literal=host-token=" + "ab" * 32,
+         f"--from-literal=statestore-url={url}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_postgres_overlay_uses_the_url_of_the_generated_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented way: regenerate base/secret.yaml with the real URL. Nothing in the
+    overlay may override it (a stringData patch would win over the Secret's data)."""
+    root = _copy_k8s(tmp_path)
+    (root / "base" / "secret.yaml").write_text(_generated_secret(REAL_URL))
+    docs = render(root / "overlays" / "postgres")
+    secret = one(docs, "Secret", "spawnmesh-secrets")
+    assert "stringData" not in secret, secret.get("stringData")
+    assert secret_values(secret)["statestore-url"] == REAL_URL
+    assert "CHANGE-ME" not in yaml.safe_dump_all(docs)
+    config = load_pod_config(docs, caplog)
+    assert config.statestore.url == REAL_URL
+    assert one(docs, "StatefulSet")["spec"]["replicas"] == 3
+
+
+def test_the_postgres_overlay_renders_with_the_secret_applied_directly(tmp_path: Path) -> None:
+    """The other documented way: apply the Secret yourself and drop it from the base's
+    resources; both variants still render, and the pods read the URL from that Secret."""
+    root = _copy_k8s(tmp_path)
+    kustomization = root / "base" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert "  - secret.yaml\n" in text
+    kustomization.write_text(text.replace("  - secret.yaml\n", "", 1))
+    for path in (root, root / "overlays" / "postgres"):
+        docs = render(path)
+        assert not [d for d in docs if d["kind"] == "Secret"], path
+        env = {e["name"]: e for e in container(docs)["env"]}
+        ref = env["SPAWNMESH_STATESTORE_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "spawnmesh-secrets", "key": "statestore-key"}
+    url_ref = env["SPAWNMESH_STATESTORE_URL"]["valueFrom"]["secretKeyRef"]
+    assert url_ref == {"name": "spawnmesh-secrets", "key": "statestore-url"}
+    assert "SPAWNMESH_STATESTORE_URL" not in one(docs, "ConfigMap")["data"]

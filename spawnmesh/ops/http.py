@@ -29,6 +29,7 @@ import errno
 import json
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -38,7 +39,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 import h11
 import trio
 
-from spawnmesh.errors import SpawnmeshError
+from spawnmesh.errors import ConfigError, SpawnmeshError
 from spawnmesh.ops.dashboard import DASHBOARD_CSP, dashboard_html
 
 __all__ = [
@@ -613,6 +614,47 @@ class _Connection:
             await trio.aclose_forcefully(stream)
 
 
+_BIND_ERRNOS: Final = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+"""Bind failures that are the configuration's fault (port taken or privileged, host not local)."""
+
+
+async def open_ops_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners(port, host=host)``; a bind the configuration makes impossible
+    (port in use or privileged, address not on this machine, host unknown) is a
+    :class:`ConfigError` naming ``ops.port`` or ``ops.host``."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except socket.gaierror as exc:
+        raise ConfigError("ops.host", f"cannot resolve {host!r}: {exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno not in _BIND_ERRNOS:
+            raise
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(
+                "ops.host",
+                f"cannot bind the ops HTTP server on {where}: {exc.strerror} (not an address "
+                "of this machine? set ops.host)",
+            ) from None
+        raise ConfigError(
+            "ops.port",
+            f"cannot bind the ops HTTP server on {where}: {exc.strerror} (another node on "
+            "this port? set ops.port, 0 picks a free one)",
+        ) from None
+
+
+def check_ops_bind(host: str, port: int) -> None:
+    """Raise the :class:`ConfigError` of :func:`open_ops_listeners` now if ``host:port`` cannot
+    be bound (the listeners are closed again): ``spawnmesh run`` checks before starting, as
+    the node's supervisor would retry a failing ops server until its restart limit."""
+
+    async def probe() -> None:
+        for listener in await open_ops_listeners(host, port):
+            await listener.aclose()
+
+    trio.run(probe)
+
+
 async def serve_ops(
     backend: OpsBackend,
     host: str,
@@ -629,13 +671,13 @@ async def serve_ops(
     first is kept then, so the reported port is the one served), reports the bound port through
     ``task_status.started``, and handles every connection in a nursery owned by this call. At most
     ``max_connections`` connections are served at once; further clients wait in the kernel's
-    accept backlog.
+    accept backlog. A port that cannot be bound is a :class:`ConfigError` (``ops.port``).
     """
     if max_body_bytes < 0 or max_connections < 1 or not idle_timeout_s > 0:
         raise ValueError("max_body_bytes >= 0, max_connections >= 1 and idle_timeout_s > 0")
     if math.isinf(idle_timeout_s):
         raise ValueError("idle_timeout_s must be finite")
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await open_ops_listeners(host, port)
     if port == 0 and len(listeners) > 1:
         for extra in listeners[1:]:
             await extra.aclose()

@@ -36,7 +36,13 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, Row
 
 from spawnmesh import clock
-from spawnmesh.errors import InvalidArgument, StaleActivation, StateCorrupt, StatestoreUnavailable
+from spawnmesh.errors import (
+    ConfigError,
+    InvalidArgument,
+    StaleActivation,
+    StateCorrupt,
+    StatestoreUnavailable,
+)
 from spawnmesh.statestore import schema
 from spawnmesh.statestore.base import (
     NO_TAGS,
@@ -309,7 +315,14 @@ class SqlStateStore:
             db = self._url.database or ""
             if not db or db == ":memory:" or db.startswith("file::memory:"):
                 raise InvalidArgument("an in-memory SQLite statestore is not durable; use memory://")
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # read-only or missing volume, a file in the way...
+                raise ConfigError(
+                    "statestore.url",
+                    f"cannot create the directory {str(Path(db).parent)!r} of the SQLite "
+                    f"file: {err.strerror or err}",
+                ) from None
             connect_args.update(check_same_thread=False, timeout=timeout)
             kw["poolclass"] = sa.pool.QueuePool
             # A local file: no connection to go stale, so no ping per checkout. Every sqlite3
@@ -1165,36 +1178,46 @@ class SqlStateStore:
 
     async def rotate_keys(self, batch: int = 200) -> int:
         """Re-seal every row (state, history and kept schedules) not under the newest key;
-        returns rows re-sealed.
+        returns rows re-sealed (:meth:`rotate_keys_counted` also counts those skipped).
 
         Rows that cannot be opened are logged and left as they are.
         """
+        return (await self.rotate_keys_counted(batch))[0]
+
+    async def rotate_keys_counted(self, batch: int = 200) -> tuple[int, int]:
+        """:meth:`rotate_keys`, returning ``(re-sealed, skipped)``: skipped rows open under
+        none of the configured keys (logged, left as they are), so the old key is still needed
+        (or those rows are lost)."""
         if self._keyring is None:
             raise InvalidArgument("rotate_keys needs a keyring (this store is unencrypted)")
-        total = 0
+        total = skipped = 0
         for table in (_state, _hist):
             after: tuple[Any, ...] | None = None
             while True:
-                n, after = await self._run(self._rotate_batch, table, after, batch)
+                n, bad, after = await self._run(self._rotate_batch, table, after, batch)
                 total += n
+                skipped += bad
                 if after is None:
                     break
                 await trio.lowlevel.checkpoint()
         after_id: str | None = ""
         while after_id is not None:
-            n, after_id = await self._run(self._rotate_schedules_batch, after_id, batch)
+            n, bad, after_id = await self._run(self._rotate_schedules_batch, after_id, batch)
             total += n
-        return total
+            skipped += bad
+        return total, skipped
 
-    def _rotate_schedules_batch(self, after_id: str, batch: int) -> tuple[int, str | None]:
-        """Re-seal up to ``batch`` kept schedules past id ``after_id``; (re-sealed, the next
-        cursor or None at the end). A plaintext one is sealed; one that cannot be opened is
-        logged and left."""
+    def _rotate_schedules_batch(
+        self, after_id: str, batch: int
+    ) -> tuple[int, int, str | None]:
+        """Re-seal up to ``batch`` kept schedules past id ``after_id``; (re-sealed, skipped, the
+        next cursor or None at the end). A plaintext one is sealed; one that cannot be opened
+        is logged, counted as skipped and left."""
         keyring = self._keyring
         assert keyring is not None
         newest = keyring.newest_id
 
-        def txn(conn: Connection) -> tuple[int, str | None]:
+        def txn(conn: Connection) -> tuple[int, int, str | None]:
             rows = list(conn.execute(
                 sa.select(_sched.c.id, _sched.c.key_id, _sched.c.payload)
                 .where(_sched.c.key_id != newest, _sched.c.id > after_id)
@@ -1202,6 +1225,7 @@ class SqlStateStore:
                 .limit(batch)
             ))
             updates = []
+            skipped = 0
             for r in rows:
                 try:
                     if r.key_id == PLAIN_KEY_ID:
@@ -1210,6 +1234,7 @@ class SqlStateStore:
                         payload = keyring.open(r.key_id, bytes(r.payload), schedule_aad(r.id))
                 except StateCorrupt as err:
                     log.warning("rotate_keys: skipping schedule %s: %s", r.id, err)
+                    skipped += 1
                     continue
                 sealed = keyring.seal(payload, schedule_aad(r.id))
                 updates.append({"k_id": r.id, "k_old": r.key_id, "payload": sealed.data,
@@ -1222,20 +1247,22 @@ class SqlStateStore:
                     .values(payload=sa.bindparam("payload"), key_id=sa.bindparam("key_id")),
                     updates,
                 )
-            return len(updates), (rows[-1].id if len(rows) == batch else None)
+            return len(updates), skipped, (rows[-1].id if len(rows) == batch else None)
 
         return self._transaction(txn)
 
     def _rotate_batch(
         self, table: sa.Table, after: tuple[Any, ...] | None, batch: int
-    ) -> tuple[int, tuple[Any, ...] | None]:
+    ) -> tuple[int, int, tuple[Any, ...] | None]:
+        """Re-seal up to ``batch`` rows of ``table`` past ``after``; (re-sealed, skipped, the
+        next cursor or None at the end)."""
         assert self._keyring is not None
         newest = self._keyring.newest_id
         pk = [table.c.system, table.c.name, table.c.revision]
         is_hist = table is _hist
         order = pk if is_hist else pk[:2]
 
-        def txn(conn: Connection) -> tuple[int, tuple[Any, ...] | None]:
+        def txn(conn: Connection) -> tuple[int, int, tuple[Any, ...] | None]:
             stmt = (
                 sa.select(table.c.system, table.c.name, table.c.revision, table.c.key_id,
                           table.c.data)
@@ -1249,14 +1276,16 @@ class SqlStateStore:
                 stmt = stmt.with_for_update()
             rows = list(conn.execute(stmt))
             if not rows:
-                return 0, None
+                return 0, 0, None
             updates = []
+            skipped = 0
             for r in rows:
                 key = (r.system, r.name)
                 try:
                     blob = self._unseal(key, r.revision, r.key_id, r.data)
                 except StateCorrupt as err:
                     log.warning("rotate_keys: skipping %s: %s", "/".join(key), err)
+                    skipped += 1
                     continue
                 key_id, data = self._seal(key, r.revision, blob)
                 updates.append({"k_system": r.system, "k_name": r.name, "k_rev": r.revision,
@@ -1273,7 +1302,7 @@ class SqlStateStore:
                 conn.execute(stmt_u, updates)
             last = rows[-1]
             cursor = tuple(getattr(last, c.name) for c in order)
-            return len(updates), (cursor if len(rows) == batch else None)
+            return len(updates), skipped, (cursor if len(rows) == batch else None)
 
         return self._transaction(txn)
 
