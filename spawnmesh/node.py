@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from spawnmesh._version import __version__
-from spawnmesh.actors.definition import ActorDef, Kind
+from spawnmesh.actors.definition import ActionDef, ActorDef, Kind
 from spawnmesh.actors.runtime import Runtime, RuntimeSettings
 from spawnmesh.clock import wall_ms
 from spawnmesh.cluster.addr import format_addr
@@ -582,7 +582,9 @@ class Node:
         parent: str | None,
     ) -> object:
         target = ActorId(system, actor, parent)
-        payload = convert(payload, self._payload_type(target, action))
+        ad = self._action(target, action)
+        if ad is not None and (payload is not None or not ad.payload_optional):
+            payload = convert(payload, ad.payload_type)  # no payload: the handler's default
         if is_async or delay_ms:
             self.runtime.cast_nowait(target, action, payload, metadata=metadata,
                                      delay_ms=delay_ms)
@@ -594,16 +596,16 @@ class Node:
         )
         return to_builtins(value)
 
-    def _payload_type(self, target: ActorId, action: str) -> Any:
+    def _action(self, target: ActorId, action: str) -> ActionDef | None:
+        """The definition of ``target``'s ``action`` (None: unknown here, or a state action);
+        ActionNotFound if the actor is known and has no such action."""
         adef = self.runtime.definition_for(target)
         if adef is None:
             return None
         ad = adef.actions.get(action)
-        if ad is None:
-            if adef.actions and action not in ("get_state", "getState", "get"):
-                raise ActionNotFound(f"{target} has no action {action!r}")
-            return None
-        return ad.payload_type
+        if ad is None and adef.actions and action not in ("get_state", "getState", "get"):
+            raise ActionNotFound(f"{target} has no action {action!r}")
+        return ad
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from spawnmesh.errors import SpawnmeshError
+from spawnmesh.errors import ConfigError, SpawnmeshError
 
 logger = logging.getLogger("spawnmesh.supervisor")
 
@@ -280,6 +280,9 @@ class Supervisor:
             )
             self._specs.remove(spec)
             return None
+        if isinstance(exc, ConfigError):  # a configuration mistake does not heal on restart
+            logger.error("supervisor %s: child %s cannot run: %s", self.name, spec.name, exc)
+            self._escalate(spec, exc)
         self._history.append(now)
         while self._history and self._history[0] <= now - self.within_s:
             self._history.popleft()

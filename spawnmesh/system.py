@@ -151,9 +151,10 @@ class ActorBuilder:
         if name in adef.actions:
             raise DefinitionError(f"actor {adef.system}/{adef.name}: action {name!r} twice")
         takes = _takes_payload(fn, skip)
-        handler = _as_handler(fn, takes_payload=takes, has_default=_payload_has_default(fn, skip))
+        optional = _payload_has_default(fn, skip)
+        handler = _as_handler(fn, takes_payload=takes, has_default=optional)
         adef.actions[name] = ActionDef(name, handler, _payload_type(fn, skip) if takes else None,
-                                       _reply_type(fn))
+                                       _reply_type(fn), optional or not takes)
         if timer_ms is not None:
             adef.timers.append(TimerDef(name, timer_ms))
 

@@ -276,12 +276,6 @@ def test_delay_without_async_is_a_usage_error(standalone_node: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Node._admin_invoke (spawnmesh/node.py) converts a null payload to the annotated "
-    "type even when the payload parameter has a default; an SDK ref.invoke('add') gets the "
-    "default. Remove this mark with that fix.",
-)
 def test_invoke_without_data_uses_the_handlers_default(standalone_node: str) -> None:
     res = spawnmesh("invoke", "examples", "counter", "add", "--node", standalone_node)
     assert res.returncode == 0, res.stderr

@@ -358,3 +358,22 @@ def test_restarts_in_any_window_never_exceed_max(
         assert in_window(restarted) > max_restarts
     else:
         assert restarted == len(failures)
+
+
+async def test_a_configuration_error_is_not_restarted() -> None:
+    """A child failing on its configuration (a port taken, a path unwritable) would fail the
+    same way at every restart: the supervisor escalates at once, the ConfigError as cause."""
+    from spawnmesh.errors import ConfigError
+
+    runs = 0
+
+    async def misconfigured(*, task_status: trio.TaskStatus[None]) -> None:
+        nonlocal runs
+        runs += 1
+        raise ConfigError("ops.port", "cannot bind: Address already in use")
+
+    sup = Supervisor("node", [ChildSpec("ops-http", misconfigured)])
+    with pytest.raises(RestartIntensityExceeded) as caught:
+        await sup.run()
+    assert runs == 1
+    assert isinstance(caught.value.last_error, ConfigError)

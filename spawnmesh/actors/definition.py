@@ -61,6 +61,8 @@ class ActionDef:
     reply_type: Any = None
     """The annotated return type, when it is a plain value type: a reply that crossed the
     wire (as builtins) is converted back to it for the caller."""
+    payload_optional: bool = False
+    """The handler's payload parameter has a default: no payload (None) means that default."""
 
 
 @dataclass(frozen=True, slots=True)
