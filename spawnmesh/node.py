@@ -511,6 +511,8 @@ class Node:
                 ("accepted", st.accepted, "Peer-wire connections accepted."),
                 ("handshake_failures", st.handshake_failures,
                  "Inbound peer-wire handshakes refused or failed."),
+                ("protocol_errors", st.protocol_errors,
+                 "Peer-wire sessions ended by a malformed frame from the peer."),
                 ("duplicate_connections", st.duplicates_closed,
                  "Duplicate peer-wire connections closed (one per peer pair is kept)."),
                 ("connections_closed", st.connections_closed, "Peer-wire connections closed."),

@@ -12,7 +12,7 @@ from spawnmesh.errors import ProtocolError
 
 names = st.text(max_size=20)
 incs = st.integers(0, m.MAX_INCARNATION)
-addrs = st.tuples(st.text(max_size=15), st.integers(0, 65535))
+addrs = st.tuples(st.ip_addresses().map(str), st.integers(1, 65535))
 seqs = st.integers(0, 2**64 - 1)
 
 message_st = st.one_of(

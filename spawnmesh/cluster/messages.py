@@ -8,6 +8,8 @@ whose code is above the highest code it knows. Anything else malformed raises ``
 
 from __future__ import annotations
 
+import ipaddress
+from functools import lru_cache
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -19,8 +21,15 @@ PROTOCOL_VERSION: Final = 1
 PROTOCOL_VERSION_MIN: Final = 1
 """Oldest packet version this code accepts."""
 
-Addr = tuple[str, int]
-"""A member's gossip address on the wire; the core treats it as an opaque hashable value."""
+MAX_HOST_CHARS: Final = 64
+"""Longest host in a gossip address: an IPv6 literal (45 characters) with a zone id."""
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+"""A gossip port: 0 is never a valid destination (an ephemeral bind advertises its real port)."""
+Host = Annotated[str, msgspec.Meta(min_length=2, max_length=MAX_HOST_CHARS)]
+Addr = tuple[Host, Port]
+"""A member's gossip address on the wire: an IP literal and a port (checked by :func:`decode`,
+as the shell sends to it; discovery and ``advertise_host`` only ever produce IP literals). The
+core treats it as an opaque hashable value."""
 
 MAX_INCARNATION: Final = 2**63 - 1
 """Largest incarnation on the wire (int64); above it a packet is malformed. Refutation saturates
@@ -129,10 +138,16 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
 MAX_KNOWN_CODE: Final = max(MESSAGE_TYPES)
 
 
+PeerAddr = tuple[
+    Annotated[str, msgspec.Meta(max_length=255)], Annotated[int, msgspec.Meta(ge=0, le=65535)]
+]
+"""A node's peer-wire address in its metadata (host "" before the advertised host is known)."""
+
+
 class NodeMeta(msgspec.Struct, array_like=True, frozen=True):
     """Conventional content of a member's metadata blob (encode with :func:`encode_meta`)."""
 
-    peer_addr: Addr
+    peer_addr: PeerAddr
     actor_types: list[str] = []
     protocol_min: int = 1
     protocol_max: int = 1
@@ -193,10 +208,46 @@ def decode(data: bytes) -> list[Message]:
     try:
         version, msgs = _packet_decoder.decode(data)
     except _DECODE_ERRORS:
-        return _decode_slow(data)
-    if version < PROTOCOL_VERSION_MIN:
-        raise ProtocolError(f"packet version {version} is older than {PROTOCOL_VERSION_MIN}")
+        msgs = _decode_slow(data)
+    else:
+        if version < PROTOCOL_VERSION_MIN:
+            raise ProtocolError(f"packet version {version} is older than {PROTOCOL_VERSION_MIN}")
+    for msg in msgs:
+        _check_addrs(msg)
     return msgs
+
+
+@lru_cache(maxsize=4096)
+def valid_host(host: str) -> bool:
+    """Whether ``host`` may be sent to: a printable IP literal of at most ``MAX_HOST_CHARS``
+    (a name would make every send a DNS lookup; a NUL byte makes ``sendto`` raise)."""
+    if not 2 <= len(host) <= MAX_HOST_CHARS or not host.isascii() or not host.isprintable():
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_addr(addr: Addr, what: str) -> None:
+    if not valid_host(addr[0]):
+        raise ProtocolError(f"malformed message: {what} host {addr[0][:80]!r} is not an IP address")
+
+
+def _check_addrs(msg: Message) -> None:
+    """``ProtocolError`` if a gossip address in ``msg`` is not an IP literal (ports are bounded
+    by the ``Port`` type): the shell sends to these addresses."""
+    if isinstance(msg, Ping):
+        _check_addr(msg.source_addr, "source_addr")
+    elif isinstance(msg, Alive):
+        _check_addr(msg.addr, "addr")
+    elif isinstance(msg, PingReq):
+        _check_addr(msg.target_addr, "target_addr")
+        _check_addr(msg.source_addr, "source_addr")
+    elif isinstance(msg, PushPull):
+        for row in msg.members:
+            _check_addr(row.addr, "member addr")
 
 
 def _decode_slow(data: bytes) -> list[Message]:

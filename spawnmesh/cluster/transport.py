@@ -33,6 +33,9 @@ MAX_FRAME_BYTES = 8 << 20
 """Default bound of one TCP frame (a push-pull of a few thousand members fits)."""
 _LEN = struct.Struct(">I")
 _UDP_RECEIVE = 65_536
+_ADDR_ERRORS = (OSError, OverflowError, ValueError, TypeError)
+"""What a send or connect to a bad address raises (port out of range: OverflowError; a NUL in
+the host: ValueError or TypeError): counted as a failed send, never a crash of membership."""
 
 
 @dataclass(slots=True)
@@ -136,14 +139,15 @@ class Transport:
     # -- UDP ----------------------------------------------------------------------------------
 
     async def send_datagram(self, addr: Addr, packet: bytes) -> None:
-        """Seal and send one datagram; a send error is counted, never raised."""
+        """Seal and send one datagram; a send error (any bad address included) is counted, never
+        raised."""
         udp = self._udp
         if udp is None:
             return
         data = self.sealer.seal(packet, Channel.UDP)
         try:
             await udp.sendto(data, addr)
-        except OSError as exc:
+        except _ADDR_ERRORS as exc:
             self.stats.udp_send_errors += 1
             log.debug("gossip: datagram to %s failed: %s", format_addr(addr), exc)
             return
@@ -266,7 +270,7 @@ class Transport:
                         data = await self._read_frame(stream)
                     if data is not None:
                         return self.open(data, addr, Channel.TCP)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                except (trio.BrokenResourceError, trio.ClosedResourceError, *_ADDR_ERRORS) as exc:
                     log.debug("gossip: TCP exchange with %s failed: %s", format_addr(addr), exc)
             self.stats.tcp_outbound_failed += 1
             return None

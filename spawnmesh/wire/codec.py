@@ -3,7 +3,11 @@
 ``FrameDecoder.feed(data)`` returns every complete frame body in ``data`` plus what it buffered
 before, and keeps the incomplete tail. Between calls it holds at most ``HEADER_BYTES +
 max_frame_bytes - 1`` bytes; a header announcing a larger body raises ``FrameTooLarge`` at once
-(before its body arrives), and the decoder is then unusable (the connection must close).
+(before its body arrives), and the decoder is then unusable (the connection must close). Frames
+complete before that header are returned first and the error is raised by the next call
+(``failed`` tells the caller to make it), so answers that arrived are not lost.
+``FrameDecoder.feed_one(data)`` returns the first complete body only and keeps the rest
+undecoded, for a caller whose limit changes after that frame (the frame that opens a session).
 ``append_frame`` encodes a message straight into an output buffer (no intermediate bytes).
 """
 
@@ -40,25 +44,47 @@ class FrameDecoder:
 
     Bodies are returned as ``bytes`` (copies) so they outlive the next ``feed``."""
 
-    __slots__ = ("_buf", "_failed", "max_frame_bytes")
+    __slots__ = ("_buf", "_failed", "_pending", "max_frame_bytes")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = check_max_frame(max_frame_bytes)
         self._buf = bytearray()
         self._failed = False
+        self._pending: FrameTooLarge | None = None
+        """The error found after frames a call returned; the next call raises it."""
 
     @property
     def buffered(self) -> int:
-        """Bytes held for an incomplete frame."""
+        """Bytes held for an incomplete frame (or, after ``feed_one``, frames not yet taken)."""
         return len(self._buf)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the stream is broken: the next call raises (the connection must close)."""
+        return self._failed
+
+    def _check(self) -> None:
+        """Raise for a failed decoder: first the pending error, then ``ProtocolError``."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            raise pending
+        raise ProtocolError("frame decoder already failed; the connection must close")
+
+    def _too_large(self, size: int) -> FrameTooLarge:
+        self._failed = True
+        self._buf = bytearray()
+        return FrameTooLarge(
+            f"frame of {size} bytes exceeds the maximum of {self.max_frame_bytes}"
+        )
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data``; return the bodies of every frame it completes, in order.
 
         Raises ``FrameTooLarge`` (a ``ProtocolError``) for a header above the maximum; after
-        that every call raises ``ProtocolError`` (the stream cannot be resynchronised)."""
+        that every call raises ``ProtocolError`` (the stream cannot be resynchronised). If
+        frames completed before that header, they are returned and the next call raises."""
         if self._failed:
-            raise ProtocolError("frame decoder already failed; the connection must close")
+            self._check()
         buf = self._buf
         if buf:
             buf += data
@@ -72,9 +98,11 @@ class FrameDecoder:
         while n - pos >= HEADER_BYTES:
             (size,) = _unpack_from(src, pos)
             if size > limit:
-                self._failed = True
-                self._buf = bytearray()
-                raise FrameTooLarge(f"frame of {size} bytes exceeds the maximum of {limit}")
+                err = self._too_large(size)
+                if out:  # deliver what arrived before the bad header; raise on the next call
+                    self._pending = err
+                    return out
+                raise err
             end = pos + HEADER_BYTES + size
             if end > n:
                 break
@@ -85,6 +113,27 @@ class FrameDecoder:
         elif pos < n:
             buf += src[pos:]
         return out
+
+    def feed_one(self, data: bytes | bytearray | memoryview = b"") -> bytes | None:
+        """Add ``data``; return the body of the first complete frame (None: none yet). What
+        follows stays buffered undecoded, so a header after this frame is checked against the
+        limit in force at the next call (set ``max_frame_bytes`` in between). Errors as
+        :meth:`feed`."""
+        if self._failed:
+            self._check()
+        buf = self._buf
+        buf += data
+        if len(buf) < HEADER_BYTES:
+            return None
+        (size,) = _unpack_from(buf, 0)
+        if size > self.max_frame_bytes:
+            raise self._too_large(size)
+        end = HEADER_BYTES + size
+        if len(buf) < end:
+            return None
+        body = bytes(buf[HEADER_BYTES:end])
+        del buf[:end]
+        return body
 
 
 def encode_frame(body: bytes) -> bytes:

@@ -113,6 +113,7 @@ class Connection:
         handler: Handler,
         limits: ConnLimits,
         on_closed: Callable[[Connection], None] | None = None,
+        on_protocol_error: Callable[[Connection, ProtocolError], None] | None = None,
     ) -> None:
         self.transport = transport
         self.session = session
@@ -126,6 +127,8 @@ class Connection:
         self._handler = handler
         self._limits = limits
         self._on_closed = on_closed
+        self._on_protocol_error = on_protocol_error
+        """Told of a protocol violation by the peer (which ends the connection with a Reject)."""
         self._peer_max_frame = session.peer_max_frame_bytes
         self._max_in_flight = min(limits.max_in_flight, session.peer_max_in_flight)
         # client role
@@ -232,12 +235,12 @@ class Connection:
     def abort(self, reason: SpawnmeshError) -> None:
         """Close at once, with a reset: requests in flight fail with ``reason``, and nothing
         queued for the peer is sent."""
-        self._broken = self._reset = True
-        self._lose(reason)
+        self._drop(reason)
 
-    async def run(self, initial: list[bytes]) -> None:
-        """Serve the connection until it closes; ``initial`` are bodies that arrived with the
-        last handshake frame."""
+    async def run(self) -> None:
+        """Serve the connection until it closes, starting with any bytes the decoder holds
+        from the read that carried the last handshake frame (decoded under the session
+        limit)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -245,11 +248,11 @@ class Connection:
                 nursery.start_soon(self._pinger)
                 with self._reader_scope:
                     try:
-                        if initial:
-                            self._dispatch_all(initial)
                         await self._reader()
                     except ProtocolError as exc:
                         self._reject = exc
+                        if self._on_protocol_error is not None:
+                            self._on_protocol_error(self, exc)
                         self._lose(
                             PeerUnavailable(
                                 f"protocol error on the connection to node {self.peer_id}: {exc}"
@@ -266,10 +269,11 @@ class Connection:
                     self._queue_reject(self._reject)
                 self._writer_stop = True
                 self._wake_writer()
-                with trio.move_on_after(self._limits.flush_timeout_s):
-                    await self._writer_done.wait()
-                    if not self._broken:
-                        await self._linger()
+                if not self._reset:  # a reset already closed the socket: nothing to flush
+                    with trio.move_on_after(self._limits.flush_timeout_s):
+                        await self._writer_done.wait()
+                        if not self._broken:
+                            await self._linger()
                 nursery.cancel_scope.cancel()
         finally:
             self._open = False
@@ -284,8 +288,13 @@ class Connection:
 
     async def _reader(self) -> None:
         receive = self.transport.receive_some
-        feed = self._decoder.feed
+        decoder = self._decoder
+        feed = decoder.feed
+        if decoder.buffered:
+            self._dispatch_all(feed(b""))
         while True:
+            if decoder.failed:  # frames before an oversized header were dispatched: now fail
+                feed(b"")
             data = await receive()
             if not data:
                 self._broken = True
@@ -595,8 +604,7 @@ class Connection:
                 continue
             quiet += interval
             if quiet >= self._limits.idle_timeout_s:
-                self._broken = self._reset = True  # a dead peer: no lingering, no late bytes
-                self._lose(
+                self._drop(  # a dead peer: no lingering, no late bytes
                     PeerUnavailable(
                         f"node {self.peer_id} sent nothing for {quiet:.1f} s (ping timeout)"
                     )
@@ -613,6 +621,17 @@ class Connection:
     def _check_drained(self) -> None:
         if self._sent_goaway and self._got_goaway and self._idle_both_ways():
             self._reader_scope.cancel()
+
+    def _drop(self, reason: SpawnmeshError) -> None:
+        """End with a reset, now: requests in flight fail with ``reason``, queued frames are
+        discarded and the socket is closed (SO_LINGER 0) before the writer can send the batch
+        it holds. The peer is dead or unreachable; bytes delivered later (say, once a partition
+        heals) would run requests whose callers already failed over elsewhere (spec/wire.md 8)."""
+        self._broken = self._reset = True
+        self._writer_stop = True
+        self._out.clear()
+        self._lose(reason)
+        self.transport.close(reset=True)
 
     def _lose(self, reason: SpawnmeshError) -> None:
         """End the connection: first reason wins; requests in flight fail with it."""

@@ -106,6 +106,9 @@ class PeerStats:
     handshake_failures: int = 0
     duplicates_closed: int = 0
     connections_closed: int = 0
+    protocol_errors: int = 0
+    """Open sessions ended by the peer's protocol violation (malformed frame, oversized header,
+    unexpected message): answered with a Reject, logged (rate-limited)."""
 
 
 def _again(err: SpawnmeshError, prefix: str) -> SpawnmeshError:
@@ -324,7 +327,7 @@ class PeerNode:
                 with trio.fail_after(self.limits.connect_timeout_ms / 1000):
                     transport = await connect(host, port, self._tls, self.limits.recv_bytes)
                     machine = ClientHandshake(self._hs_config, os.urandom(32), peer_id)
-                    session, decoder, rest = await self._handshake(transport, machine)
+                    session, decoder = await self._handshake(transport, machine)
             except (SpawnmeshError, trio.TooSlowError, ValueError, *_STREAM_ERRORS) as exc:
                 if transport is not None:
                     transport.close()
@@ -339,7 +342,7 @@ class PeerNode:
             if dial.conn is None and dial.error is None:
                 dial.error = PeerUnavailable(f"dial to node {peer_id} was cancelled")
             dial.done.set()
-        await conn.run(rest)
+        await conn.run()
 
     def _dial_failed(self, peer_id: str, dial: _Dial, err: SpawnmeshError) -> None:
         self.stats.dial_failures += 1
@@ -412,7 +415,7 @@ class PeerNode:
             with trio.fail_after(self.limits.connect_timeout_ms / 1000):
                 transport = await accept(stream, self._tls, self.limits.recv_bytes)
                 machine = ServerHandshake(self._hs_config, os.urandom(32))
-                session, decoder, rest = await self._handshake(transport, machine)
+                session, decoder = await self._handshake(transport, machine)
         except (SpawnmeshError, trio.TooSlowError, *_STREAM_ERRORS) as exc:
             if transport is not None:
                 transport.close()
@@ -432,15 +435,19 @@ class PeerNode:
         finally:
             self._handshaking -= 1
         conn = self._new_connection(transport, decoder, session, dialer=session.peer_node_id)
-        await conn.run(rest)
+        await conn.run()
 
     # ------------------------------------------------------------------ both
 
     async def _handshake(
         self, transport: Transport, machine: ClientHandshake | ServerHandshake
-    ) -> tuple[Session, FrameDecoder, list[bytes]]:
-        """Run a handshake machine over ``transport``; returns the session, the decoder (it may
-        hold a partial frame) and the frame bodies that followed the last handshake frame."""
+    ) -> tuple[Session, FrameDecoder]:
+        """Run a handshake machine over ``transport``; returns the session and the decoder,
+        which may hold bytes that followed the last handshake frame, still undecoded.
+
+        Frames are taken one at a time: the frame that opens the session ends the 16 KiB
+        pre-session limit, and what follows it (the acceptor may send requests right after its
+        Ready, in the same segment) is decoded by the connection under the session limit."""
         decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
         if isinstance(machine, ClientHandshake):
             await transport.send_all(b"".join(encode_frame(b) for b in machine.start()))
@@ -449,13 +456,14 @@ class PeerNode:
             if not data:
                 raise PeerUnavailable("the peer closed the connection during the handshake")
             try:
-                bodies = decoder.feed(data)
-                for i, body in enumerate(bodies):
+                body = decoder.feed_one(data)
+                while body is not None:
                     out = machine.receive(body)
                     if out:
                         await transport.send_all(b"".join(encode_frame(b) for b in out))
                     if machine.session is not None:
-                        return machine.session, decoder, bodies[i + 1 :]
+                        return machine.session, decoder
+                    body = decoder.feed_one()
             except SpawnmeshError as exc:
                 reject = machine.reject
                 if reject is None and not machine.rejected_by_peer:
@@ -480,6 +488,7 @@ class PeerNode:
             handler=self._handler,
             limits=self._conn_limits,
             on_closed=self._closed_conn,
+            on_protocol_error=self._protocol_error,
         )
         self._all.add(conn)
         if self._all_closed.is_set():  # keep the pending one: close() may be waiting on it
@@ -510,6 +519,19 @@ class PeerNode:
         self._conns[peer] = newer
         self.stats.duplicates_closed += 1
         older.go_away("duplicate", "one connection per peer pair")
+
+    def _protocol_error(self, conn: Connection, exc: ProtocolError) -> None:
+        """Count and log (rate-limited, like refused handshakes) a session ended by a protocol
+        violation: the peer is buggy or hostile, and operators need to see it (spec 9)."""
+        self.stats.protocol_errors += 1
+        self._warn.warning(
+            f"session:{exc.code}",
+            "peer %s at %s: protocol error (%s), connection closed with a Reject: %s",
+            conn.peer_id,
+            conn.transport.peer_address,
+            exc.code,
+            exc,
+        )
 
     def _closed_conn(self, conn: Connection) -> None:
         self.stats.connections_closed += 1
