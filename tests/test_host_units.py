@@ -247,3 +247,46 @@ def test_the_documented_error_table_matches_the_code() -> None:
     documented = {code: (cls, status, retry == "yes") for code, cls, status, retry in rows}
     actual = {code: (c.__name__, c.grpc_status, c.retryable) for code, c in ERRORS_BY_CODE.items()}
     assert documented == actual
+
+
+async def test_an_async_call_made_by_a_host_actor_during_its_turn_names_it_as_caller(
+    make_node,  # type: ignore[no-untyped-def]
+) -> None:
+    """A host's actor casting from inside its turn (the usual case) is the caller of the
+    turn it starts, as it is outside one."""
+    import trio
+
+    from spawnmesh import ActorSystem, Context, action
+    from spawnmesh.actors.runtime import _Turn
+    from spawnmesh.host.hosts import HostRegistry
+    from spawnmesh.ids import ActorId
+    from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as proto
+
+    system = ActorSystem("s")
+    seen: list[str] = []
+
+    @system.actor("sink")
+    class Sink:
+        @action
+        async def hit(self, ctx: Context[None]) -> None:
+            seen.append(str(ctx.caller))
+
+    def cast_from_host_actor() -> Any:
+        r = proto.InvocationRequest(action_name="hit")
+        r.system.name = "s"
+        r.actor.id.name, r.actor.id.system = "sink", "s"
+        r.caller.name, r.caller.system = "hostactor", "s"
+        setattr(r, "async", True)
+        return r
+
+    async with make_node(system) as node:
+        hosts = HostRegistry(node.runtime)
+        await hosts.invoke(cast_from_host_actor(), 1000)  # not in a turn
+        hosts._inflight[("s", "hostactor")] = _Turn(
+            ("s", "hostactor"), ActorId("s", "hostactor"), ()
+        )
+        await hosts.invoke(cast_from_host_actor(), 1000)  # during its turn
+        with trio.fail_after(5):
+            while len(seen) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    assert seen == ["s/hostactor", "s/hostactor"]

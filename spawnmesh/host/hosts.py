@@ -455,9 +455,7 @@ class HostRegistry:
                 payload,
                 metadata=metadata,
                 at_epoch_ms=req.scheduled_to or None,
-                caller=actor_id(req.caller, target.system)
-                if turn is None and req.caller.name
-                else None,
+                caller=actor_id(req.caller, target.system) if req.caller.name else None,
             )
             await trio.lowlevel.checkpoint()
             value = None
