@@ -5,9 +5,12 @@ It imports nothing from spawnmesh. It serves ``POST /api/v1/actors/actions`` (on
 ``ActorInvocation`` in, one ``ActorInvocationResponse`` out, keep-alive), registers its actor
 system with the proxy (``POST /api/v1/system``) and calls the proxy from inside actions
 (``POST /api/v1/system/{system}/actors/{actor}/invoke``), like the SDKs do. For the tests it also
-serves ``GET /debug/turns`` (every turn it received, as JSON), ``POST /debug/reset`` (forget
-them), ``POST /debug/register?proxy=host:port&variant=v2&host_address=1&extra=tck`` (register,
-again or with another proxy) and ``POST /echo`` (the body back: the benchmark's raw round trip).
+serves ``GET /debug/turns`` (every turn it received, as JSON, with the connection it came on
+and its place there), ``POST /debug/reset`` (forget them),
+``POST /debug/register?proxy=host:port&variant=v2&host_address=1&extra=tck`` (register, again or
+with another proxy), ``POST /debug/drop-idle`` (close every keep-alive connection waiting for
+its next request, as a server's idle timeout does) and ``POST /echo`` (the body back: the
+benchmark's raw round trip).
 
     python tests/spawn_host.py --proxy 127.0.0.1:9001 --port 8090 [--system spawn-tck]
         [--host-address] [--variant base|v2]
@@ -31,6 +34,12 @@ and must keep it byte for byte)::
     custom   NAMED stateful, registers "get" itself (answers StringValue "host-get")
     log      NAMED stateful: append(StringValue s) -> state text + s
     late     (variant v2 only) NAMED stateless: hello -> StringValue "late"
+
+The extra system (``extra=NAME``; no timers, so its connections carry only the turns asked)::
+
+    spawnee  NAMED stateless: whoami -> the payload back
+    dropper  NAMED stateless: vanish (the turn is logged, then the connection is closed
+             without an answer: a host that crashed in the middle of a turn)
 """
 
 from __future__ import annotations
@@ -188,7 +197,7 @@ class Host:
 
     def registration(self, host_address: str, system: str = "") -> bytes:
         """The RegistrationRequest of this host's system (or, with ``system``, of a small
-        extra system with one actor, ``spawnee``, to be called by other hosts' actors)."""
+        extra system: ``spawnee``, to be called by other hosts' actors, and ``dropper``)."""
         req = pp.RegistrationRequest()
         si = req.service_info
         si.service_name = system or self.system
@@ -235,6 +244,7 @@ class Host:
 
         if system:
             actor("spawnee", ["whoami"], stateful=False)
+            actor("dropper", ["vanish"], stateful=False)
             return req.SerializeToString()
         c = actor(
             "counter",
@@ -267,12 +277,15 @@ class Host:
             actor("late", ["hello"], stateful=False)
         return req.SerializeToString()
 
-    async def turn(self, body: bytes) -> tuple[int, bytes]:
+    async def turn(self, body: bytes, where: tuple[int, int] = (0, 0)) -> tuple[int, bytes]:
+        """Run one turn; ``where`` is (connection number, request number on it), logged."""
         inv = pp.ActorInvocation.FromString(body)
         ctx = inv.current_context
         who = inv.actor.parent or inv.actor.name.split("#")[0]
         if self.log:
-            self.log_turn(inv)
+            self.log_turn(inv, where)
+        if inv.action_name == "vanish":
+            raise Vanish
         if inv.action_name == "fail":
             return 500, b"boom: failed on purpose"
         resp = pp.ActorInvocationResponse(actor_name=inv.actor.name, actor_system=inv.actor.system)
@@ -288,7 +301,7 @@ class Host:
                 return 500, f"{type(exc).__name__}: {exc}".encode()
         return 200, resp.SerializeToString()
 
-    def log_turn(self, inv: Any) -> None:
+    def log_turn(self, inv: Any, where: tuple[int, int] = (0, 0)) -> None:
         """Remember what the turn carried (GET /debug/turns)."""
         ctx = inv.current_context
         self.turns.append(
@@ -306,6 +319,8 @@ class Host:
                 if ctx.HasField("state")
                 else None,
                 "payload": inv.WhichOneof("payload") or "",
+                "conn": where[0],
+                "nth": where[1],
             }
         )
 
@@ -457,16 +472,43 @@ class Host:
 # ---------------------------------------------------------------------------- the server
 
 
+class Vanish(Exception):
+    """The turn's connection is to be closed without an answer."""
+
+
+IDLE: set[trio.SocketStream] = set()
+"""Keep-alive connections waiting for their next request, with no byte of it yet."""
+_CONNECTIONS = [0]
+
+
+async def drop_idle() -> int:
+    """Close the idle keep-alive connections (a server's idle timeout); how many."""
+    idle = list(IDLE)
+    IDLE.clear()
+    for stream in idle:
+        await trio.aclose_forcefully(stream)
+    return len(idle)
+
+
 async def serve_connection(stream: trio.SocketStream, host: Host, register: Any) -> None:
     conn = h11.Connection(h11.SERVER)
+    _CONNECTIONS[0] += 1
+    number, nth = _CONNECTIONS[0], 0
     try:
         while True:
             request = None
             chunks: list[bytes] = []
+            nth += 1
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    if request is None and not conn.trailing_data[0]:
+                        IDLE.add(stream)
+                    try:
+                        data = await stream.receive_some(65536)
+                    finally:
+                        IDLE.discard(stream)
+                    conn.receive_data(data)
                 elif isinstance(event, h11.Request):
                     request = event
                 elif isinstance(event, h11.Data):
@@ -480,7 +522,12 @@ async def serve_connection(stream: trio.SocketStream, host: Host, register: Any)
             target = request.target.decode()
             ctype = "application/octet-stream"
             if target == "/api/v1/actors/actions":
-                status, out = await host.turn(body)
+                try:
+                    status, out = await host.turn(body, (number, nth))
+                except Vanish:
+                    return  # closed (FIN) without an answer
+            elif target == "/debug/drop-idle":
+                status, out = 200, str(await drop_idle()).encode()
             elif target == "/echo":
                 status, out = 200, body
             elif target == "/debug/turns":

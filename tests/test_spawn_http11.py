@@ -295,3 +295,103 @@ def test_pipelining_upgrades_trailers_and_held_errors() -> None:
     resp.feed(b"")
     got = resp.next()
     assert got is not None and got.body == b"part" and not got.keep_alive
+
+
+trailer_fields = st.lists(
+    st.tuples(tokens, st.integers(min_value=0, max_value=300).map(lambda n: "v" * n)),
+    max_size=6,
+)
+
+
+@given(
+    trailer_fields,
+    bodies,
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=8),
+)
+def test_trailers_are_bounded_like_a_head_however_they_are_split(
+    fields: list[tuple[str, str]], body: bytes, cuts: list[int]
+) -> None:
+    """A chunked body's trailer section counts against the head bound: over it, 431 wherever
+    the bytes are cut; well within it (half: a field cut across feeds may count twice), the
+    request reads back as h11 wrote it."""
+    conn = h11.Connection(h11.CLIENT)
+    data = conn.send(
+        h11.Request(
+            method="POST",
+            target="/t",
+            headers=[("host", "x"), ("transfer-encoding", "chunked")],
+        )
+    )
+    for i in range(0, len(body), 7):
+        data += conn.send(h11.Data(data=body[i : i + 7]))
+    data += conn.send(h11.EndOfMessage(headers=fields))
+    size = sum(len(k) + len(v) + 4 for k, v in fields)
+    limit = 400
+    reader = MessageReader(is_request=True, max_body_bytes=1000, max_head_bytes=limit)
+    try:
+        msgs = read_all(reader, split(data, cuts))
+    except ProtocolError as exc:
+        assert exc.status == 431, exc
+        assert 2 * size + 64 > limit, (size, exc)  # refused only near or over the bound
+        return
+    assert size <= limit  # anything over the bound is refused
+    [msg] = msgs
+    assert (msg.target, msg.body) == (b"/t", body)
+
+
+def test_an_endless_trailer_field_or_chunk_extension_is_refused_with_431() -> None:
+    """The audit's case: after the last chunk, one trailer field that never ends, fed a
+    piece at a time (llhttp would buffer it all); and a chunk extension without end."""
+    for start in (
+        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-trailer: ",
+        b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;ext=",
+    ):
+        reader = MessageReader(is_request=True, max_body_bytes=100, max_head_bytes=1000)
+        reader.feed(start)
+        fed = 0
+        with pytest.raises(ProtocolError) as exc:
+            while fed < 100_000:
+                reader.feed(b"a" * 100)
+                fed += 100
+                reader.next()
+        assert exc.value.status == 431 and fed <= 1100, (fed, exc.value)
+    # a long chunked body in small pieces is not a trailer: no bound but the body's
+    reader = MessageReader(is_request=True, max_body_bytes=100_000, max_head_bytes=1000)
+    reader.feed(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+    for _ in range(2000):
+        for piece in (b"5\r\n", b"abcde", b"\r\n"):
+            reader.feed(piece)
+    reader.feed(b"0\r\n\r\n")
+    msg = reader.next()
+    assert msg is not None and len(msg.body) == 10_000
+
+
+def test_eof_without_a_whole_response_is_an_error_a_reader_never_waits_after_eof() -> None:
+    """EOF before any byte of a response, or in the middle of one, is ConnectionClosed (the
+    client reports the host closed without an answer instead of reading EOF for ever); a
+    request reader at EOF between requests is idle and answers None."""
+    from spawnmesh.spawn_compat.http11 import ConnectionClosed
+
+    for data, partial in ((b"", False), (b"HTTP/1.1 200 OK\r\ncontent-len", True),
+                          (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab", True)):
+        reader = MessageReader(is_request=False, max_body_bytes=100)
+        if data:
+            reader.feed(data)
+        assert reader.next() is None
+        reader.feed(b"")
+        for _ in range(2):  # and it stays raised
+            with pytest.raises(ConnectionClosed) as exc:
+                reader.next()
+            assert exc.value.partial == partial
+    reader = MessageReader(is_request=False, max_body_bytes=100)  # a whole one, then EOF
+    reader.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    reader.feed(b"")
+    got = reader.next()
+    assert got is not None and got.body == b"ok"
+    with pytest.raises(ConnectionClosed):
+        reader.next()
+    requests = MessageReader(is_request=True, max_body_bytes=100)
+    requests.feed(b"GET / HTTP/1.1\r\n\r\n")
+    requests.feed(b"")
+    assert requests.next() is not None
+    assert requests.next() is None and requests.idle

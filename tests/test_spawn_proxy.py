@@ -437,6 +437,30 @@ async def _value_is(proxy: Proxy, actor: str, want: Parts) -> bool:
     return await proxy.value(actor, "get") == want
 
 
+async def test_async_and_scheduled_invocations_of_an_unknown_actor_answer_error(
+    spawn_host: HostProc,
+) -> None:
+    """Spawn's proxy looks the actor up before it queues a fire-and-forget invocation (eigr/spawn
+    ``caller_consumer.ex``): an unknown actor is an ERROR InvocationResponse, as for a call,
+    and so is a template of unnamed actors; known actors (named, a spawned instance, one
+    named by ``register_ref``) are queued and answered OK."""
+    async with spawn_node(spawn_host) as proxy:
+        ways: list[dict[str, Any]] = [{"is_async": True}, {"scheduled_to": wall_ms() + 60_000}]
+        for kw in ways:
+            missing = await proxy.invoke("nobody", "x", expect=500, **kw)
+            assert missing.status.message.startswith("actor_not_found:"), missing
+            template = await proxy.invoke("cart", "add", i64(1), expect=500, **kw)
+            assert template.status.message.startswith("invalid_argument:"), template
+        await proxy.spawn("c7", parent="cart")
+        await proxy.invoke("c7", "add", i64(2), is_async=True)
+        await proxy.invoke("c8", "add", i64(3), is_async=True, register_ref="cart")
+        await proxy.invoke("log", "append", text("x"), scheduled_to=wall_ms() + 50)
+        await wait_until(lambda: _value_is(proxy, "c7", count(2)), "the async add on c7")
+        await wait_until(lambda: _value_is(proxy, "c8", count(3)), "the async add on c8")
+        want = ("type.googleapis.com/spawntck.Log", wr.StringValue(value="x").SerializeToString())
+        await wait_until(lambda: _value_is(proxy, "log", want), "the scheduled append")
+
+
 async def test_timer_actions_repeat_every_interval_in_ms(spawn_host: HostProc) -> None:
     async with spawn_node(spawn_host) as proxy:
         # ticker was activated at registration; its timer (100 "seconds") runs every 100 ms:

@@ -8,9 +8,10 @@ this module had before (``python bench/spawn_http.py`` measures the whole path).
 leaves to its user is here: the head and body bounds, the framing we accept
 (``Content-Length`` or chunked), keep-alive for HTTP/1.0 and 1.1, ``Expect: 100-continue``,
 pipelined messages, interim 1xx answers, a response body read until EOF, upgrade requests
-answered over HTTP/1.1. No I/O, no clock: :class:`MessageReader` is fed bytes and hands out
-whole messages; the trio shells are :mod:`.http_server` and :mod:`.http_client`. Everything
-malformed or over a bound is a :class:`ProtocolError` with the status to answer;
+answered over HTTP/1.1, trailer fields bounded like a head, EOF before a whole response an
+error (:class:`ConnectionClosed`). No I/O, no clock: :class:`MessageReader` is fed bytes and
+hands out whole messages; the trio shells are :mod:`.http_server` and :mod:`.http_client`.
+Everything malformed or over a bound is a :class:`ProtocolError` with the status to answer;
 ``tests/test_spawn_http11.py`` checks it against h11 as the oracle.
 """
 
@@ -46,6 +47,16 @@ class ProtocolError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection before a whole response (``partial``: after some of it).
+
+    A request reader does not raise it between requests: there EOF is the client being done."""
+
+    def __init__(self, message: str, *, partial: bool) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass(slots=True)
@@ -90,7 +101,14 @@ class MessageReader:
     user: the head and body bounds, the framing rules we accept (``Content-Length`` or chunked,
     nothing else), keep-alive, ``Expect: 100-continue``, interim 1xx answers skipped, a
     response body that ends at EOF, pipelined messages queued in order. An error is held until
-    the messages read before it have been taken, then raised by :meth:`next`.
+    the messages read before it have been taken, then raised by :meth:`next`. After EOF a
+    response reader never answers None again (no response at all is :class:`ConnectionClosed`),
+    so a caller's read loop always ends; a request reader at EOF between requests is
+    :attr:`idle` and answers None (the client is done).
+
+    What follows a body (a chunked body's trailer section, or any bytes that make no progress
+    in a body, like an endless chunk extension) counts against ``max_head_bytes`` too: llhttp
+    would otherwise buffer a trailer field without end.
     """
 
     def __init__(
@@ -120,6 +138,10 @@ class MessageReader:
         self._head_fed = 0
         """Bytes of whole feeds that began and ended inside the current head (a header line
         that never ends is bounded by this: llhttp buffers it without a callback)."""
+        self._tail = 0
+        """Bytes since the body last went on: trailer fields (counted when complete) and
+        feeds that brought no byte of body (a trailer field that never ends), bounded by
+        ``max_head``; a field spanning feeds counts twice, so the bound is approximate."""
         self._headers: list[tuple[bytes, bytes]] = []
         """The current message's header list (its ``headers``), for :meth:`on_header`."""
         self._chunks: list[bytes] = []
@@ -146,12 +168,12 @@ class MessageReader:
         if self._raw is not None:
             self._raw_body(data)
             return
-        if self._closed:
-            return
         if not data:
             self._eof()
             return
-        seq, in_head = self._seq, self._in_head
+        if self._closed:
+            return
+        seq, in_head, body_len, tail = self._seq, self._in_head, self._body_len, self._tail
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -165,10 +187,20 @@ class MessageReader:
             text = str(exc)
             self._fail(ProtocolError(text, 505 if "HTTP version" in text else 400))
             return
-        if self._in_head and in_head and self._seq == seq:
-            self._head_fed += len(data)
-            if self._head_fed > self.max_head:
-                self._fail(ProtocolError("request head too large", 431))
+        if self._seq == seq and self._msg is not None:  # the same message as before the feed
+            if self._in_head:  # (so it was in the head before too)
+                self._head_fed += len(data)
+                if self._head_fed > self.max_head:
+                    self._fail(ProtocolError("request head too large", 431))
+            elif in_head:  # the body began in this feed
+                pass
+            elif self._body_len != body_len:  # the body went on: only what follows it counts
+                if tail:
+                    self._tail -= tail
+            else:  # not a byte of body: trailer fields, chunk framing, an endless extension
+                self._tail += len(data)
+                if self._tail > self.max_head:
+                    self._fail(ProtocolError("trailer section too large", 431))
 
     def next(self) -> Message | None:
         """The next complete message, or None until more bytes are fed."""
@@ -194,7 +226,7 @@ class MessageReader:
         assert msg is not None
         if not data:
             self._raw = None
-            self._fail(ProtocolError("connection closed in the middle of a body"))
+            self._fail(ConnectionClosed("connection closed in the middle of a body", partial=True))
             return
         self._chunks.append(data)
         self._body_len += len(data)
@@ -211,13 +243,15 @@ class MessageReader:
 
     def _eof(self) -> None:
         self._closed = True
-        if self._msg is None:
-            return
-        if self._until_eof:
+        if self._msg is not None:
+            if not self._until_eof:
+                what = "head" if self._in_head else "body"
+                self._fail(ConnectionClosed(f"connection closed in the middle of a {what}",
+                                            partial=True))
+                return
             self.on_message_complete()
-        else:
-            what = "head" if self._in_head else "body"
-            self._fail(ProtocolError(f"connection closed in the middle of a {what}"))
+        if not self.is_request:  # nothing more will come: after what is ready, an error
+            self._fail(ConnectionClosed("connection closed before a response", partial=False))
 
     # llhttp's callbacks (through httptools), in the order it makes them
 
@@ -226,7 +260,7 @@ class MessageReader:
         self._headers = msg.headers
         self._in_head = True
         self._seq += 1
-        self._head_seen = self._head_fed = 0
+        self._head_seen = self._head_fed = self._tail = 0
         self._chunks = []
         self._body_len = 0
         self._until_eof = False
@@ -248,11 +282,15 @@ class MessageReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # the hottest callback (one per header): kept to the bone
-        if self._in_head:  # else a trailer field of a chunked body: not kept
+        if self._in_head:
             self._head_seen += len(name) + len(value) + 4
             if self._head_seen > self.max_head:
                 raise ProtocolError("request head too large", 431)
             self._headers.append((name.lower(), value.rstrip(b" \t")))
+        else:  # a trailer field of a chunked body: not kept, bounded like a head
+            self._tail += len(name) + len(value) + 4
+            if self._tail > self.max_head:
+                raise ProtocolError("trailer section too large", 431)
 
     def on_headers_complete(self) -> None:
         msg = self._msg
