@@ -111,7 +111,7 @@ def test_run_prints_banner_answers_probes_and_counts(tmp_path: Path) -> None:
 
         # Fire and forget, now and delayed: the CLI prints null at once, the adds land later.
         assert node.value("counter", "add", "--async", data=100) is None
-        assert node.value("counter", "add", "--delay-ms", "200", data=1000) is None
+        assert node.value("counter", "add", "--async", "--delay-ms", "200", data=1000) is None
         wait_for(lambda: node.value("counter", "value") == 1111, "the async adds to land",
                  describe=node.describe)
 

@@ -71,7 +71,7 @@ def test_rings_hold_only_members_hosting_the_type(
         owner = p.owner(t, k)
         if p.members(t):
             assert owner in p.members(t) and owner == p.owners(t, k, 1)[0]
-        else:  # no live member hosts it: the router raises NoOwner
+        else:  # no live member hosts it: the router runs it on its own node
             assert owner is None and p.owners(t, k, 3) == [] and list(p.pool_members(t, k)) == []
 
 

@@ -25,8 +25,8 @@ class Routing(Protocol):
     """The mesh as seen from the runtime."""
 
     def remote_owner(self, target: ActorId, adef: ActorDef) -> str | None:
-        """The node that owns ``target`` if it is not this one, else None (raise ``NoOwner``
-        when no live member hosts its type)."""
+        """The node that owns ``target`` if it is not this one, else None (also when no live
+        member hosts its type: this node, which has the definition, runs it)."""
         ...
 
     async def invoke_remote(

@@ -204,16 +204,17 @@ class Router:
     # ------------------------------------------------------------------ ownership
 
     def owner(self, target: ActorId, adef: ActorDef, *, incoming: bool = False) -> str:
-        """The node that owns ``target`` under the current view (NoOwner if none). A pool
+        """The node that owns ``target`` under the current view. When no live member hosts
+        its type, this node does (it has the definition): its own advertisement of a type a
+        host just registered has not reached its view yet, or it has left its cluster and
+        finishes what it accepted while it drains, nobody else being able to. A pool
         has no single owner: a call runs here while a local instance is free (always, when it
         came from a peer), else on the member with the fewest of this node's calls in flight."""
         t = actor_type(adef)
         if adef.kind is Kind.POOLED:
             members = self.placement.members(t)
-            if not members:
-                if self._last_one_leaving():
-                    return self.node_id
-                raise NoOwner(f"no live member hosts pool {t}")
+            if not members:  # this node hosts it (see the docstring)
+                return self.node_id
             if self.node_id in members and (incoming or self.runtime.pool_has_room(adef)):
                 return self.node_id
             n = next(self._pool_counter)
@@ -224,19 +225,12 @@ class Router:
         owner = self._owners.get(key)
         if owner is None:
             owner = self.placement.owner(t, target.name)
-            if owner is None:
-                if not self._last_one_leaving():
-                    raise NoOwner(f"no live member hosts actor type {t}")
-                owner = self.node_id
+            if owner is None:  # this node hosts it (see the docstring)
+                return self.node_id
             if len(self._owners) >= _OWNER_CACHE_MAX:
                 self._owners.clear()
             self._owners[key] = owner
         return owner
-
-    def _last_one_leaving(self) -> bool:
-        """This node has left the view and no live member hosts the type: it finishes what
-        it accepted itself while it drains (nobody could take it over)."""
-        return self.node_id not in self._addrs
 
     def remote_owner(self, target: ActorId, adef: ActorDef) -> str | None:
         """The owning node if it is another one, else None (Routing protocol)."""
