@@ -80,6 +80,17 @@ def bank() -> ActorSystem:
     return system
 
 
+@asynccontextmanager
+async def through_proxy(url: sa.URL) -> AsyncIterator[tuple[_Proxy, sa.URL, trio.Nursery]]:
+    """The database behind a TCP proxy the test cuts (an outage) and restores: the proxy, the
+    URL through it, and the nursery that serves it (cut at the end, so its tasks end)."""
+    proxy = _Proxy(url.host or "127.0.0.1", int(url.port or 0))
+    async with trio.open_nursery() as nursery:
+        await proxy.start(nursery)
+        yield proxy, url.set(host="127.0.0.1", port=proxy.port), nursery
+        proxy.cut()
+
+
 def _store(url: sa.URL) -> SqlStateStore:
     return SqlStateStore(url, keyring=Keyring.parse(KEY1), pool_size=4, connect_timeout_s=2)
 
@@ -112,49 +123,44 @@ async def wait_until(pred: Callable[[], bool], timeout_s: float = 15.0) -> None:
 @pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
 async def test_node_rides_out_an_outage(dialect: str, tmp_path: Path) -> None:
     with fresh_database(dialect, tmp_path) as url:
-        proxy = _Proxy(url.host or "127.0.0.1", int(url.port or 0))
-        async with trio.open_nursery() as nursery:
-            await proxy.start(nursery)
-            via = url.set(host="127.0.0.1", port=proxy.port)
-            async with node_on(via) as node:
-                ledger = node.ref("bank", "ledger")
-                tally = node.ref("bank", "tally")
-                assert await ledger.invoke("add", 5) == 5
-                assert await tally.invoke("add", 1) == 1
-                await wait_until(lambda: node.runtime.writer.pending() == 0)
-                assert node.readiness() == (True, [])
+        async with through_proxy(url) as (proxy, via, nursery), node_on(via) as node:
+            ledger = node.ref("bank", "ledger")
+            tally = node.ref("bank", "tally")
+            assert await ledger.invoke("add", 5) == 5
+            assert await tally.invoke("add", 1) == 1
+            await wait_until(lambda: node.runtime.writer.pending() == 0)
+            assert node.readiness() == (True, [])
 
-                proxy.cut()  # the database goes away
-                # write-through: the reply waits for durability, so it fails, and the actor
-                # is back at its last durable state
-                with pytest.raises(StatestoreUnavailable):
-                    await ledger.invoke("add", 10)
-                assert await ledger.invoke("get_state") == 5
-                # an actor whose state must be loaded cannot be activated
-                with pytest.raises(StatestoreUnavailable):
-                    await node.ref("bank", "acct-1", parent="account").invoke("add", 1)
-                # write-behind: accepted now, kept pending while writes fail
-                assert await tally.invoke("add", 1) == 2
-                assert await tally.invoke("add", 1) == 3
-                await trio.sleep(0.3)
-                assert node.runtime.writer.pending() >= 1
-                await wait_until(lambda: not node.readiness()[0])
-                reasons = node.readiness()[1]
-                assert any("state writes failing" in r or "statestore unavailable" in r
-                           for r in reasons), reasons
-                assert node.runtime.active_count() >= 2  # the node is still up and serving
-                assert await tally.invoke("get_state") == 3
+            proxy.cut()  # the database goes away
+            # write-through: the reply waits for durability, so it fails, and the actor
+            # is back at its last durable state
+            with pytest.raises(StatestoreUnavailable):
+                await ledger.invoke("add", 10)
+            assert await ledger.invoke("get_state") == 5
+            # an actor whose state must be loaded cannot be activated
+            with pytest.raises(StatestoreUnavailable):
+                await node.ref("bank", "acct-1", parent="account").invoke("add", 1)
+            # write-behind: accepted now, kept pending while writes fail
+            assert await tally.invoke("add", 1) == 2
+            assert await tally.invoke("add", 1) == 3
+            await trio.sleep(0.3)
+            assert node.runtime.writer.pending() >= 1
+            await wait_until(lambda: not node.readiness()[0])
+            reasons = node.readiness()[1]
+            assert any("state writes failing" in r or "statestore unavailable" in r
+                       for r in reasons), reasons
+            assert node.runtime.active_count() >= 2  # the node is still up and serving
+            assert await tally.invoke("get_state") == 3
 
-                await proxy.start(nursery)  # the database comes back on the same address
-                await wait_until(lambda: node.readiness()[0])  # readiness returns by itself
-                await wait_until(lambda: node.runtime.writer.pending() == 0)
-                assert await stored_int(url, "tally") == 3  # pending state was written
-                assert await stored_int(url, "ledger") == 5  # the failed add left no trace
-                assert await ledger.invoke("add", 10) == 15
-                assert await stored_int(url, "ledger") == 15
-                acct = node.ref("bank", "acct-1", parent="account")
-                assert await acct.invoke("add", 1) == 1
-            proxy.cut()
+            await proxy.start(nursery)  # the database comes back on the same address
+            await wait_until(lambda: node.readiness()[0])  # readiness returns by itself
+            await wait_until(lambda: node.runtime.writer.pending() == 0)
+            assert await stored_int(url, "tally") == 3  # pending state was written
+            assert await stored_int(url, "ledger") == 5  # the failed add left no trace
+            assert await ledger.invoke("add", 10) == 15
+            assert await stored_int(url, "ledger") == 15
+            acct = node.ref("bank", "acct-1", parent="account")
+            assert await acct.invoke("add", 1) == 1
 
 
 @pytest.mark.parametrize("dialect", ["postgresql"])
@@ -165,22 +171,17 @@ async def test_a_failed_checkpoint_keeps_the_pending_state_it_follows(
     fails on an outage: the checkpoint's change is undone, the earlier state still gets
     written when the database is back."""
     with fresh_database(dialect, tmp_path) as url:
-        proxy = _Proxy(url.host or "127.0.0.1", int(url.port or 0))
-        async with trio.open_nursery() as nursery:
-            await proxy.start(nursery)
-            via = url.set(host="127.0.0.1", port=proxy.port)
-            async with node_on(via) as node:
-                journal = node.ref("bank", "journal")
-                assert await journal.invoke("add", 5) == 5  # acknowledged, written in 60 s
-                proxy.cut()
-                with pytest.raises(StatestoreUnavailable):
-                    await journal.invoke("add_now", 1)
-                assert await journal.invoke("get_state") == 5
-                assert node.runtime.writer.pending() == 1  # still owed to the store
-                await proxy.start(nursery)
-                await node.runtime.writer.flush_all()
-                assert await stored_int(url, "journal") == 5
+        async with through_proxy(url) as (proxy, via, nursery), node_on(via) as node:
+            journal = node.ref("bank", "journal")
+            assert await journal.invoke("add", 5) == 5  # acknowledged, written in 60 s
             proxy.cut()
+            with pytest.raises(StatestoreUnavailable):
+                await journal.invoke("add_now", 1)
+            assert await journal.invoke("get_state") == 5
+            assert node.runtime.writer.pending() == 1  # still owed to the store
+            await proxy.start(nursery)
+            await node.runtime.writer.flush_all()
+            assert await stored_int(url, "journal") == 5
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
@@ -188,10 +189,7 @@ async def test_node_started_while_the_database_is_down_recovers(
     dialect: str, tmp_path: Path
 ) -> None:
     with fresh_database(dialect, tmp_path) as url:  # a fresh database: no schema yet either
-        proxy = _Proxy(url.host or "127.0.0.1", int(url.port or 0))
-        async with trio.open_nursery() as nursery:
-            await proxy.start(nursery)
-            via = url.set(host="127.0.0.1", port=proxy.port)
+        async with through_proxy(url) as (proxy, via, nursery):
             proxy.cut()  # down before the node starts
             await trio.sleep(0.05)
             async with node_on(via) as node:
@@ -203,7 +201,6 @@ async def test_node_started_while_the_database_is_down_recovers(
                 await wait_until(lambda: node.readiness()[0])
                 assert await node.ref("bank", "ledger").invoke("add", 2) == 2  # schema created
                 assert await stored_int(url, "ledger") == 2
-            proxy.cut()
 
 
 class _SlowProxy(_Proxy):

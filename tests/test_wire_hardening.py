@@ -88,12 +88,15 @@ def test_feed_and_feed_one_agree_on_any_bytes(
 # ---------------------------------------------------------------- handshake race
 
 
-async def raw_acceptor(
-    port_box: list[int], ready: trio.Event, after_ready: bytes, got: list[m.Message]
-) -> None:
-    """Accept one dial, run the server handshake by hand, send ``after_ready`` in the same write
-    as Ready, then answer the dialer's echo requests and record everything else it sends."""
+async def accept_handshaken(
+    port_box: list[int], ready: trio.Event, after_ready: bytes = b"", rcvbuf: int = 0
+) -> tuple[trio.SocketStream, list[trio.SocketListener], FrameDecoder]:
+    """Listen (with a receive buffer of ``rcvbuf`` bytes if given), accept one dial and run
+    the server handshake by hand, sending ``after_ready`` in the same write as Ready; the
+    stream, its listeners and a decoder at the session limit."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    if rcvbuf:
+        listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     port_box.append(listeners[0].socket.getsockname()[1])
     ready.set()
     stream = await listeners[0].accept()
@@ -104,6 +107,15 @@ async def raw_acceptor(
             out = b"".join(encode_frame(b) for b in machine.receive(body))
             await stream.send_all(out + after_ready if machine.done else out)
     dec.max_frame_bytes = 1 << 22
+    return stream, listeners, dec
+
+
+async def raw_acceptor(
+    port_box: list[int], ready: trio.Event, after_ready: bytes, got: list[m.Message]
+) -> None:
+    """Accept one dial (:func:`accept_handshaken`), then answer the dialer's echo requests and
+    record everything else it sends."""
+    stream, listeners, dec = await accept_handshaken(port_box, ready, after_ready)
     try:
         while data := await stream.receive_some(65536):
             for body in dec.feed(data):
@@ -177,16 +189,7 @@ async def test_a_reply_read_with_an_oversized_header_still_reaches_its_caller() 
     ready = trio.Event()
 
     async def acceptor() -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        port_box.append(listeners[0].socket.getsockname()[1])
-        ready.set()
-        stream = await listeners[0].accept()
-        dec = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
-        machine = ServerHandshake(HandshakeConfig("c", "b", 1, KEY), os.urandom(32))
-        while not machine.done:
-            for body in dec.feed(await stream.receive_some(65536)):
-                await stream.send_all(b"".join(encode_frame(b) for b in machine.receive(body)))
-        dec.max_frame_bytes = 1 << 22
+        stream, listeners, dec = await accept_handshaken(port_box, ready)
         while True:
             bodies = dec.feed(await stream.receive_some(65536))
             reqs = [x for x in map(m.decode, bodies) if isinstance(x, m.Request)]
@@ -225,18 +228,8 @@ async def test_disconnect_discards_frames_queued_for_a_peer_that_stopped_reading
     read_after: list[int] = []
 
     async def stalled_peer() -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32_768)
-        port_box.append(listeners[0].socket.getsockname()[1])
-        ready.set()
-        stream = await listeners[0].accept()
-        dec = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
-        machine = ServerHandshake(HandshakeConfig("c", "b", 1, KEY), os.urandom(32))
-        while not machine.done:
-            for body in dec.feed(await stream.receive_some(65536)):
-                await stream.send_all(b"".join(encode_frame(b) for b in machine.receive(body)))
+        stream, listeners, dec = await accept_handshaken(port_box, ready, rcvbuf=32_768)
         await resume.wait()  # stop reading until a has disconnected
-        dec.max_frame_bytes = 1 << 22
         n = 0
         with trio.move_on_after(5):
             try:

@@ -116,7 +116,8 @@ class ScheduleKeeper:
         self._loads = 0
         self._tombstones: set[str] = set()
         """Forgotten while a load was reading (it may have read them): not held again."""
-        self._recovery: trio.Event | None = None
+        self._recovery = trio.Event()
+        """Set by :meth:`start_recovery`: loading starts."""
         self._adopt_all = False
         self._seq = itertools.count()
         self.held = 0
@@ -222,7 +223,7 @@ class ScheduleKeeper:
 
     async def _write_loop(self) -> None:
         backoff = 0.1
-        failing_since: float | None = None
+        failing = False
         while True:
             if not self._to_save and not self._to_forget:
                 self._written.set()
@@ -236,9 +237,8 @@ class ScheduleKeeper:
                 if self._to_forget:
                     await self._forget_batch()
             except StatestoreUnavailable as exc:
-                now = trio.current_time()
-                if failing_since is None:
-                    failing_since = now
+                if not failing:  # once per outage
+                    failing = True
                     log.warning("cannot keep or forget %d schedules yet (retrying): %s",
                                 self.pending_writes(), exc)
                 await trio.sleep(backoff)
@@ -246,9 +246,9 @@ class ScheduleKeeper:
                 continue
             finally:
                 self._writing = False
-            if failing_since is not None:
+            if failing:
                 log.info("kept schedules written again")
-            backoff, failing_since = 0.1, None
+            backoff, failing = 0.1, False
 
     async def _save_batch(self) -> None:
         batch: list[Kept] = []
@@ -325,8 +325,6 @@ class ScheduleKeeper:
         the store is unavailable. ``adopt_all`` (a node alone, not in a cluster) first takes
         over the schedules every other node name kept: nothing else would fire them."""
         self._adopt_all = self._adopt_all or adopt_all
-        if self._recovery is None:
-            self._recovery = trio.Event()
         self._recovery.set()
         self._loaded_to_ms = None  # read everything within reach again (skipping held ones)
 
@@ -353,8 +351,6 @@ class ScheduleKeeper:
         return min(_MAX_TICK_S, max(0.2, self.horizon_ms / 4000))
 
     async def _load_loop(self) -> None:
-        if self._recovery is None:
-            self._recovery = trio.Event()
         await self._recovery.wait()
         backoff = 0.2
         while not self.handed_over:
@@ -408,25 +404,20 @@ class ScheduleKeeper:
         for sc in page:
             if sc.id in self._known or sc.id in self._tombstones or self.handed_over:
                 continue
-            target = ActorId(sc.system, sc.actor, sc.parent)
             meta = dict(sc.metadata)
-            caller = _caller(meta.pop(CALLER_KEY, None))
+            kept = Kept(sc, None, meta, _caller(meta.pop(CALLER_KEY, None)))
+            kept.saved = True
+            self._known[sc.id] = kept
             try:
-                payload = self._decode(target, sc)
+                kept.payload = self._decode(kept.target, sc)
             except SpawnmeshError as exc:
-                log.error("kept schedule %s for %s.%s dropped: %s", sc.id, target, sc.action,
-                          exc)
-                kept = Kept(sc, None, meta, caller)
-                kept.saved = True
-                self._known[sc.id] = kept
-                self.fired(kept)
+                log.error("kept schedule %s for %s.%s dropped: %s", sc.id, kept.target,
+                          sc.action, exc)
+                self.fired(kept)  # forgotten in the store
                 continue
             late = now_ms - sc.due_ms
             if late > 0:
                 meta[SCHEDULE_LATE_KEY] = str(late)
-            kept = Kept(sc, payload, meta, caller)
-            kept.saved = True
-            self._known[sc.id] = kept
             self._hold(kept)
             n += 1
         return n

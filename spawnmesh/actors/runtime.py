@@ -790,10 +790,7 @@ class Runtime:
                 return self._new_activation(adef, ActorId(target.system, target.name))
             if adef.kind is Kind.POOLED:
                 return self._pool_member(adef)
-            raise InvalidArgument(
-                f"{target.system}/{target.name} is a template of unnamed actors: spawn an "
-                "instance and invoke it by its own name"
-            )
+            raise _template_called(target)
         template = target.parent or self._spawned.get(key)
         if template is None:
             return None
@@ -822,6 +819,14 @@ class Runtime:
                                    ActorId(target.system, target.name, stored.parent))
         self._apply_loaded(act, stored)
         return act
+
+    async def check_target(self, target: ActorId) -> None:
+        """Raise what invoking ``target`` would if it does not exist (ActorNotFound, or
+        InvalidArgument for a template of unnamed actors), without activating it: a known
+        actor costs two dict lookups, an unknown name one statestore read."""
+        adef = self.definition_for(target) or await self.learn_template(target)
+        if adef.kind is Kind.UNNAMED and adef.name == target.name:
+            raise _template_called(target)
 
     async def learn_template(self, target: ActorId) -> ActorDef:
         """The definition of an unnamed instance known only by name: its stored row names
@@ -1353,6 +1358,13 @@ class Runtime:
         yield ("spawnmesh_schedules_pending_writes", "Delayed invocations not yet kept, or "
                "queued and not yet forgotten, in the store", {},
                float(self.schedules.pending_writes()))
+
+
+def _template_called(target: ActorId) -> InvalidArgument:
+    return InvalidArgument(
+        f"{target.system}/{target.name} is a template of unnamed actors: spawn an instance and "
+        "invoke it by its own name"
+    )
 
 
 def check_definition_names(defs: Iterable[ActorDef]) -> None:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 from google.protobuf.message import DecodeError
 
-from spawnmesh.actors.definition import Kind
 from spawnmesh.actors.runtime import _CURRENT
 from spawnmesh.config import SpawnConfig
 from spawnmesh.errors import (
@@ -258,7 +257,7 @@ class SpawnProxy:
             c = req.caller
             caller = ActorId(c.system or system, c.name, c.parent or None)
         if getattr(req, "async") or req.scheduled_to:
-            await self._check_target(target)
+            await runtime.check_target(target)  # as Spawn's proxy looks the actor up first
             runtime.cast_nowait(
                 target,
                 action,
@@ -288,22 +287,6 @@ class SpawnProxy:
                     _CURRENT.reset(token)
             return await runtime.invoke_as(target, action, payload, metadata, caller, ()), False
         return await runtime.invoke(target, action, payload, metadata=metadata), False
-
-    async def _check_target(self, target: ActorId) -> None:
-        """Refuse a fire-and-forget invocation of an actor that does not exist, as Spawn's
-        proxy does (it looks the actor up before queuing), with the errors a call gets:
-        ActorNotFound, or InvalidArgument for a template of unnamed actors. A known actor
-        costs two dict lookups; only an unknown name asks the statestore (an unnamed
-        instance known by its stored state)."""
-        runtime = self.runtime
-        adef = runtime.definition_for(target)
-        if adef is None:
-            await runtime.learn_template(target)  # raises ActorNotFound
-        elif adef.kind is Kind.UNNAMED and adef.name == target.name:
-            raise InvalidArgument(
-                f"{target.system}/{target.name} is a template of unnamed actors: spawn an "
-                "instance and invoke it by its own name"
-            )
 
 
 def _revision(query: str) -> int:
