@@ -15,6 +15,11 @@ Every figure comes from separate processes on loopback, in the same run:
   (it keeps the count in a dict). What a Spawn invoke costs on this stack before any of the
   node's logic: the ratio the node could reach at best.
 
+The node runs with its defaults, so it busy-polls its Spawn port's waits
+(``spawn.busy_poll_us``); the floor polls the same way. The bench client and the host never
+poll, so the raw round trip does not depend on the setting. ``--busy-poll-us 0`` measures the
+node and the floor without it (docs/spawn-compat.md, "Benchmark").
+
 The client alternates blocks (raw sequential, Spawn sequential, floor, raw concurrent, Spawn
 concurrent) so both sides of each ratio see the same machine load; totals are summed per kind.
 
@@ -25,6 +30,7 @@ with blocks inside one run steady). The figures printed, and the JSON line, are 
 trial with the median sequential ratio, all from that one trial; every trial's ratio is listed.
 
 Usage: python bench/spawn_http.py [--seq 4000] [--conc 8000] [--rounds 4] [--trials 7]
+[--busy-poll-us N]
 Prints the figures, then one JSON line. Other work on the machine makes absolute figures
 noisy; the ratios compare like with like.
 """
@@ -56,7 +62,7 @@ def free_port() -> int:
         return port
 
 
-def serve_node(spawn_port: int, host_port: int) -> None:
+def serve_node(spawn_port: int, host_port: int, busy_poll_us: int) -> None:
     """A node with the Spawn API (memory store, clustering off), until killed."""
     import trio
 
@@ -73,6 +79,7 @@ def serve_node(spawn_port: int, host_port: int) -> None:
                 "spawn.enabled": True,
                 "spawn.port": spawn_port,
                 "spawn.user_function_port": host_port,
+                "spawn.busy_poll_us": busy_poll_us,
                 "log.level": "warning",
             },
         )
@@ -82,18 +89,21 @@ def serve_node(spawn_port: int, host_port: int) -> None:
     trio.run(main)
 
 
-def serve_floor(port: int, host_port: int) -> None:
+def serve_floor(port: int, host_port: int, busy_poll_us: int) -> None:
     """The floor: a Spawn invoke relayed to the host with nothing but the node's HTTP and
-    turn codec (no runtime, no registry, no metrics), until killed."""
+    turn codec (no runtime, no registry, no metrics), until killed; it busy-polls as the node
+    does."""
     import trio
 
     from spawnmesh.ids import ActorId
     from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
+    from spawnmesh.spawn_compat.busypoll import BusyPoll
     from spawnmesh.spawn_compat.http_client import HttpPool
     from spawnmesh.spawn_compat.http_server import Request, Response, serve_http
     from spawnmesh.spawn_compat.turns import Parts, build_invocation, read_response
 
-    pool = HttpPool("127.0.0.1", host_port)
+    busy_poll = BusyPoll(busy_poll_us)
+    pool = HttpPool("127.0.0.1", host_port, busy_poll=busy_poll)
     states: dict[str, Parts | None] = {}
 
     async def handle(req: Request) -> Response:
@@ -114,7 +124,7 @@ def serve_floor(port: int, host_port: int) -> None:
         return Response(status, out.SerializeToString())
 
     async def main() -> None:
-        await serve_http(handle, "127.0.0.1", port, max_body_bytes=1 << 20)
+        await serve_http(handle, "127.0.0.1", port, max_body_bytes=1 << 20, busy_poll=busy_poll)
 
     trio.run(main)
 
@@ -261,9 +271,19 @@ def main() -> None:
     p.add_argument(
         "--trials", type=int, default=7, help="runs with fresh processes (the median is kept)"
     )
-    p.add_argument("--serve-node", nargs=2, type=int, help=argparse.SUPPRESS)
-    p.add_argument("--serve-floor", nargs=2, type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--busy-poll-us",
+        type=int,
+        help="the node's spawn.busy_poll_us (and the floor's; default: the setting's default); "
+        "0 turns busy-polling off",
+    )
+    p.add_argument("--serve-node", nargs=3, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--serve-floor", nargs=3, type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.busy_poll_us is None:
+        from spawnmesh.config import SpawnConfig
+
+        args.busy_poll_us = SpawnConfig().busy_poll_us
     if args.serve_node:
         serve_node(*args.serve_node)
         return
@@ -283,7 +303,8 @@ def main() -> None:
     conc_ratio = rates["spawn_conc"] / rates["raw_conc"]
     print(
         f"body {rates['body_bytes']:.0f} bytes; {args.trials} trials of {args.rounds} "
-        f"interleaved rounds; load average {load:.1f} on {os.cpu_count()} CPUs"
+        f"interleaved rounds; load average {load:.1f} on {os.cpu_count()} CPUs; node and floor "
+        f"busy-poll {args.busy_poll_us} us"
     )
     print(f"sequential ratio per trial: {seq_ratios}  (floor: {floor_ratios})")
     print("the median trial:")
@@ -327,6 +348,7 @@ def main() -> None:
                     round(rates["spawn_client_cpu_us"]),
                     round(rates["raw_client_cpu_us"]),
                 ],
+                "busy_poll_us": args.busy_poll_us,
                 "cpus": os.cpu_count(),
                 "load_avg": round(load, 1),
             }
@@ -342,7 +364,7 @@ def trial(args: argparse.Namespace) -> dict[str, float]:
     spawn_port, floor_port = free_port(), free_port()
     node, floor = (
         subprocess.Popen(
-            [sys.executable, __file__, flag, str(port), str(host_port)],
+            [sys.executable, __file__, flag, str(port), str(host_port), str(args.busy_poll_us)],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
         )

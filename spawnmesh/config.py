@@ -667,6 +667,17 @@ class SpawnConfig:
         min=1,
         max=4096,
     )
+    busy_poll_us: int = setting(
+        200,
+        "Microseconds a wait for a Spawn host's answer or a caller's next request may poll its "
+        "socket before sleeping, while the port is lightly loaded and nothing else can run: "
+        "where waking an idle CPU is dear (virtual machines) it saves a wake-up per hop, as "
+        "BEAM's scheduler busy-wait does for Spawn's own proxy. Adaptive (off while waits are "
+        "longer), off with one usable CPU; 0 turns it off (battery-powered devices).",
+        min=0,
+        max=10_000,
+        unit="us",
+    )
 
     def __post_init__(self) -> None:
         if self.enabled and not _loopback(self.host) and not self.allow_remote:

@@ -15,14 +15,20 @@ event loop (other connections, the cluster's gossip, every deadline). So every
 runs without yielding no other does) is a checkpoint, before its system call: at most a few
 hundred microseconds of such calls pass without yielding. A Spawn invocation waits at least
 once on each side, which resets the count: its calls stay free of checkpoints.
+
+A read given a :class:`~.busypoll.SpinSite` may spin on its socket before it waits (see
+:mod:`.busypoll`); a read that got its bytes spinning did not yield, and counts as ready.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
+
+if TYPE_CHECKING:
+    from spawnmesh.spawn_compat.busypoll import SpinSite
 
 READY_RUN: Final = 32
 """Calls in a row that found their socket ready before one yields (cancellable)."""
@@ -47,17 +53,33 @@ async def send(stream: trio.SocketStream, data: bytes) -> None:
         await stream.send_all(data[n:])
 
 
-async def receive(stream: trio.SocketStream, max_bytes: int) -> bytes:
-    """Some bytes (``b""`` at EOF), waiting for them only if none are there yet."""
+async def receive(
+    stream: trio.SocketStream, max_bytes: int, site: SpinSite | None = None
+) -> bytes:
+    """Some bytes (``b""`` at EOF), waiting for them only if none are there yet. With a
+    ``site``, a wait may first spin on the socket (:mod:`.busypoll`)."""
     global _ready_run
     _ready_run += 1
     if _ready_run >= READY_RUN:
         _ready_run = 0
         await trio.lowlevel.checkpoint()
     sock = stream.socket
+    fd = sock.fileno()
+    try:
+        return os.read(fd, max_bytes)
+    except BlockingIOError:
+        pass
+    if site is not None:
+        stats = trio.lowlevel.current_statistics()
+        budget = site.budget(stats.tasks_runnable, stats.seconds_to_next_deadline)
+        if budget:
+            data = site.spin(fd, max_bytes, budget)
+            if data is not None:  # no yield: counts as a call that found its socket ready
+                return data
+    _ready_run = 0
     while True:
+        await trio.lowlevel.wait_readable(sock)
         try:
-            return os.read(sock.fileno(), max_bytes)
+            return os.read(fd, max_bytes)
         except BlockingIOError:
-            _ready_run = 0
-            await trio.lowlevel.wait_readable(sock)
+            pass

@@ -20,6 +20,9 @@ read it (the rule of urllib3, aiohttp and Go's net/http for requests that are no
   reused one: the host may have run the turn and died (the caller sees the error; the runtime
   does not run the turn again).
 
+A pool given the node's :class:`~.busypoll.BusyPoll` lets a wait for an answer poll its socket
+briefly while it has one turn in flight (:mod:`.busypoll`).
+
 Errors are ``HostUnavailable`` (retryable): refused, reset, closed, or an answer that is not
 HTTP.
 """
@@ -33,6 +36,7 @@ import trio
 
 from spawnmesh.errors import HostUnavailable
 from spawnmesh.spawn_compat import fastio
+from spawnmesh.spawn_compat.busypoll import BusyPoll
 from spawnmesh.spawn_compat.http11 import (
     ConnectionClosed,
     MessageReader,
@@ -79,7 +83,10 @@ class HttpPool:
         max_connections: int = 64,
         max_response_bytes: int = 4 * 1024 * 1024,
         connect_timeout_s: float = 5.0,
+        busy_poll: BusyPoll | None = None,
     ) -> None:
+        """``busy_poll``: waits for an answer may spin while this pool has one turn in flight
+        (:mod:`.busypoll`); None never spins."""
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
@@ -92,6 +99,7 @@ class HttpPool:
         self.closed = False
         self.requests_total = 0
         self.connections_opened_total = 0
+        self._spin = busy_poll.site(1) if busy_poll is not None and busy_poll.enabled else None
 
     def __repr__(self) -> str:
         return f"<HttpPool {self.address} open={self._open} idle={len(self._idle)}>"
@@ -120,16 +128,23 @@ class HttpPool:
                 ("connection", "keep-alive"),
             ],
         )
-        conn = await self._acquire()
+        spin = self._spin
+        if spin is not None:
+            spin.active += 1
         try:
-            return await self._exchange(conn, request)
-        except _Unsent:
-            pass
-        conn = await self._acquire(fresh=True)
-        try:
-            return await self._exchange(conn, request)
-        except _Unsent as exc:  # it waited for a slot and took an idle one, which failed too
-            raise HostUnavailable(f"sending to {self.address} failed: {exc}") from None
+            conn = await self._acquire()
+            try:
+                return await self._exchange(conn, request)
+            except _Unsent:
+                pass
+            conn = await self._acquire(fresh=True)
+            try:
+                return await self._exchange(conn, request)
+            except _Unsent as exc:  # it waited for a slot and took an idle one, which failed too
+                raise HostUnavailable(f"sending to {self.address} failed: {exc}") from None
+        finally:
+            if spin is not None:
+                spin.active -= 1
 
     async def _acquire(self, *, fresh: bool = False) -> _Conn:
         while True:
@@ -188,6 +203,7 @@ class HttpPool:
         """(status, body, whether the connection may be reused). The request was written:
         whatever goes wrong now is not retried (the host may have run the turn)."""
         reader = conn.reader
+        spin = self._spin
         while True:
             try:
                 msg = reader.next()
@@ -207,7 +223,7 @@ class HttpPool:
             if msg is not None:
                 return msg.status, msg.body, msg.keep_alive
             try:
-                data = await fastio.receive(conn.stream, _RECEIVE_SIZE)
+                data = await fastio.receive(conn.stream, _RECEIVE_SIZE, spin)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise HostUnavailable(
                     f"the host at {self.address} broke the connection without a whole answer: "

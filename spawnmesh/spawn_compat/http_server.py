@@ -32,6 +32,7 @@ from urllib.parse import unquote
 import trio
 
 from spawnmesh.spawn_compat import fastio
+from spawnmesh.spawn_compat.busypoll import BusyPoll, SpinSite
 from spawnmesh.spawn_compat.http11 import (
     CONTINUE,
     Message,
@@ -149,8 +150,11 @@ class _Connection:
         max_body: int,
         idle_s: float,
         reaper: _Reaper,
+        spin: SpinSite | None,
     ) -> None:
         self.stream = stream
+        self.spin = spin
+        """The server's wait for requests (spins only while no request is being handled)."""
         self.handler = handler
         self.idle_s = idle_s
         self.reaper = reaper
@@ -248,7 +252,7 @@ class _Connection:
                 continued = True
                 await self._send(CONTINUE)
             self.waiting_since = trio.current_time()
-            data = await fastio.receive(stream, _RECEIVE_SIZE)
+            data = await fastio.receive(stream, _RECEIVE_SIZE, self.spin)
             self.waiting_since = None
             reader.feed(data)
             if not data and reader.idle:
@@ -274,6 +278,9 @@ class _Connection:
             response = _error(400, "the request target must be an absolute path")
         else:
             self.keep_alive = msg.keep_alive
+            spin = self.spin
+            if spin is not None:
+                spin.active += 1
             try:
                 response = await self.handler(
                     Request(method, target[0], target[1], msg.body, self.peer, self.limit)
@@ -283,6 +290,8 @@ class _Connection:
                 response = _error(500, "internal error")
             finally:
                 self.deadline = math.inf  # from here on, nothing cuts this request's answer
+                if spin is not None:
+                    spin.active -= 1
             if self.scope.cancel_called:  # it ran past its limit and did not stop at the cut:
                 await trio.lowlevel.checkpoint()  # answered as timed out (raises Cancelled)
         return await self._answer(response, msg.keep_alive)
@@ -303,10 +312,12 @@ async def serve_http(
     max_body_bytes: int,
     max_connections: int = 1024,
     idle_timeout_s: float = 60.0,
+    busy_poll: BusyPoll | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on ``host:port`` until cancelled; ``started(port)`` once listening
-    (``port=0`` picks a free port)."""
+    (``port=0`` picks a free port). With ``busy_poll``, a connection's wait for its next
+    request may spin while no request is being handled (:mod:`.busypoll`)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0 and len(listeners) > 1:
         for extra in listeners[1:]:
@@ -316,9 +327,10 @@ async def serve_http(
     slots = trio.Semaphore(max_connections)
     reaper = _Reaper(idle_timeout_s)
     connections = reaper.connections
+    spin = busy_poll.site(0) if busy_poll is not None and busy_poll.enabled else None
 
     async def serve_one(stream: trio.SocketStream) -> None:
-        conn = _Connection(stream, handler, max_body_bytes, idle_timeout_s, reaper)
+        conn = _Connection(stream, handler, max_body_bytes, idle_timeout_s, reaper, spin)
         connections.add(conn)
         try:
             await conn.run()

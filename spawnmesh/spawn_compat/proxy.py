@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,9 @@ from spawnmesh.errors import (
 from spawnmesh.host.gen import spawn
 from spawnmesh.host.registration import RegistrationInvalid
 from spawnmesh.ids import ActorId
+from spawnmesh.ops.metrics import GaugeSample
 from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
+from spawnmesh.spawn_compat.busypoll import BusyPoll
 from spawnmesh.spawn_compat.http_server import Limit, Request, Response, serve_http
 from spawnmesh.spawn_compat.registry import REGISTERED_MESSAGE, SpawnRegistry
 from spawnmesh.spawn_compat.values import RawAny, any_parts
@@ -93,6 +95,9 @@ class SpawnProxy:
         self.config = config
         self.default_timeout_ms = default_timeout_ms
         self.readiness = readiness
+        self.busy_poll = BusyPoll(config.busy_poll_us)
+        """The port's busy-polling (its counts are metrics)."""
+        runtime.metrics.add_counter_source(self._busy_poll_counters)
         self.registry = SpawnRegistry(
             runtime,
             self._callback_address,
@@ -100,9 +105,22 @@ class SpawnProxy:
             max_connections=config.max_host_connections,
             max_response_bytes=config.max_body_bytes,
             on_registered=on_registered,
+            busy_poll=self.busy_poll,
         )
         self.port = 0
         """The bound port, once serving."""
+
+    def _busy_poll_counters(self) -> Iterator[GaugeSample]:
+        bp = self.busy_poll
+        doc = "Waits on the Spawn port that polled their socket before sleeping, by outcome."
+        yield ("spawnmesh_spawn_busy_polls_total", doc, {"outcome": "hit"}, bp.hits)
+        yield ("spawnmesh_spawn_busy_polls_total", doc, {"outcome": "miss"}, bp.misses)
+        yield (
+            "spawnmesh_spawn_busy_poll_seconds_total",
+            "CPU seconds the Spawn port spent polling sockets before sleeping.",
+            {},
+            bp.spun_s,
+        )
 
     def _callback_address(self, req: spawn.RegistrationRequest, peer: str) -> tuple[str, int]:
         c = self.config
@@ -123,7 +141,12 @@ class SpawnProxy:
                 self.registry.nursery = nursery
                 self.port = await nursery.start(
                     partial(
-                        serve_http, self.handle, c.host, c.port, max_body_bytes=c.max_body_bytes
+                        serve_http,
+                        self.handle,
+                        c.host,
+                        c.port,
+                        max_body_bytes=c.max_body_bytes,
+                        busy_poll=self.busy_poll,
                     )
                 )
                 log.info("Spawn HTTP API listening on %s:%d", c.host, self.port)

@@ -50,6 +50,7 @@ from spawnmesh.host.gen import spawn
 from spawnmesh.host.gen.google.protobuf import Any as AnyMsg
 from spawnmesh.host.gen.spawn import actors as pba
 from spawnmesh.ids import ActorId
+from spawnmesh.spawn_compat.busypoll import BusyPoll
 from spawnmesh.spawn_compat.http_client import HttpPool
 from spawnmesh.spawn_compat.turns import Parts, build_invocation, read_response
 from spawnmesh.spawn_compat.values import RawAny, SpawnState, any_parts, initial_state
@@ -111,8 +112,10 @@ class SpawnRegistry:
         max_connections: int = 64,
         max_response_bytes: int = 4 * 1024 * 1024,
         on_registered: Callable[[], Awaitable[None]] | None = None,
+        busy_poll: BusyPoll | None = None,
     ) -> None:
         self.runtime = runtime
+        self.busy_poll = busy_poll
         self.callback_address = callback_address
         self.default_timeout_ms = default_timeout_ms
         self.max_connections = max_connections
@@ -157,6 +160,7 @@ class SpawnRegistry:
                     address[1],
                     max_connections=self.max_connections,
                     max_response_bytes=self.max_response_bytes,
+                    busy_poll=self.busy_poll,
                 ),
             )
             if old is not None:
