@@ -13,8 +13,9 @@ pays:
 
 - the machine gives this process more than one CPU (on one, the spinner would hold the CPU the
   host and the callers need);
-- nothing else in the node can run (trio has no runnable task), and never past trio's next
-  deadline;
+- nothing else in the node is queued to run (trio's run queue is empty; a task woken in the
+  same scheduling pass as the waiting one is not in it, and may wait the bound), and never past
+  trio's next deadline;
 - the port is lightly loaded (:attr:`SpinSite.max_active`): a wait for a host's answer spins
   only when it is the pool's only turn in flight, a wait for a caller's next request only when
   no request is being handled. Under load the event loop has work and a spinner would take a
