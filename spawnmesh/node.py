@@ -34,6 +34,7 @@ from spawnmesh.errors import (
     InvalidArgument,
     NodeShuttingDown,
     SpawnmeshError,
+    StatestoreUnavailable,
 )
 from spawnmesh.ids import ActorId
 from spawnmesh.mesh.router import KIND_NAMES, Router, actor_type
@@ -107,6 +108,9 @@ class Node:
         """Spawn's HTTP API (spawnmesh.spawn_compat.proxy.SpawnProxy) when spawn.enabled."""
         self._ready = False
         self._store_ok = True
+        self._keys_checked = False
+        """Whether the store's rows were found to open under the configured keys (checked
+        once, when the store is first reachable)."""
         self._drained: bool | None = None
         self.supervisor: Supervisor | None = None
         self.membership: Membership | None = None
@@ -618,6 +622,8 @@ class Node:
         except SpawnmeshError as exc:
             self._store_ok = False
             log.error("statestore unavailable at start: %s", exc)
+        else:  # the wrong key stops the node here (ConfigError), before it reports ready
+            self._store_ok = await self._check_store_keys()
         children = [ChildSpec(name, fn) for name, fn in self.runtime.services()]
         children.append(ChildSpec("ops-http", self._serve_ops))
         children.append(ChildSpec("store-health", self._watch_store))
@@ -714,13 +720,28 @@ class Node:
         await serve_ops(self, self.config.ops.host, port, task_status=status)
 
     async def _watch_store(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Track the store's health for readiness; the first time it answers (if it did not
+        at start), check its keys first: a ConfigError escalates and stops the node."""
         task_status.started()
         while True:
             await trio.sleep(2.0)
             ok = False  # a check that does not answer within 5 s counts as down
             with trio.move_on_after(5.0):
                 ok = await self.store.healthy()
+            if ok and not self._keys_checked:
+                ok = await self._check_store_keys()
             self._store_ok = ok
+
+    async def _check_store_keys(self) -> bool:
+        """Check once that the configured keys open the store's rows: ConfigError if they do
+        not; False if the store stopped answering meanwhile (checked again later)."""
+        try:
+            await self.store.check_keys()
+        except StatestoreUnavailable as exc:
+            log.warning("statestore keys not checked yet (store unavailable): %s", exc)
+            return False
+        self._keys_checked = True
+        return True
 
     async def shutdown(self, grace_s: float | None = None) -> bool:
         """Leave the cluster (the others see ``left`` at once), then drain: refuse new
@@ -829,7 +850,12 @@ async def open_node(
     node = Node(config, systems, store or open_store(config, config.name or "embedded"))
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(node._start)
+            try:
+                await nursery.start(node._start)
+            except BaseException:  # e.g. the wrong statestore key: release what open() took
+                with trio.CancelScope(shield=True):
+                    await node.store.aclose()
+                raise
             try:
                 yield node
             finally:

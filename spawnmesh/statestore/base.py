@@ -103,6 +103,11 @@ class StateStore(Protocol):
     async def healthy(self) -> bool:
         """A cheap check that the store answers, for readiness."""
 
+    async def check_keys(self) -> None:
+        """Raise ConfigError if the configured encryption keys cannot open the rows already
+        stored (checked on a small sample when the node first reaches the store); a store that
+        does not encrypt just returns."""
+
     async def save_schedules(self, schedules: list[Schedule]) -> None:
         """Keep ``schedules`` (each replacing one with the same id) until deleted, all or none
         (one transaction where the store supports it); InvalidArgument if one is over a limit

@@ -73,6 +73,10 @@ class MemoryStateStore:
         await trio.lowlevel.checkpoint()
         return True
 
+    async def check_keys(self) -> None:
+        """Nothing to check: this store keeps state in memory, unencrypted."""
+        await trio.lowlevel.checkpoint()
+
     async def save_schedules(self, schedules: list[Schedule]) -> None:
         await trio.lowlevel.checkpoint()
         for sc in schedules:

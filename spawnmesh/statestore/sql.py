@@ -178,6 +178,54 @@ def _tags_json(tags: Mapping[str, str]) -> str | None:
     return json.dumps(dict(tags), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+KEY_SAMPLE_ROWS = 16
+"""Rows of each table ``check_keys`` tries to open (the first ones in primary-key order)."""
+_KEY_SETTING = "statestore.key"
+
+
+def judge_key_sample(
+    opened: Mapping[str, int], failed: Mapping[str, int], configured: Sequence[str]
+) -> str | None:
+    """The verdict on a sample of sealed rows, per key id: how many opened and how many did
+    not under the ``configured`` key ids. Raises ConfigError when the keys are wrong for this
+    store (a configured id whose key opens none of its rows; no row under a configured id;
+    no key at all); returns a warning when only some rows are unreadable, else None."""
+    found = sorted(set(opened) | set(failed))
+    if not found:
+        return None
+    held = ", ".join(found)
+    conf = ", ".join(configured) or "none"
+    fix = "configure the key that sealed them (statestore.key or statestore.key_file)"
+    if not configured:
+        raise ConfigError(
+            _KEY_SETTING,
+            f"the store holds rows sealed under key id(s) {held} but no key is configured; {fix}",
+        )
+    wrong = [k for k in found if k in configured and failed.get(k) and not opened.get(k)]
+    if wrong:
+        raise ConfigError(
+            _KEY_SETTING,
+            f"the configured key for id(s) {', '.join(wrong)} opens none of the sampled rows "
+            f"sealed under that id (a different key with the same id); the store holds key "
+            f"id(s) {held}, configured: {conf}; {fix}",
+        )
+    if not any(opened.values()):
+        raise ConfigError(
+            _KEY_SETTING,
+            f"no sampled row is sealed under a configured key id: the store holds key id(s) "
+            f"{held}, configured: {conf}; {fix}, or both it and a new one (newest last) to "
+            "re-seal under the new one with `spawnmesh statestore rotate-key`",
+        )
+    unreadable = sum(failed.values())
+    if not unreadable:
+        return None
+    return (
+        f"{unreadable} of {unreadable + sum(opened.values())} sampled rows open under no "
+        f"configured key (the store holds key id(s) {held}, configured: {conf}): a rotation "
+        "in progress, a retired key, or corrupt rows; those actors fail with StateCorrupt"
+    )
+
+
 WRITER_PROCESS_AFTER_ROWS = 2_000
 """The node's default ``writer_process_after_rows`` (``statestore.writer_process = auto``):
 the writer process pays off under write load and only costs memory otherwise (a light node,
@@ -491,6 +539,56 @@ class SqlStateStore:
         with self.engine.connect() as conn:
             conn.execution_options(spawnmesh_readonly=True)
             conn.execute(sa.text("SELECT 1"))
+        return True
+
+    async def check_keys(self) -> None:
+        """Refuse (ConfigError) a keyring that cannot open this store's rows, judged on the
+        first ``KEY_SAMPLE_ROWS`` rows of the state and schedules tables: a node with the
+        wrong key would otherwise report ready, fail every load and seal new rows under a
+        key unrelated to the old ones. Logs a warning when only some sampled rows open."""
+        sample = await self._run(self._read, self._sample_sealed)
+        opened: dict[str, int] = {}
+        failed: dict[str, int] = {}
+        for key_id, data, aad in sample:
+            counts = opened if self._opens(key_id, data, aad) else failed
+            counts[key_id] = counts.get(key_id, 0) + 1
+        configured = self._keyring.key_ids if self._keyring is not None else []
+        warning = judge_key_sample(opened, failed, configured)
+        if warning is not None:
+            log.warning("statestore %s: %s", self.where, warning)
+
+    def _sample_sealed(self, conn: Connection) -> list[tuple[str, bytes, bytes]]:
+        """(key id, sealed bytes, authenticated data) of the sealed rows among the first
+        ``KEY_SAMPLE_ROWS`` of each table, in primary-key order (an index range, never a
+        table scan: no filter on the unindexed ``key_id``)."""
+        out: list[tuple[str, bytes, bytes]] = []
+        states = conn.execute(
+            sa.select(_state.c.system, _state.c.name, _state.c.revision, _state.c.key_id,
+                      _state.c.data)
+            .order_by(_state.c.system, _state.c.name)
+            .limit(KEY_SAMPLE_ROWS)
+        )
+        for r in states:
+            if r.key_id != PLAIN_KEY_ID:
+                out.append((r.key_id, bytes(r.data), state_aad(r.system, r.name, r.revision)))
+        schedules = conn.execute(
+            sa.select(_sched.c.id, _sched.c.key_id, _sched.c.payload)
+            .order_by(_sched.c.id)
+            .limit(KEY_SAMPLE_ROWS)
+        )
+        for sc in schedules:
+            if sc.key_id != PLAIN_KEY_ID:
+                out.append((sc.key_id, bytes(sc.payload), schedule_aad(sc.id)))
+        return out
+
+    def _opens(self, key_id: str, data: bytes, aad: bytes) -> bool:
+        """Whether a key of this store's keyring with ``key_id`` opens ``data``."""
+        if self._keyring is None or not self._keyring.has(key_id):
+            return False
+        try:
+            self._keyring.open(key_id, data, aad)
+        except StateCorrupt:
+            return False
         return True
 
     # ------------------------------------------------------------------ sealing
