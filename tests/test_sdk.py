@@ -585,6 +585,26 @@ async def test_ref_spawn(make_node) -> None:
             await node.ref("shop", "c2").invoke("whoami")  # never spawned, no parent
 
 
+async def test_an_instance_whose_state_never_changed_is_found_by_name_after_a_restart(
+    make_node, store: MemoryStateStore
+) -> None:
+    """An instance's first activation writes its initial state, whose row names its template:
+    after a restart (or a hand-off, or on another node) it is found by its name alone, and a
+    node forgets the instances it passivated (memory bounded by the active ones)."""
+    async with make_node(cart_system(), store=store) as node:
+        for i in range(50):
+            ref = await node.spawn("shop", f"c{i}", "cart")
+            assert await ref.invoke("whoami") == f"shop/c{i}<cart>"  # the state never changes
+        assert await node.runtime.passivate_idle(everything=True) == 50
+        assert not node.runtime._spawned  # nothing remembered: the rows name the template
+        assert await node.ref("shop", "c7").invoke("whoami") == "shop/c7<cart>"
+    row = await store.load(("shop", "c3"))
+    assert row is not None and row.parent == "cart" and row.revision == 1
+    async with make_node(cart_system(), store=store) as node:  # a restart
+        assert await node.ref("shop", "c3").invoke("whoami") == "shop/c3<cart>"
+        assert (await node.ref("shop", "c3").get_state()).total == 0
+
+
 async def test_stateless_actor_has_no_get_state(make_node) -> None:
     s = ActorSystem("d")
     s.define("w", kind="pooled").action(lambda ctx: "ok", name="work")

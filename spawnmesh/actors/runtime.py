@@ -903,6 +903,10 @@ class Runtime:
                                   f"initial state: {exc}", traceback.format_exc(),
                                   self.node_id) from exc
             act.state, act.blob, act.revision = state, blob, 0
+            if adef.kind is Kind.UNNAMED and adef.stateful:
+                # its first row names its template: after a restart, a hand-off or on another
+                # node, the instance is found by its name alone (and need not be remembered)
+                self.writer.mark_dirty(act, self._clock())
         else:
             act.state = adef.codec.decode(stored.blob)
             act.blob = stored.blob
@@ -949,6 +953,8 @@ class Runtime:
         if self._table.get(act.key) is act:
             del self._table[act.key]
         adef = act.adef
+        if act.revision and adef.kind is Kind.UNNAMED:
+            self._spawned.pop(act.key, None)  # its stored row names its template
         if adef.kind is Kind.POOLED:
             members = self._pools.get((adef.system, adef.name))
             if members and act in members:

@@ -30,7 +30,6 @@ from spawnmesh.cluster.placement import Placement
 from spawnmesh.cluster.state import Status
 from spawnmesh.codec import convert, to_builtins
 from spawnmesh.errors import (
-    ActorNotFound,
     InvalidArgument,
     InvocationTimeout,
     NoOwner,
@@ -334,9 +333,10 @@ class Router:
                         del self._in_flight[owner]
             await self._view_change_or(min(backoff, max(0.0, give_up - trio.current_time())))
             backoff = min(backoff * 2, 0.5)
-            adef = self.runtime.definition_for(target)
-            if adef is None:
-                raise NoOwner(f"{target}: its definition is unknown here")
+            # an unnamed instance handed off from here is known by its stored row
+            adef = self.runtime.definition_for(target) or await self.runtime.learn_template(
+                target
+            )
             new_owner = self.owner(target, adef)
             if new_owner == self.node_id:  # it moved here: run it locally
                 return await self.runtime.invoke_as(target, action, payload, metadata, caller,
@@ -423,9 +423,10 @@ class Router:
                               exc)
                 await self._view_change_or(backoff)
                 backoff = min(backoff * 2, 0.5)
-                adef = self.runtime.definition_for(target)
-                if adef is None:  # forgotten meanwhile: nothing left to route it by
-                    raise ActorNotFound(f"{target}: its definition is gone from this node")
+                # an unnamed instance handed off from here is known by its stored row
+                adef = self.runtime.definition_for(target) or await self.runtime.learn_template(
+                    target
+                )
                 try:
                     new_owner = self.owner(target, adef)
                 except NoOwner:
