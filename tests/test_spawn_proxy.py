@@ -363,6 +363,44 @@ async def test_request_timeout_metadata_bounds_a_call_and_the_connection_goes_on
         assert proxy.pool.connections_opened_total == opened  # one keep-alive connection
 
 
+async def test_a_call_still_running_when_the_node_stops_is_answered_503(
+    spawn_host: HostProc,
+) -> None:
+    """A call whose turn outlives the node's drain grace is cut when the node stops: its
+    caller gets HTTP 503 with an InvocationResponse ERROR (``shutting_down``: it may have
+    run), not a connection closed without an answer."""
+    req = pb.InvocationRequest(action_name="slow")
+    req.system.name = SYSTEM
+    req.actor.id.name, req.actor.id.system = "counter", SYSTEM
+    req.value.type_url, req.value.value = i64(5_000)
+    answer: list[tuple[int, bytes]] = []
+
+    async def call(port: int) -> None:
+        caller = HttpPool("127.0.0.1", port)  # its connection outlives the node
+        answer.append(await caller.post(
+            f"/api/v1/system/{SYSTEM}/actors/counter/invoke", req.SerializeToString()
+        ))
+
+    async def started() -> bool:
+        return any(t["action"] == "slow" for t in await _turns_of(spawn_host, "counter"))
+
+    with trio.fail_after(20):
+        # the node closes first (drained for 200 ms, then its services cancelled), then the
+        # nursery waits for the caller's answer
+        async with (
+            trio.open_nursery() as nursery,
+            spawn_node(spawn_host, **{"actors.shutdown_grace_ms": 200}) as proxy,
+        ):
+            nursery.start_soon(call, proxy.port)
+            await wait_until(started, "the slow turn to start at the host")
+    [(status, body)] = answer
+    resp = pb.InvocationResponse.FromString(body)
+    assert status == 503, (status, resp)
+    assert resp.status.status == pb.ERROR
+    assert resp.status.message.startswith("shutting_down:"), resp
+    assert "may have run" in resp.status.message
+
+
 async def test_workflows_effects_broadcast_pipe_forward_checkpoint(spawn_host: HostProc) -> None:
     async with spawn_node(spawn_host) as proxy:
         store = proxy.node.store

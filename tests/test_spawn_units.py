@@ -243,6 +243,44 @@ async def echo(req: Request) -> Response:
     )
 
 
+async def _read_response(sock: trio.socket.SocketType, ends: bytes) -> bytes:
+    got = b""
+    while not got.endswith(ends):
+        chunk = await sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    return got
+
+
+async def test_a_handler_running_when_the_server_stops_is_answered_once_by_on_cut() -> None:
+    """The server stopping answers ``on_cut`` for a handler still running (then closes); a
+    connection whose last request was already answered (here: cut by its limit) just closes."""
+
+    async def handler(req: Request) -> Response:
+        if req.path == ["limited"]:
+            req.limit(0.05, lambda: Response(504, b"late"))
+        await trio.sleep(10)
+        return Response(200, b"never")
+
+    def cut(req: Request) -> Response:
+        return Response(503, b"cut:" + "/".join(req.path).encode())
+
+    idle, busy = trio.socket.socket(), trio.socket.socket()
+    with idle, busy, trio.fail_after(10):
+        async with http_server(handler, on_cut=cut) as port:
+            for sock, path in ((idle, b"/limited"), (busy, b"/slow")):
+                await sock.connect(("127.0.0.1", port))
+                await sock.send(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n" % path)
+            first = await _read_response(idle, b"late")
+            assert first.startswith(b"HTTP/1.1 504 ")
+            await trio.sleep(0.1)  # the slow handler runs; the limited connection waits
+        # the server is cancelled
+        answer = await _read_response(busy, b"cut:slow")
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"connection: close" in answer.lower()
+        assert await busy.recv(100) == b""
+        assert await idle.recv(100) == b""  # no stray answer for the request cut earlier
+
+
 async def test_pooled_client_keeps_connections_alive_and_retries_a_stale_one() -> None:
     async with http_server(echo, idle_timeout_s=0.3) as port:
         pool = HttpPool("127.0.0.1", port, max_connections=4, max_response_bytes=4000)

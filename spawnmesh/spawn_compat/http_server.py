@@ -151,8 +151,13 @@ class _Connection:
         idle_s: float,
         reaper: _Reaper,
         spin: SpinSite | None,
+        on_cut: Callable[[Request], Response] | None = None,
     ) -> None:
         self.stream = stream
+        self.on_cut = on_cut
+        self.current: Request | None = None
+        """The request whose handler runs (None between requests): if the server is cancelled
+        meanwhile, ``on_cut(current)`` is answered before the connection closes."""
         self.spin = spin
         """The server's wait for requests (spins only while no request is being handled)."""
         self.handler = handler
@@ -211,6 +216,7 @@ class _Connection:
                     while await self._one():
                         pass
                     return
+                self.current = None  # cut by the reaper: answered below, not by on_cut
                 if not self.timed_out:
                     break
                 # a handler ran past its limit and was cancelled: answer for it, go on
@@ -224,6 +230,15 @@ class _Connection:
                 await self._refuse(ProtocolError("request not received in time", 408))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away
+        except trio.Cancelled:  # the server stops (the node's drain is over): a handler still
+            cut = self.current  # running gets an answer saying so, not a closed connection
+            if cut is not None and self.on_cut is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(min(self.idle_s, 1.0)):
+                    try:
+                        await self._answer(self.on_cut(cut), False)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            raise
         finally:
             await trio.aclose_forcefully(self.stream)
 
@@ -281,10 +296,11 @@ class _Connection:
             spin = self.spin
             if spin is not None:
                 spin.active += 1
+            self.current = req = Request(
+                method, target[0], target[1], msg.body, self.peer, self.limit
+            )
             try:
-                response = await self.handler(
-                    Request(method, target[0], target[1], msg.body, self.peer, self.limit)
-                )
+                response = await self.handler(req)
             except Exception:
                 log.exception("spawn proxy: %s %r failed", method, msg.target)
                 response = _error(500, "internal error")
@@ -292,6 +308,7 @@ class _Connection:
                 self.deadline = math.inf  # from here on, nothing cuts this request's answer
                 if spin is not None:
                     spin.active -= 1
+            self.current = None  # not reached when cancelled: run() answers on_cut for it
             if self.scope.cancel_called:  # it ran past its limit and did not stop at the cut:
                 await trio.lowlevel.checkpoint()  # answered as timed out (raises Cancelled)
         return await self._answer(response, msg.keep_alive)
@@ -313,11 +330,14 @@ async def serve_http(
     max_connections: int = 1024,
     idle_timeout_s: float = 60.0,
     busy_poll: BusyPoll | None = None,
+    on_cut: Callable[[Request], Response] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on ``host:port`` until cancelled; ``started(port)`` once listening
     (``port=0`` picks a free port). With ``busy_poll``, a connection's wait for its next
-    request may spin while no request is being handled (:mod:`.busypoll`)."""
+    request may spin while no request is being handled (:mod:`.busypoll`). With ``on_cut``,
+    a request whose handler is still running when the server is cancelled is answered
+    ``on_cut(request)`` (within a second) before its connection closes."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0 and len(listeners) > 1:
         for extra in listeners[1:]:
@@ -330,7 +350,9 @@ async def serve_http(
     spin = busy_poll.site(0) if busy_poll is not None and busy_poll.enabled else None
 
     async def serve_one(stream: trio.SocketStream) -> None:
-        conn = _Connection(stream, handler, max_body_bytes, idle_timeout_s, reaper, spin)
+        conn = _Connection(
+            stream, handler, max_body_bytes, idle_timeout_s, reaper, spin, on_cut
+        )
         connections.add(conn)
         try:
             await conn.run()

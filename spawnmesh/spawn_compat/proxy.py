@@ -30,6 +30,7 @@ from spawnmesh.config import SpawnConfig
 from spawnmesh.errors import (
     InvalidArgument,
     InvocationTimeout,
+    NodeShuttingDown,
     SpawnmeshError,
 )
 from spawnmesh.host.gen import spawn
@@ -147,6 +148,7 @@ class SpawnProxy:
                         c.port,
                         max_body_bytes=c.max_body_bytes,
                         busy_poll=self.busy_poll,
+                        on_cut=_cut,
                     )
                 )
                 log.info("Spawn HTTP API listening on %s:%d", c.host, self.port)
@@ -310,6 +312,22 @@ class SpawnProxy:
                     _CURRENT.reset(token)
             return await runtime.invoke_as(target, action, payload, metadata, caller, ()), False
         return await runtime.invoke(target, action, payload, metadata=metadata), False
+
+
+def _cut(req: Request) -> Response:
+    """The answer to a call still running when the node stops (its drain's grace is over):
+    503 with the route's message, status ERROR (``shutting_down``), so the caller learns the
+    call was cut (its turn may have run) instead of seeing the connection close."""
+    route = req.path[-1] if req.path else ""
+    message: pb.InvocationResponse | pb.SpawnResponse | pb.RegistrationResponse
+    if route == "invoke":
+        message = pb.InvocationResponse()
+    elif route == "spawn":
+        message = pb.SpawnResponse()
+    else:
+        message = pb.RegistrationResponse()
+    exc = NodeShuttingDown("the node stopped before the call finished; it may have run")
+    return _failed(message, exc)._replace(status=503)
 
 
 def _revision(query: str) -> int:
