@@ -230,3 +230,34 @@ async def test_join_and_leave_hand_actors_off_with_every_update_kept() -> None:
             assert await ref(a, name).invoke("add", 0) == acked[name]
             assert len(owners(nodes, name)) == 1
         assert sum(n.metrics.handoffs_total for n in nodes) > 0
+
+
+async def test_a_spawned_instance_is_found_by_name_through_any_node_and_after_a_leave() -> None:
+    """Unnamed instances spawned through one node, whose state never changes, are found by
+    their names alone through every node, also after a member that owned some left: the first
+    activation writes the initial state, whose row names the template (before, only the
+    spawning node and the owner knew it, in memory)."""
+    store = MemoryStateStore()
+    names = [f"s{i}" for i in range(16)]
+
+    async def stored(name: str) -> bool:
+        row = await store.load(("mesh", name))
+        return row is not None and row.parent == "counter"
+
+    async with cluster(["a", "b"], store) as nodes:
+        a = nodes[0]
+        assert a.membership is not None
+        seed = f"127.0.0.1:{a.membership.addr[1]}"
+        async with open_node(_config("c", (seed,)), mesh, store=store) as c:
+            await converged([*nodes, c])
+            for name in names:
+                await c.spawn("mesh", name, "counter")
+                assert await c.ref("mesh", name).invoke("add", 0) == 0  # activated, unchanged
+            assert any(c.runtime.owns(("mesh", n)) for n in names)
+            for name in names:
+                await eventually(lambda name=name: stored(name), True)
+        await converged(nodes)  # c left: its instances were handed off
+        for name in names:
+            for node in nodes:
+                assert await node.ref("mesh", name).invoke("add", 0) == 0
+            assert len(owners(nodes, name)) == 1
