@@ -673,7 +673,8 @@ class SpawnConfig:
         "socket before sleeping, while the port is lightly loaded and nothing else can run: "
         "where waking an idle CPU is dear (virtual machines) it saves a wake-up per hop, as "
         "BEAM's scheduler busy-wait does for Spawn's own proxy. Adaptive (off while waits are "
-        "longer), off with one usable CPU; 0 turns it off (battery-powered devices).",
+        "longer), off with fewer than two usable CPUs (affinity, cgroup quota); 0 turns it off "
+        "(battery-powered devices).",
         min=0,
         max=10_000,
         unit="us",

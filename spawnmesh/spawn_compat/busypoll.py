@@ -11,8 +11,9 @@ the one socket it waits on, for a bounded time, before handing the wait to trio;
 A wait spins only when all of these hold, so the CPU it costs stays bounded and goes where it
 pays:
 
-- the machine gives this process more than one CPU (on one, the spinner would hold the CPU the
-  host and the callers need);
+- the machine gives this process at least two CPUs, by its affinity mask and by its cgroup's
+  CPU quota (a container limited to one CPU counts as one): on one, the spinner would hold the
+  CPU the host and the callers need, or burn the quota;
 - nothing else in the node is queued to run (trio's run queue is empty; a task woken in the
   same scheduling pass as the waiting one is not in it, and may wait the bound), and never past
   trio's next deadline;
@@ -20,17 +21,23 @@ pays:
   only when it is the pool's only turn in flight, a wait for a caller's next request only when
   no request is being handled. Under load the event loop has work and a spinner would take a
   CPU from the host and the callers;
-- spins of this kind have been catching their bytes: after two misses in a row (a slow host,
-  an idle caller, a producer that needs the CPU the spinner holds) the kind lets the next
-  1, 2, 4 ... up to 1,024 waits sleep at once before it tries again; a hit starts afresh.
+- spins of this kind have been catching their bytes: each miss adds 1 to a debt and each hit
+  takes 1/2 off it, so two misses in a row, or misses in more than about a third of the spins
+  (a slow host, an idle caller, a host alternating fast and slow answers, a producer that needs
+  the CPU the spinner holds), reach 2: the kind then lets the next 1, 2, 4 ... up to 1,024
+  waits sleep at once before it tries again; hits that pay the debt off start afresh.
 
-While a wait spins, the node's other sockets and timers are served at most ``busy_poll_us``
-late. Sans trio: :mod:`.fastio` asks :meth:`SpinSite.budget` and calls :meth:`SpinSite.spin`.
+While a wait spins, the node's other sockets are not polled and a task woken in the same
+scheduling pass waits; :mod:`.fastio` yields whenever 200 us have passed since it last did,
+so the loop polls its other sockets at least about every half a millisecond (a spin, the time
+bound and the work between two calls). Sans trio: :mod:`.fastio` asks :meth:`SpinSite.budget`
+and calls :meth:`SpinSite.spin`.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Final
 
 from spawnmesh.clock import spin_clock
@@ -40,12 +47,63 @@ BACKOFF_MAX: Final = 1024
 again (the CPU a hopeless spin wastes is then at most a thousandth of the bound per wait)."""
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: a container's cpuset counts)."""
+def usable_cpus(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> float:
+    """CPUs this process may use: its affinity mask (a container's cpuset counts), capped by
+    its cgroup's CPU quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) if it has one."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # no sched_getaffinity (macOS)
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, cgroup_root)
+    return min(cpus, quota) if quota is not None else cpus
+
+
+def cgroup_cpu_quota(proc_cgroup: Path, cgroup_root: Path) -> float | None:
+    """The CPU quota (in CPUs) of this process's cgroup and its ancestors, the smallest one;
+    None without a quota (or where cgroups cannot be read)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    found: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        files: tuple[str, ...]
+        if controllers == "":  # cgroup v2: "0::/path"
+            base, files = cgroup_root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):  # cgroup v1: "4:cpu,cpuacct:/path"
+            base = cgroup_root / controllers
+            if not base.is_dir():
+                base = cgroup_root / "cpu"
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for d in (base / rel, *(base / p for p in rel.parents)):
+            q = _quota_in(d, files)
+            if q is not None:
+                found.append(q)
+    return min(found) if found else None
+
+
+def _quota_in(d: Path, files: tuple[str, ...]) -> float | None:
+    try:
+        if files == ("cpu.max",):
+            quota, _, period = (d / "cpu.max").read_text().strip().partition(" ")
+            if quota == "max":
+                return None
+            return int(quota) / int(period or "100000")
+        quota_us = int((d / files[0]).read_text())
+        if quota_us < 0:  # -1: no quota
+            return None
+        return quota_us / int((d / files[1]).read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 class BusyPoll:
@@ -54,8 +112,9 @@ class BusyPoll:
 
     __slots__ = ("hits", "limit_s", "misses", "spun_s")
 
-    def __init__(self, limit_us: int, *, cpus: int | None = None) -> None:
-        """Spin up to ``limit_us`` per wait; 0 turns it off, as does a single usable CPU."""
+    def __init__(self, limit_us: int, *, cpus: float | None = None) -> None:
+        """Spin up to ``limit_us`` per wait; 0 turns it off, as do fewer than two usable
+        CPUs (``cpus``: the count to assume; by default :func:`usable_cpus`)."""
         if (usable_cpus() if cpus is None else cpus) < 2:
             limit_us = 0
         self.limit_s = max(limit_us, 0) / 1e6
@@ -81,7 +140,7 @@ class SpinSite:
     """One kind of wait (a host pool's answers, a server's next requests): how many of its
     exchanges are in flight, and whether its spins have been catching their bytes."""
 
-    __slots__ = ("active", "backoff", "max_active", "missed", "owner", "skip")
+    __slots__ = ("active", "backoff", "debt", "max_active", "owner", "skip")
 
     def __init__(self, owner: BusyPoll, max_active: int) -> None:
         self.owner = owner
@@ -89,10 +148,10 @@ class SpinSite:
         self.active = 0
         """Exchanges of this kind in flight (kept by the caller: a pool's turns, a server's
         requests being handled)."""
-        self.missed = 0
-        """Spins in a row that missed."""
+        self.debt = 0.0
+        """Misses not yet paid off by hits (+1 per miss, -1/2 per hit); 2 starts a back-off."""
         self.backoff = 0
-        """Waits to let sleep at once after the next miss streak (doubles per streak)."""
+        """Waits to let sleep at once at the next back-off (doubles per back-off)."""
         self.skip = 0
         """Waits still to let sleep at once before the next spin."""
 
@@ -122,12 +181,16 @@ class SpinSite:
                 continue
             owner.hits += 1
             owner.spun_s += spin_clock() - start
-            self.missed = self.backoff = 0
+            if self.debt:
+                self.debt = max(self.debt - 0.5, 0.0)
+                if not self.debt:
+                    self.backoff = 0  # paid off: the next back-off starts short again
             return data
         owner.misses += 1
         owner.spun_s += now - start
-        self.missed += 1
-        if self.missed >= 2:
+        self.debt += 1.0
+        if self.debt >= 2.0:
             self.backoff = min(self.backoff * 2 or 1, BACKOFF_MAX)
             self.skip = self.backoff
+            self.debt = 1.0  # one more miss after the pause backs off again, for longer
         return None

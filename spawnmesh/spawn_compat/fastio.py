@@ -10,14 +10,18 @@ connections are bounded by its idle reaper, the client's by its caller's scopes.
 
 A call that found its socket ready is not a checkpoint, so a loop of them never yields: a
 client pipelining requests whose answers need no waiting, or a peer at EOF, would hold the
-event loop (other connections, the cluster's gossip, every deadline). So every
-:data:`READY_RUN`-th call in a row that did not wait (counted over all tasks: while one task
-runs without yielding no other does) is a checkpoint, before its system call: at most a few
-hundred microseconds of such calls pass without yielding. A Spawn invocation waits at least
-once on each side, which resets the count: its calls stay free of checkpoints.
+event loop (other connections, the cluster's gossip, every deadline). So a call yields first
+(a checkpoint, before its system call) when :data:`READY_RUN` calls in a row did not wait, or
+when :data:`RUN_S` has passed since fastio last yielded (counted over all tasks: while one task
+runs without yielding no other does). A Spawn invocation waits at least once on each side,
+which resets both.
 
 A read given a :class:`~.busypoll.SpinSite` may spin on its socket before it waits (see
-:mod:`.busypoll`); a read that got its bytes spinning did not yield, and counts as ready.
+:mod:`.busypoll`); a read that got its bytes spinning did not yield. The time bound is what
+keeps a run of such reads short: each may spin up to ``spawn.busy_poll_us``, so counting calls
+alone let 32 of them (about 3 ms measured) pass without the loop polling its other sockets;
+with it, the loop polls them at least every :data:`RUN_S` plus one spin and the work between
+two calls (about half a millisecond measured).
 """
 
 from __future__ import annotations
@@ -27,23 +31,37 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from spawnmesh.clock import spin_clock
+
 if TYPE_CHECKING:
     from spawnmesh.spawn_compat.busypoll import SpinSite
 
 READY_RUN: Final = 32
 """Calls in a row that found their socket ready before one yields (cancellable)."""
 
+RUN_S: Final = 200e-6
+"""Seconds since fastio last yielded after which the next call yields first."""
+
 _ready_run = 0
 """Calls in a row, over every task, that did not wait on their socket."""
+
+_ran_since = 0.0
+"""``spin_clock()`` when fastio last yielded (a checkpoint or a wait)."""
+
+
+async def _yield() -> None:
+    global _ready_run, _ran_since
+    _ready_run = 0
+    await trio.lowlevel.checkpoint()
+    _ran_since = spin_clock()
 
 
 async def send(stream: trio.SocketStream, data: bytes) -> None:
     """Write all of ``data`` (raises OSError or trio's errors like ``send_all``)."""
-    global _ready_run
+    global _ready_run, _ran_since
     _ready_run += 1
-    if _ready_run >= READY_RUN:
-        _ready_run = 0
-        await trio.lowlevel.checkpoint()
+    if _ready_run >= READY_RUN or spin_clock() - _ran_since >= RUN_S:
+        await _yield()
     try:
         n = os.write(stream.socket.fileno(), data)
     except BlockingIOError:
@@ -51,6 +69,7 @@ async def send(stream: trio.SocketStream, data: bytes) -> None:
     if n < len(data):
         _ready_run = 0
         await stream.send_all(data[n:])
+        _ran_since = spin_clock()
 
 
 async def receive(
@@ -58,11 +77,10 @@ async def receive(
 ) -> bytes:
     """Some bytes (``b""`` at EOF), waiting for them only if none are there yet. With a
     ``site``, a wait may first spin on the socket (:mod:`.busypoll`)."""
-    global _ready_run
+    global _ready_run, _ran_since
     _ready_run += 1
-    if _ready_run >= READY_RUN:
-        _ready_run = 0
-        await trio.lowlevel.checkpoint()
+    if _ready_run >= READY_RUN or spin_clock() - _ran_since >= RUN_S:
+        await _yield()
     sock = stream.socket
     fd = sock.fileno()
     try:
@@ -79,6 +97,7 @@ async def receive(
     _ready_run = 0
     while True:
         await trio.lowlevel.wait_readable(sock)
+        _ran_since = spin_clock()
         try:
             return os.read(fd, max_bytes)
         except BlockingIOError:
