@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -82,6 +83,25 @@ CLI: list[str] = _find_cli()
 def new_key() -> str:
     """A fresh statestore key: base64 of 32 random bytes."""
     return base64.b64encode(os.urandom(32)).decode("ascii")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a process that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def spawn_env(proxy_port: int, host_port: int) -> dict[str, str]:
+    """The environment of a ``spawnmesh run`` serving Spawn hosts, set as a Spawn deployment
+    sets it (Spawn's own variable names), with a fresh statestore key."""
+    return {
+        "SPAWNMESH_SPAWN_ENABLED": "true",
+        "PROXY_HTTP_PORT": str(proxy_port),
+        "USER_FUNCTION_PORT": str(host_port),
+        "SPAWN_STATESTORE_KEY": new_key(),
+    }
 
 
 def clean_env(extra: Mapping[str, str] | None = None, *, key: str | None = None) -> dict[str, str]:

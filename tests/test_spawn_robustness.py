@@ -29,20 +29,13 @@ import trio
 
 from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
 from spawnmesh.spawn_compat.http_server import Request, Response, serve_http
-from tests.e2e import NodeProcess, new_key, running_node
+from tests.e2e import NodeProcess, free_port, running_node, spawn_env
 from tests.test_spawn_proxy import HostProc, i64, start_host, stop_host, value_of
 
 pytestmark = pytest.mark.slow
 
 QUIET = "quiet"
 """The host's extra system: spawnee (whoami: the payload back) and dropper (vanish)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def post(url: str, body: bytes = b"", timeout: float = 15.0) -> tuple[int, bytes]:
@@ -101,12 +94,7 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     host = start_host("--proxy", "", "--port", "0")
     proxy = free_port()
-    env = {
-        "SPAWNMESH_SPAWN_ENABLED": "true",
-        "PROXY_HTTP_PORT": str(proxy),
-        "USER_FUNCTION_PORT": str(host.port),
-        "SPAWN_STATESTORE_KEY": new_key(),
-    }
+    env = spawn_env(proxy, host.port)
     try:
         with running_node(tmp_path_factory.mktemp("node"), key=None, env=env) as node:
             s = Setup(host, node, proxy)

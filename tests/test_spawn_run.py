@@ -7,7 +7,6 @@ host registers again, as a Spawn host does when its sidecar restarts) the state 
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -15,17 +14,10 @@ import pytest
 from google.protobuf import wrappers_pb2 as wr
 
 from spawnmesh.pb.gen.spawn.actors import protocol_pb2 as pb
-from tests.e2e import http_get, new_key, running_node
+from tests.e2e import free_port, http_get, running_node, spawn_env
 from tests.test_spawn_proxy import COUNT_URL, INT_URL, SYSTEM, start_host, stop_host
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def post(url: str, body: bytes) -> tuple[int, bytes]:
@@ -59,12 +51,7 @@ def add(proxy: int, n: int) -> int:
 def test_spawnmesh_run_serves_spawn_hosts_with_spawns_environment(tmp_path: Path) -> None:
     host = start_host("--proxy", "", "--port", "0")
     proxy = free_port()
-    env = {
-        "SPAWNMESH_SPAWN_ENABLED": "true",
-        "PROXY_HTTP_PORT": str(proxy),
-        "USER_FUNCTION_PORT": str(host.port),
-        "SPAWN_STATESTORE_KEY": new_key(),
-    }
+    env = spawn_env(proxy, host.port)
     try:
         for round_ in range(2):
             with running_node(tmp_path, key=None, env=env) as node:

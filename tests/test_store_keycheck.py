@@ -11,7 +11,6 @@ the node calling it at start and when a store that was down at start comes up, a
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import trio
-from e2e import CLI, clean_env, http_get, new_key, node_args, spawn_process, start_node
+from e2e import (
+    CLI,
+    clean_env,
+    free_port,
+    http_get,
+    new_key,
+    node_args,
+    spawn_process,
+    start_node,
+)
 
 from spawnmesh import ActorSystem, Context, WriteThrough, action, open_node
 from spawnmesh.errors import ConfigError, StatestoreUnavailable
@@ -259,13 +267,6 @@ async def test_store_up_later_is_checked_before_the_node_is_ready(tmp_path: Path
 # --------------------------------------------------------------------------- spawnmesh run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.slow
 def test_run_restarted_with_another_key_exits_with_one_line(tmp_path: Path) -> None:
     key_a, key_b = new_key(), new_key()
@@ -276,7 +277,7 @@ def test_run_restarted_with_another_key_exits_with_one_line(tmp_path: Path) -> N
     finally:
         assert node.stop().returncode == 0
 
-    port = _free_port()
+    port = free_port()
     argv: list[Any] = [*CLI, *node_args(db, url=None)]
     argv[argv.index("--ops-port") + 1] = str(port)
     second = spawn_process(argv, tmp_path, clean_env(key=key_b))
